@@ -1,0 +1,1 @@
+"""vmigdb: a stealth GDB remote stub for whole virtual machines."""

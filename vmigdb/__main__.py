@@ -1,0 +1,3 @@
+from vmigdb.cli import main
+
+raise SystemExit(main())
