@@ -1,0 +1,284 @@
+"""The QEMU driver: guest RAM from the shared memory backend, run control through QEMU's gdbstub.
+
+Reads of guest-physical memory come straight from the mmap of the RAM backend file (no round trip).
+Writes, registers, breakpoints and steps go through QEMU's gdbstub, so QEMU keeps its translated code
+coherent. vmigdb composes every packet it sends there (see gdbstub.py for why).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from vmigdb.arch.x86_64.registers import RegisterFile
+from vmigdb.hv.base import (
+    BreakpointType,
+    Capabilities,
+    Driver,
+    DriverError,
+    DriverStop,
+    MachineGone,
+    Mechanism,
+)
+from vmigdb.hv.qemu.gdbstub import GdbstubClient
+from vmigdb.hv.qemu.memory import PhysicalMemory
+from vmigdb.rsp.codec import decode_hex, encode_hex
+
+log = logging.getLogger("vmigdb.hv.qemu")
+
+# QEMU's gdbstub caps packets at 0x1000 bytes; an M packet carries hex, so stay well under half.
+_WRITE_CHUNK = 1024
+_STOP_RE = re.compile(rb"^[TS]([0-9a-fA-F]{2})(.*)$", re.DOTALL)
+_WATCH_KEYS = {
+    b"watch": BreakpointType.WRITE_WATCH,
+    b"rwatch": BreakpointType.READ_WATCH,
+    b"awatch": BreakpointType.ACCESS_WATCH,
+}
+
+
+def _m(key: str, description: str, visible: bool, why: str, limit: int | None = None) -> Mechanism:
+    return Mechanism(key, description, visible, limit, why)
+
+
+_SHARED = dict(
+    registers=_m(
+        "qemu-vcpu-state",
+        "vCPU state read through QEMU's gdbstub",
+        False,
+        "reads QEMU's copy of the vCPU state; nothing runs in the guest",
+    ),
+    memory_read=_m(
+        "shared-ram",
+        "direct reads of guest RAM (memory-backend-file, share=on) + vmigdb's page walk",
+        False,
+        "no guest code runs and no page is touched or mapped in the guest",
+    ),
+    memory_write=_m(
+        "qemu-physical-write",
+        "guest-physical writes through QEMU (keeps translated code coherent)",
+        True,
+        "the guest sees the bytes you write, as asked; nothing else changes",
+    ),
+)
+
+
+def tcg_capabilities() -> Capabilities:
+    """Under TCG every run-control mechanism lives in QEMU's translator: none touches the guest."""
+    bp = _m(
+        "tcg-breakpoint",
+        "TCG translator breakpoint",
+        False,
+        "checked when QEMU translates code; no byte of guest memory changes",
+    )
+    return Capabilities(
+        sw_breakpoint=bp,
+        hw_breakpoint=bp,
+        watchpoint=_m(
+            "tcg-watchpoint",
+            "TCG soft-MMU watchpoint",
+            False,
+            "QEMU traps the access in its own TLB; no debug register is used",
+        ),
+        single_step=_m(
+            "tcg-single-step",
+            "TCG translator single-step (interrupts and timers masked while stepping)",
+            False,
+            "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
+        ),
+        **_SHARED,
+    )
+
+
+def kvm_capabilities() -> Capabilities:
+    """Under KVM QEMU patches 0xCC for software breakpoints and steps with TF: avoid both."""
+    slots = _m(
+        "kvm-debug-registers",
+        "hardware debug registers held by the hypervisor",
+        False,
+        "KVM loads DR0-3 for the debugger and hides them from the guest",
+        limit=4,
+    )
+    return Capabilities(
+        sw_breakpoint=slots,
+        hw_breakpoint=slots,
+        watchpoint=slots,
+        single_step=_m(
+            "kvm-trap-flag",
+            "single-step with RFLAGS.TF set by KVM",
+            True,
+            "the guest can observe TF (pushf) while a step is in flight",
+        ),
+        **_SHARED,
+    )
+
+
+def parse_stop(packet: bytes) -> DriverStop | None:
+    """Turn a stop reply from QEMU into a DriverStop; None for packets that are not stop replies."""
+    if packet[:1] in (b"W", b"X"):
+        try:
+            code = int(packet[1:3], 16)
+        except ValueError:
+            code = 0
+        return DriverStop(cpu=None, signal=code if packet[:1] == b"X" else 0, exited=code)
+    match = _STOP_RE.match(packet)
+    if not match:
+        return None
+    signal = int(match.group(1), 16)
+    cpu = None
+    watch = None
+    for field in match.group(2).split(b";"):
+        key, _, value = field.partition(b":")
+        if key == b"thread":
+            cpu = int(value.split(b".")[-1], 16)
+        elif key in _WATCH_KEYS:
+            watch = (_WATCH_KEYS[key], int(value, 16))
+    return DriverStop(cpu=cpu, signal=signal, watch=watch)
+
+
+class QemuDriver(Driver):
+    """Drives one QEMU process. Build it with `vmigdb.hv.qemu.launch.launch_qemu`."""
+
+    name = "qemu"
+
+    def __init__(self, client: GdbstubClient, memory: PhysicalMemory, accel: str) -> None:
+        self._client = client
+        self._memory = memory
+        self.accel = accel
+        self.capabilities = kvm_capabilities() if accel == "kvm" else tcg_capabilities()
+        self._g_cpu: int | None = None  # the vCPU QEMU's Hg currently points at
+        self._cpus: list[int] = []
+        self.exit_status: int | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def attach(self) -> DriverStop:
+        """Take over QEMU's gdbstub right after connecting (QEMU pauses the VM on connect)."""
+        stop = self.wait_stop(10.0)
+        features = self._client.request(b"qSupported:swbreak+;hwbreak+;vContSupported+")
+        log.debug("QEMU gdbstub features: %s", features)
+        # GDB's address in M packets is physical from now on: vmigdb translates virtual addresses itself.
+        if self._client.request(b"Qqemu.PhyMemMode:1") != b"OK":
+            raise DriverError("QEMU's gdbstub refused physical memory mode (Qqemu.PhyMemMode)")
+        self._cpus = self._thread_list()
+        return stop
+
+    def _thread_list(self) -> list[int]:
+        cpus: list[int] = []
+        reply = self._client.request(b"qfThreadInfo")
+        while reply.startswith(b"m"):
+            cpus += [int(t.split(b".")[-1], 16) for t in reply[1:].split(b",") if t]
+            reply = self._client.request(b"qsThreadInfo")
+        if not cpus:
+            raise DriverError(f"QEMU listed no vCPUs: {reply!r}")
+        return cpus
+
+    # -- stopped-state verbs ----------------------------------------------------------------------
+
+    def cpus(self) -> list[int]:
+        return list(self._cpus)
+
+    def read_physical(self, pa: int, length: int) -> bytes:
+        return self._memory.read(pa, length)
+
+    def write_physical(self, pa: int, data: bytes) -> None:
+        for offset in range(0, len(data), _WRITE_CHUNK):
+            chunk = data[offset : offset + _WRITE_CHUNK]
+            reply = self._client.request(b"M%x,%x:" % (pa + offset, len(chunk)) + encode_hex(chunk))
+            if reply != b"OK":
+                raise DriverError(f"QEMU refused a write at {pa + offset:#x}: {reply!r}")
+
+    def _select(self, cpu: int) -> None:
+        if self._g_cpu != cpu:
+            reply = self._client.request(b"Hg%x" % cpu)
+            if reply != b"OK":
+                raise DriverError(f"QEMU has no vCPU {cpu}: {reply!r}")
+            self._g_cpu = cpu
+
+    def read_registers(self, cpu: int) -> RegisterFile:
+        self._select(cpu)
+        reply = self._client.request(b"g")
+        try:
+            return RegisterFile.from_qemu_g(decode_hex(reply))
+        except ValueError as exc:
+            raise DriverError(f"unexpected register packet from QEMU: {exc}") from exc
+
+    def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
+        current = self.read_registers(cpu)
+        qemu_regnum, raw = current.qemu_write(regnum, value)
+        reply = self._client.request(b"P%x=" % qemu_regnum + encode_hex(raw))
+        if reply != b"OK":
+            raise DriverError(f"QEMU refused a register write: {reply!r}")
+
+    def insert_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
+        self._z(b"Z", type, addr, length)
+
+    def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
+        self._z(b"z", type, addr, length)
+
+    def _z(self, verb: bytes, type: BreakpointType, addr: int, length: int) -> None:
+        if self.accel == "kvm" and type == BreakpointType.SOFTWARE:
+            # QEMU would write 0xCC into guest RAM: use a hardware slot instead.
+            type = BreakpointType.HARDWARE
+        reply = self._client.request(b"%s%d,%x,%x" % (verb, int(type), addr, length))
+        if reply != b"OK":
+            raise DriverError(f"QEMU refused {verb.decode()}{int(type)} at {addr:#x}: {reply!r}")
+
+    # -- run control ------------------------------------------------------------------------------
+
+    def resume(self, actions: dict[int, str]) -> None:
+        if not actions:
+            raise DriverError("resume with no vCPU to run")
+        self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
+        if all(actions.get(cpu) == "c" for cpu in self._cpus):
+            self._client.send(b"vCont;c")
+            return
+        parts = [b"%s:%x" % (action.encode(), cpu) for cpu, action in sorted(actions.items())]
+        self._client.send(b"vCont;" + b";".join(parts))
+
+    def stop_fileno(self) -> int:
+        return self._client.fileno()
+
+    def poll_stop(self) -> DriverStop | None:
+        try:
+            while (packet := self._client.poll()) is not None:
+                stop = parse_stop(packet)
+                if stop is not None:
+                    return self._note(stop)
+                log.debug("ignoring %r from QEMU while running", packet)
+        except MachineGone:
+            return self._note(DriverStop(cpu=None, signal=9, exited=self.exit_status or 0))
+        return None
+
+    def _note(self, stop: DriverStop) -> DriverStop:
+        if stop.exited is not None:
+            self.exit_status = stop.exited
+        return stop
+
+    def wait_stop(self, timeout: float) -> DriverStop:
+        try:
+            while True:
+                stop = parse_stop(self._client.recv(timeout))
+                if stop is not None:
+                    return self._note(stop)
+        except MachineGone:
+            return self._note(DriverStop(cpu=None, signal=9, exited=self.exit_status or 0))
+
+    def interrupt(self) -> None:
+        self._client.send_interrupt()
+
+    def kill(self) -> None:
+        """Ask QEMU to quit (vKill: QEMU answers OK, then exits)."""
+        try:
+            self._client.send(b"vKill;1")
+        except MachineGone:
+            pass
+
+    def close(self) -> None:
+        self._client.close()
+
+    def describe(self) -> list[tuple[str, str]]:
+        return [
+            ("driver", f"qemu ({self.accel})"),
+            ("vcpus", str(len(self._cpus))),
+            ("guest RAM", f"{self._memory.size // (1 << 20)} MiB shared, read directly"),
+        ]

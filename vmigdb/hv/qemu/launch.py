@@ -1,0 +1,63 @@
+"""Start QEMU and take over its channels: the RAM mapping, the gdbstub, QMP.
+
+Once vmigdb holds its connections and its mapping, the socket paths and the RAM file are unlinked:
+nobody else can reach the guest through them, and nothing is left behind if vmigdb is killed (QEMU
+itself is ended by the parent-death signal set in process.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from vmigdb.errors import SetupError
+from vmigdb.hv.base import DriverStop, MachineGone
+from vmigdb.hv.qemu.driver import QemuDriver
+from vmigdb.hv.qemu.gdbstub import GdbstubClient
+from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
+from vmigdb.hv.qemu.qmp import Qmp
+
+log = logging.getLogger("vmigdb.hv.qemu")
+
+
+@dataclass
+class QemuMachine:
+    """Everything vmigdb holds for one QEMU: the process, the driver, QMP."""
+
+    process: QemuProcess
+    driver: QemuDriver
+    qmp: Qmp
+    attach_stop: DriverStop
+
+    async def shutdown(self) -> None:
+        """End QEMU (QMP quit, then signals) and remove every file it had."""
+        try:
+            await self.qmp.quit()
+        except Exception as exc:  # noqa: BLE001 - QEMU may already be gone
+            log.debug("QMP quit: %s", exc)
+        try:
+            await self.qmp.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self.driver.close()
+        self.process.terminate()
+
+
+async def launch_qemu(config: QemuConfig) -> QemuMachine:
+    """Boot the guest and attach; the guest is left stopped (the caller resumes it)."""
+    process = QemuProcess.start(config)
+    try:
+        client = GdbstubClient.connect(process.gdb_socket)
+        driver = QemuDriver(client, process.memory, process.accel)
+        stop = driver.attach()
+        qmp = await Qmp.connect(process.qmp_socket)
+        process.unlink_paths()
+    except (OSError, MachineGone, TimeoutError) as exc:
+        words = process.last_words()
+        process.terminate()
+        raise SetupError(f"QEMU did not come up: {exc}. QEMU said: {words or 'nothing'}") from exc
+    except BaseException:
+        process.terminate()
+        raise
+    log.info("QEMU %d up (%s), %d vCPU(s)", process.pid, process.accel, len(driver.cpus()))
+    return QemuMachine(process, driver, qmp, stop)

@@ -1,0 +1,122 @@
+"""`monitor` commands (qRcmd): text in, text out, over the debugger's model.
+
+Each command is a method `cmd_<name>(args) -> str`; its docstring's first line is its help. A usage
+error raises `MonitorError`, which the session sends as console text followed by an error reply, so
+GDB prints the message and scripts see the command fail.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmigdb.arch.x86_64.paging import Fault
+from vmigdb.arch.x86_64.registers import REGISTERS
+
+if TYPE_CHECKING:
+    from vmigdb.debugger.engine import Debugger
+    from vmigdb.rsp.session import Session
+
+
+class MonitorError(Exception):
+    """A monitor command was misused; the message says how to use it."""
+
+
+def _parse_addr(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise MonitorError(f"not an address: {text!r} (use 0x... or decimal)") from None
+
+
+class Monitor:
+    def __init__(self, debugger: Debugger, session: Session) -> None:
+        self._debugger = debugger
+        self._session = session
+
+    def run(self, line: str) -> str:
+        words = line.split()
+        if not words:
+            return self.cmd_help([])
+        handler = getattr(self, f"cmd_{words[0].replace('-', '_')}", None)
+        if handler is None:
+            raise MonitorError(f"unknown monitor command {words[0]!r}; try 'monitor help'")
+        return handler(words[1:])
+
+    def _commands(self) -> list[tuple[str, str]]:
+        out = []
+        for name in sorted(dir(self)):
+            if name.startswith("cmd_"):
+                doc = (getattr(self, name).__doc__ or "").strip().splitlines()[0]
+                out.append((name[4:].replace("_", "-"), doc))
+        return out
+
+    def cmd_help(self, args: list[str]) -> str:
+        """help — list the monitor commands"""
+        return "\n".join(f"  {doc}" for _, doc in self._commands())
+
+    def cmd_info(self, args: list[str]) -> str:
+        """info — what vmigdb is attached to and how"""
+        dbg = self._debugger
+        lines = [f"{label}: {value}" for label, value in dbg.driver.describe()]
+        lines.append(f"state: {'running' if dbg.running else 'stopped'}")
+        lines.append(f"current vCPU: CPU#{self._session.current_cpu() - 1}")
+        lines.append(
+            "addresses: " + ("guest-physical (phys on)" if dbg.physical_addresses else "virtual")
+        )
+        lines.append(
+            f"breakpoints: {len(dbg.breakpoints.desired)} requested, "
+            f"{len(dbg.breakpoints.installed)} held by the hypervisor"
+        )
+        return "\n".join(lines)
+
+    def cmd_stealth(self, args: list[str]) -> str:
+        """stealth — every mechanism this driver uses and whether the guest could see it"""
+        lines = [f"driver: {self._debugger.driver.name}"]
+        for job, mechanism in self._debugger.driver.capabilities.all():
+            visible = "VISIBLE to the guest" if mechanism.guest_visible else "invisible"
+            limit = f", {mechanism.limit} slots" if mechanism.limit else ""
+            lines.append(f"  {job}: {mechanism.description}{limit} — {visible}")
+            if mechanism.why:
+                lines.append(f"      ({mechanism.why})")
+        return "\n".join(lines)
+
+    def cmd_vtop(self, args: list[str]) -> str:
+        """vtop ADDR — translate a virtual address with the current vCPU's page tables"""
+        if len(args) != 1:
+            raise MonitorError("usage: monitor vtop ADDR")
+        va = _parse_addr(args[0])
+        where = self._debugger.translate(self._session.current_cpu(), va)
+        if isinstance(where, Fault):
+            return f"{va:#x}: not mapped ({where.reason} at level {where.level})"
+        flags = [
+            f"{where.page_size // 1024}K page"
+            if where.page_size < 1 << 20
+            else f"{where.page_size >> 20}M page",
+            "writable" if where.writable else "read-only",
+            "user" if where.user else "supervisor",
+            "nx" if where.nx else "exec",
+        ]
+        return f"{va:#x} -> {where.pa:#x} ({', '.join(flags)})"
+
+    def cmd_regs(self, args: list[str]) -> str:
+        """regs — the current vCPU's general and system registers"""
+        regs = self._debugger.registers(self._session.current_cpu())
+        names = [r.name for r in REGISTERS if r.bitsize <= 64 and not r.name.startswith("f")]
+        names = [n for n in names if not n.startswith("st")]
+        rows = [f"{name:>9} {regs[name]:#018x}" for name in names]
+        return "\n".join("  ".join(rows[i : i + 3]) for i in range(0, len(rows), 3))
+
+    def cmd_phys(self, args: list[str]) -> str:
+        """phys on|off — treat GDB's memory addresses as guest-physical (on) or virtual (off)"""
+        if args == ["on"]:
+            self._debugger.physical_addresses = True
+        elif args == ["off"]:
+            self._debugger.physical_addresses = False
+        elif args:
+            raise MonitorError("usage: monitor phys on|off")
+        state = (
+            "on: addresses are guest-physical"
+            if self._debugger.physical_addresses
+            else ("off: addresses are virtual (current vCPU's page tables)")
+        )
+        return f"phys {state}"

@@ -1,0 +1,285 @@
+"""The only place with sockets: serves GDB clients over TCP or a unix socket with asyncio.
+
+One client holds the session at a time; a second one is told who holds it and closed. Each received
+packet goes straight from `data_received` through the codec and the session to `transport.write`, with
+no task or queue hop on the way (the per-packet path is what scattered reads and stepping pay for).
+
+While the machine runs, the hypervisor's stop channel is watched with `loop.add_reader`, and 0x03 from
+GDB interrupts it. A client that vanishes (or detaches) leaves the machine running, with no breakpoint
+left, and the server ready for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vmigdb.debugger.engine import Debugger
+from vmigdb.debugger.events import StopEvent, StopReason
+from vmigdb.hv.base import DriverError, MachineGone
+from vmigdb.rsp import codec
+from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session, console_output
+
+log = logging.getLogger("vmigdb.rsp")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """`host:port` or `unix:/path`."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        if text.startswith("unix:"):
+            return cls(path=text[5:])
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"listen address must be HOST:PORT or unix:PATH, not {text!r}")
+        return cls(host=host.strip("[]") or "127.0.0.1", port=int(port))
+
+    def is_loopback(self) -> bool:
+        if self.path is not None:
+            return True
+        try:
+            infos = socket.getaddrinfo(self.host, None)
+        except OSError:
+            return False
+        import ipaddress
+
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def bind_listener(address: ListenAddress) -> socket.socket:
+    """Bind and listen; raises OSError (e.g. EADDRINUSE) for the caller to explain."""
+    if address.path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(address.path) and stat.S_ISSOCK(os.stat(address.path).st_mode):
+            os.unlink(address.path)  # a stale socket from an earlier run; never another file
+        old = os.umask(0o077)  # the socket is the guest: owner only
+        try:
+            sock.bind(address.path)
+        finally:
+            os.umask(old)
+    else:
+        family = socket.AF_INET6 if address.host and ":" in address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock
+
+
+class RspServer:
+    """Serves one Debugger to GDB clients, one at a time."""
+
+    def __init__(self, debugger: Debugger) -> None:
+        self.debugger = debugger
+        self.active: GdbConnection | None = None
+        self.finished: asyncio.Future[StopEvent | None] | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, listener: socket.socket) -> None:
+        """Serve on a socket made by `bind_listener` (bound early, so a taken port fails fast)."""
+        self._loop = asyncio.get_running_loop()
+        self.finished = self._loop.create_future()
+        factory: Callable[[], GdbConnection] = lambda: GdbConnection(self)  # noqa: E731
+        if listener.family == socket.AF_UNIX:
+            self._server = await self._loop.create_unix_server(factory, sock=listener)
+        else:
+            self._server = await self._loop.create_server(factory, sock=listener)
+        self._loop.add_reader(self.debugger.driver.stop_fileno(), self._on_driver_readable)
+
+    async def close(self) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.debugger.driver.stop_fileno())
+            except (ValueError, OSError):
+                pass
+        if self._server is not None:
+            self._server.close()
+        if self.active is not None:
+            self.active.transport.close()
+
+    def finish(self, event: StopEvent | None) -> None:
+        """The machine is gone (or killed): stop serving."""
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.debugger.driver.stop_fileno())
+            except (ValueError, OSError):
+                pass
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(event)
+
+    def _on_driver_readable(self) -> None:
+        try:
+            event = self.debugger.poll()
+        except MachineGone:
+            event = StopEvent(StopReason.EXITED, None, exit_code=0)
+        except DriverError as exc:
+            log.error("hypervisor error while running: %s", exc)
+            return
+        if event is None:
+            return
+        if self.active is not None:
+            self.active.on_stop(event)
+        elif event.reason is not StopReason.EXITED:
+            # Nobody is attached (a stop we did not ask for): let the guest go on.
+            log.info("unattended stop on CPU#%s; resuming", (event.cpu or 1) - 1)
+            self.debugger.detach()
+        if event.reason is StopReason.EXITED:
+            self.finish(event)
+
+
+class GdbConnection(asyncio.Protocol):
+    """One client's connection. See the module docstring."""
+
+    def __init__(self, server: RspServer) -> None:
+        self.server = server
+        self.debugger = server.debugger
+        self.decoder = codec.Decoder()
+        self.session: Session | None = None
+        self.transport: asyncio.Transport
+        self.waiting_for_stop = False
+        self.rejected = False
+        self.peer = "?"
+        self._queued: list[codec.Event] = []
+
+    # -- asyncio callbacks ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.active is not None:
+            self.rejected = True
+            log.warning("refusing %s: %s holds the session", self.peer, self.server.active.peer)
+            return
+        self.server.active = self
+        log.info("GDB connected from %s", self.peer)
+        try:
+            self.debugger.halt()
+        except (DriverError, TimeoutError) as exc:
+            log.error("could not stop the machine for %s: %s", self.peer, exc)
+            transport.close()
+            return
+        self.session = Session(self.debugger)
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        for event in self.decoder.events():
+            if self.waiting_for_stop and not isinstance(event, codec.Interrupt):
+                self._queued.append(event)  # all-stop: answered once the machine stops
+                continue
+            self._on_event(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.server.active is not self:
+            return
+        log.info("GDB at %s went away; leaving the machine running", self.peer)
+        self.server.active = None
+        self._release_machine()
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _on_event(self, event: codec.Event) -> None:
+        if self.rejected:
+            if isinstance(event, codec.Packet):
+                holder = self.server.active.peer if self.server.active else "another client"
+                message = f"vmigdb: the session is held by GDB at {holder}; one client at a time\n"
+                for reply in [*console_output(message), b"E01"]:
+                    self._send(reply)
+                self.transport.close()
+            return
+        if self.session is None:
+            return
+        if isinstance(event, codec.Packet):
+            if not self.session.no_ack:
+                self.transport.write(b"+")
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("gdb -> %r", event.data[:200])
+            self._apply(self.session.handle(event.data))
+        elif isinstance(event, codec.Corrupt):
+            log.info("corrupt packet from GDB (%s)", event.reason)
+            if self.session.no_ack:
+                self._send(EINVAL)
+            else:
+                self.transport.write(b"-")
+        elif isinstance(event, codec.Interrupt):
+            if self.waiting_for_stop:
+                self.debugger.interrupt()
+        # Acks and Nacks need nothing: replies are never retransmitted on a reliable stream.
+
+    def _apply(self, outcome: Outcome) -> None:
+        for reply in outcome.replies:
+            self._send(reply)
+        action = outcome.action
+        if isinstance(action, Resume):
+            try:
+                self.debugger.resume(action.actions)
+            except DriverError as exc:
+                log.warning("resume failed: %s", exc)
+                self._send(EIO)
+                return
+            self.waiting_for_stop = True
+        elif isinstance(action, Detach):
+            log.info("GDB at %s detached", self.peer)
+            self.server.active = None
+            self._release_machine()
+            self.transport.close()
+        elif isinstance(action, Kill):
+            log.info("GDB at %s killed the machine", self.peer)
+            self.server.active = None
+            self.debugger.breakpoints.clear()
+            self.debugger.driver.kill()
+            self.transport.close()
+            self.server.finish(None)
+
+    def on_stop(self, event: StopEvent) -> None:
+        if self.session is None:
+            return
+        if not self.waiting_for_stop and event.reason is not StopReason.EXITED:
+            log.info("stop while GDB was not waiting (%s); resuming", event.reason.value)
+            self.debugger.resume({cpu: "c" for cpu in self.debugger.cpus()})
+            return
+        self.waiting_for_stop = False
+        self._send(self.session.stop_reply(event))
+        queued, self._queued = self._queued, []
+        for item in queued:
+            if self.waiting_for_stop:
+                self._queued.append(item)
+            else:
+                self._on_event(item)
+
+    def _send(self, payload: bytes) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("gdb <- %r", payload[:200])
+        self.transport.write(codec.encode_packet(payload))
+
+    def _release_machine(self) -> None:
+        """Leave the guest running with no breakpoint of ours."""
+        try:
+            if self.debugger.running:
+                self.debugger.halt()
+            self.debugger.detach()
+        except (DriverError, TimeoutError) as exc:
+            log.error("could not release the machine cleanly: %s", exc)

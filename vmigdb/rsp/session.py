@@ -1,0 +1,454 @@
+"""One GDB conversation: protocol state and the mapping from packets to debugger calls. No I/O.
+
+`Session.handle(payload)` takes one packet's payload and returns an `Outcome`: the reply payloads to
+send, in order, and at most one `Action` the server must carry out (resume the machine and wait for a
+stop, detach, kill). Stop events come back through `stop_reply()`.
+
+Every packet is parsed and validated here, never passed through to the hypervisor. A malformed packet
+gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Errors from
+below are turned into `Exx` in one place (`_error_reply`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
+from vmigdb.debugger.breakpoints import BreakpointLimitError, UnsupportedBreakpoint
+from vmigdb.debugger.engine import Debugger, MemoryFault
+from vmigdb.debugger.events import StopEvent, StopReason
+from vmigdb.hv.base import BreakpointType, DriverError
+from vmigdb.rsp import codec
+from vmigdb.rsp.monitor import Monitor, MonitorError
+from vmigdb.rsp.target_xml import target_xml, xfer_slice
+
+log = logging.getLogger("vmigdb.rsp")
+
+PACKET_SIZE = 0x20000  # advertised; GDB then reads up to PACKET_SIZE/2 bytes per `m`
+MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
+
+EINVAL = b"E16"
+EFAULT = b"E0e"
+EIO = b"E05"
+ENOSPC = b"E1c"
+ESRCH = b"E03"
+
+_EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
+
+
+def console_output(text: str) -> list[bytes]:
+    """`O` packets carrying `text` to GDB's console, each kept small; GDB prints them as they come."""
+    if not text:
+        return []
+    data = (text if text.endswith("\n") else text + "\n").encode()
+    return [b"O" + codec.encode_hex(data[i : i + 0x4000]) for i in range(0, len(data), 0x4000)]
+
+
+class PacketError(Exception):
+    """The packet is malformed or its arguments are out of range."""
+
+
+# -- actions the server carries out ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    actions: dict[int, str]  # vCPU -> 'c' | 's'
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    pass
+
+
+Action = Resume | Detach | Kill
+
+
+@dataclass(slots=True)
+class Outcome:
+    replies: list[bytes] = field(default_factory=list)
+    action: Action | None = None
+
+
+# -- argument parsing helpers ---------------------------------------------------------------------
+
+
+def _hex(text: bytes) -> int:
+    if not text or len(text) > 16:
+        raise PacketError(f"bad number {text!r}")
+    try:
+        return int(text, 16)
+    except ValueError as exc:
+        raise PacketError(f"bad number {text!r}") from exc
+
+
+def _addr_len(text: bytes) -> tuple[int, int]:
+    addr, sep, length = text.partition(b",")
+    if not sep:
+        raise PacketError("expected ADDR,LENGTH")
+    return _hex(addr), _hex(length)
+
+
+def _thread_id(text: bytes) -> int:
+    """GDB thread ids: -1 all, 0 any, N; the multiprocess form pP.T is accepted too."""
+    if text.startswith(b"p"):
+        _, _, text = text[1:].partition(b".")
+        if not text:
+            return -1
+    if text == b"-1":
+        return -1
+    return _hex(text)
+
+
+class Session:
+    """Protocol state for one client. See the module docstring."""
+
+    def __init__(self, debugger: Debugger, *, notice: Callable[[], str] | None = None) -> None:
+        self.debugger = debugger
+        self.no_ack = False
+        self._g_thread = 0  # Hg: 0 = the thread of the last stop
+        self._c_thread = -1  # Hc
+        self._target_xml = target_xml().encode()
+        self._monitor = Monitor(debugger, self)
+        self._handlers: list[tuple[bytes, Callable[[bytes], Outcome | list[bytes] | bytes]]] = [
+            (b"qSupported", self._q_supported),
+            (b"QStartNoAckMode", self._start_no_ack),
+            (b"qXfer:features:read:", self._q_xfer_features),
+            (b"qXfer:threads:read::", self._q_xfer_threads),
+            (b"qfThreadInfo", self._q_thread_first),
+            (b"qsThreadInfo", lambda _: b"l"),
+            (b"qThreadExtraInfo,", self._q_thread_extra),
+            (b"qC", self._q_current),
+            (b"qAttached", lambda _: b"1"),
+            (b"qSymbol:", lambda _: b"OK"),
+            (b"qRcmd,", self._q_rcmd),
+            (b"vCont?", lambda _: b"vCont;c;C;s;S;t"),
+            (b"vCont;", self._v_cont),
+            (b"vKill", self._kill),
+            (b"vMustReplyEmpty", lambda _: b""),
+            (b"?", lambda _: self.stop_reply(self.debugger.last_stop)),
+            (b"g", self._read_registers),
+            (b"G", self._write_registers),
+            (b"p", self._read_register),
+            (b"P", self._write_register),
+            (b"m", self._read_memory),
+            (b"M", self._write_memory_hex),
+            (b"X", self._write_memory_binary),
+            (b"Z", self._insert_breakpoint),
+            (b"z", self._remove_breakpoint),
+            (b"H", self._set_thread),
+            (b"T", self._thread_alive),
+            (b"c", self._continue),
+            (b"C", lambda args: self._continue(args, with_signal=True)),
+            (b"s", self._step),
+            (b"S", lambda args: self._step(args, with_signal=True)),
+            (b"D", self._detach),
+            (b"k", self._kill),
+        ]
+        self._notice = notice
+
+    # -- entry points -----------------------------------------------------------------------------
+
+    def handle(self, payload: bytes) -> Outcome:
+        """Answer one packet."""
+        for prefix, handler in self._handlers:
+            if payload.startswith(prefix):
+                try:
+                    result = handler(payload[len(prefix) :])
+                except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
+                    return Outcome([self._error_reply(payload, exc)])
+                if isinstance(result, Outcome):
+                    return result
+                if isinstance(result, bytes):
+                    return Outcome([result])
+                return Outcome(list(result))
+        return Outcome([b""])
+
+    def stop_reply(self, event: StopEvent | None) -> bytes:
+        """The T/W/X packet for a stop."""
+        if event is None:
+            return b"S05"
+        if event.reason is StopReason.EXITED:
+            return b"W%02x" % ((event.exit_code or 0) & 0xFF)
+        parts = [b"T%02xthread:%x;" % (event.signal & 0xFF, event.cpu)]
+        if event.registers is not None:
+            for regnum in _EXPEDITED:
+                parts.append(b"%x:%s;" % (regnum, codec.encode_hex(event.registers.raw(regnum))))
+        if event.reason is StopReason.SW_BREAK:
+            parts.append(b"swbreak:;")
+        elif event.reason is StopReason.HW_BREAK:
+            parts.append(b"hwbreak:;")
+        elif event.reason is StopReason.WATCH and event.watch is not None:
+            kind, addr = event.watch
+            key = {BreakpointType.READ_WATCH: b"rwatch", BreakpointType.ACCESS_WATCH: b"awatch"}
+            parts.append(b"%s:%x;" % (key.get(kind, b"watch"), addr))
+        self._g_thread = 0
+        return b"".join(parts)
+
+    # -- errors -----------------------------------------------------------------------------------
+
+    def _error_reply(self, payload: bytes, exc: Exception) -> bytes:
+        if isinstance(exc, PacketError | ValueError | KeyError | IndexError):
+            log.info("malformed packet %r: %s", payload[:64], exc)
+            return EINVAL
+        if isinstance(exc, MemoryFault):
+            return EFAULT
+        if isinstance(exc, BreakpointLimitError):
+            log.warning("%s", exc)
+            return ENOSPC
+        if isinstance(exc, UnsupportedBreakpoint):
+            return b""
+        if isinstance(exc, DriverError):
+            log.warning("hypervisor refused %r: %s", payload[:64], exc)
+            return EIO
+        log.exception("internal error on %r", payload[:64])
+        return EIO
+
+    # -- threads ----------------------------------------------------------------------------------
+
+    def current_cpu(self) -> int:
+        """The vCPU GDB's register and memory requests are about (Hg, else the last stop's)."""
+        if self._g_thread > 0:
+            return self._g_thread
+        stop = self.debugger.last_stop
+        if stop is not None and stop.cpu is not None:
+            return stop.cpu
+        return self.debugger.cpus()[0]
+
+    def _set_thread(self, args: bytes) -> bytes:
+        which, tid = args[:1], _thread_id(args[1:])
+        if tid > 0 and tid not in self.debugger.cpus():
+            return ESRCH
+        if which == b"g":
+            if tid < 0:
+                raise PacketError("Hg-1 names no single thread")
+            self._g_thread = tid
+        elif which == b"c":
+            self._c_thread = tid
+        else:
+            raise PacketError(f"unknown H{which!r}")
+        return b"OK"
+
+    def _thread_alive(self, args: bytes) -> bytes:
+        return b"OK" if _thread_id(args) in self.debugger.cpus() else ESRCH
+
+    def _q_thread_first(self, _: bytes) -> bytes:
+        return b"m" + b",".join(b"%x" % cpu for cpu in self.debugger.cpus())
+
+    def _q_thread_extra(self, args: bytes) -> bytes:
+        cpu = _thread_id(args)
+        if cpu not in self.debugger.cpus():
+            return ESRCH
+        return codec.encode_hex(f"CPU#{cpu - 1}".encode())
+
+    def _q_current(self, _: bytes) -> bytes:
+        return b"QC%x" % self.current_cpu()
+
+    def _q_xfer_threads(self, args: bytes) -> bytes:
+        offset, length = _addr_len(args)
+        body = "".join(
+            f'<thread id="{cpu:x}" core="{cpu - 1}" name="CPU#{cpu - 1}"/>'
+            for cpu in self.debugger.cpus()
+        )
+        document = f'<?xml version="1.0"?>\n<threads>{body}</threads>'.encode()
+        return codec.escape_binary(xfer_slice(document, offset, length))
+
+    # -- features ---------------------------------------------------------------------------------
+
+    def _q_supported(self, _: bytes) -> bytes:
+        features = [
+            b"PacketSize=%x" % PACKET_SIZE,
+            b"QStartNoAckMode+",
+            b"qXfer:features:read+",
+            b"qXfer:threads:read+",
+            b"swbreak+",
+            b"hwbreak+",
+            b"vContSupported+",
+        ]
+        return b";".join(features)
+
+    def _start_no_ack(self, _: bytes) -> bytes:
+        self.no_ack = True
+        return b"OK"
+
+    def _q_xfer_features(self, args: bytes) -> bytes:
+        annex, sep, span = args.partition(b":")
+        if not sep:
+            raise PacketError("expected ANNEX:OFFSET,LENGTH")
+        offset, length = _addr_len(span)
+        if annex != b"target.xml":
+            return b"E00"
+        return codec.escape_binary(xfer_slice(self._target_xml, offset, length))
+
+    def _q_rcmd(self, args: bytes) -> list[bytes]:
+        command = codec.decode_hex(args).decode("utf-8", "replace")
+        try:
+            return [*console_output(self._monitor.run(command)), b"OK"]
+        except MonitorError as exc:
+            return [*console_output(str(exc)), b"E01"]
+
+    # -- registers --------------------------------------------------------------------------------
+
+    def _read_registers(self, args: bytes) -> bytes:
+        if args:
+            raise PacketError("g takes no argument")
+        return codec.encode_hex(self.debugger.registers(self.current_cpu()).to_g())
+
+    def _write_registers(self, args: bytes) -> bytes:
+        data = codec.decode_hex(args)
+        if len(data) != G_PACKET_SIZE:
+            raise PacketError(f"G needs {G_PACKET_SIZE} bytes, got {len(data)}")
+        cpu = self.current_cpu()
+        current = self.debugger.registers(cpu)
+        for regnum, value in enumerate(split_g(data)):
+            if value != current.raw(regnum):
+                self.debugger.write_register(cpu, regnum, value)
+        return b"OK"
+
+    def _regnum(self, text: bytes) -> int:
+        regnum = _hex(text)
+        if regnum >= len(REGISTERS):
+            raise PacketError(f"no register {regnum}")
+        return regnum
+
+    def _read_register(self, args: bytes) -> bytes:
+        regnum = self._regnum(args)
+        return codec.encode_hex(self.debugger.registers(self.current_cpu()).raw(regnum))
+
+    def _write_register(self, args: bytes) -> bytes:
+        num, sep, value = args.partition(b"=")
+        if not sep:
+            raise PacketError("expected N=VALUE")
+        regnum = self._regnum(num)
+        raw = codec.decode_hex(value)
+        if len(raw) * 8 != REGISTERS[regnum].bitsize:
+            raise PacketError(f"register {regnum} takes {REGISTERS[regnum].bitsize // 8} bytes")
+        self.debugger.write_register(self.current_cpu(), regnum, raw)
+        return b"OK"
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def _read_memory(self, args: bytes) -> bytes:
+        addr, length = _addr_len(args)
+        if addr + length > 1 << 64:
+            raise PacketError("range wraps")
+        length = min(length, MAX_MEMORY_READ)
+        if length == 0:
+            return b""
+        return codec.encode_hex(self.debugger.read_memory(self.current_cpu(), addr, length))
+
+    def _write_memory(self, addr: int, length: int, data: bytes) -> bytes:
+        if len(data) != length:
+            raise PacketError(f"length {length} but {len(data)} bytes of data")
+        if addr + length > 1 << 64:
+            raise PacketError("range wraps")
+        if length:
+            self.debugger.write_memory(self.current_cpu(), addr, data)
+        return b"OK"
+
+    def _write_memory_hex(self, args: bytes) -> bytes:
+        head, sep, body = args.partition(b":")
+        if not sep:
+            raise PacketError("expected ADDR,LENGTH:DATA")
+        return self._write_memory(*_addr_len(head), codec.decode_hex(body))
+
+    def _write_memory_binary(self, args: bytes) -> bytes:
+        head, sep, body = args.partition(b":")
+        if not sep:
+            raise PacketError("expected ADDR,LENGTH:DATA")
+        return self._write_memory(*_addr_len(head), codec.unescape_binary(body))
+
+    # -- breakpoints ------------------------------------------------------------------------------
+
+    def _z_args(self, args: bytes) -> tuple[BreakpointType, int, int]:
+        head, _, rest = args.partition(b";")
+        if rest:
+            # Conditions and commands (;X / ;cmds) are not advertised, so GDB never sends them.
+            raise PacketError("breakpoint conditions are not supported")
+        kind, sep, span = head.partition(b",")
+        if not sep or len(kind) != 1 or kind not in b"01234":
+            raise PacketError(f"bad breakpoint type {kind!r}")
+        addr, length = _addr_len(span)
+        if addr >= 1 << 64 or not 0 < length <= 16:
+            raise PacketError("bad breakpoint address or kind")
+        return BreakpointType(int(kind)), addr, length
+
+    def _insert_breakpoint(self, args: bytes) -> bytes:
+        self.debugger.add_breakpoint(*self._z_args(args))
+        return b"OK"
+
+    def _remove_breakpoint(self, args: bytes) -> bytes:
+        self.debugger.remove_breakpoint(*self._z_args(args))
+        return b"OK"
+
+    # -- run control ------------------------------------------------------------------------------
+
+    def _v_cont(self, args: bytes) -> Outcome:
+        cpus = self.debugger.cpus()
+        actions: dict[int, str] = {}
+        default: str | None = None
+        for item in args.split(b";"):
+            verb, _, tid = item.partition(b":")
+            if not verb or verb[:1] not in b"cCsSt":
+                raise PacketError(f"unsupported vCont action {item!r}")
+            action = verb[:1].lower().decode()
+            if verb[:1] in b"CS":
+                _hex(verb[1:])  # a signal number: meaningless for a whole VM, checked and ignored
+            elif len(verb) != 1:
+                raise PacketError(f"vCont action {verb!r} takes no argument")
+            if tid:
+                cpu = _thread_id(tid)
+                targets = cpus if cpu == -1 else [cpu]
+                if cpu != -1 and cpu not in cpus:
+                    raise PacketError(f"no thread {cpu}")
+                for target in targets:
+                    actions.setdefault(target, action)  # the leftmost action applies
+            elif default is None:
+                default = action
+        if default is not None:
+            for cpu in cpus:
+                actions.setdefault(cpu, default)
+        runnable = {cpu: act for cpu, act in actions.items() if act in ("c", "s")}
+        if not runnable:
+            raise PacketError("vCont with nothing to run")
+        return Outcome(action=Resume(runnable))
+
+    def _resume_thread(self) -> int:
+        return self._c_thread if self._c_thread > 0 else self.current_cpu()
+
+    @staticmethod
+    def _check_legacy_resume(args: bytes, with_signal: bool) -> None:
+        """`c`/`s` take only an address (deprecated, never sent by GDB: refused); `C`/`S` a signal."""
+        if not with_signal:
+            if args:
+                raise PacketError("c/s with an address is not supported")
+            return
+        sig, _, addr = args.partition(b";")
+        _hex(sig)  # a signal number: meaningless for a whole VM, checked and ignored
+        if addr:
+            raise PacketError("C/S with an address is not supported")
+
+    def _continue(self, args: bytes, *, with_signal: bool = False) -> Outcome:
+        self._check_legacy_resume(args, with_signal)
+        if self._c_thread > 0:
+            return Outcome(action=Resume({self._c_thread: "c"}))
+        return Outcome(action=Resume({cpu: "c" for cpu in self.debugger.cpus()}))
+
+    def _step(self, args: bytes, *, with_signal: bool = False) -> Outcome:
+        self._check_legacy_resume(args, with_signal)
+        return Outcome(action=Resume({self._resume_thread(): "s"}))
+
+    def _detach(self, args: bytes) -> Outcome:
+        if args and not args.startswith(b";"):
+            raise PacketError("bad D packet")
+        return Outcome([b"OK"], action=Detach())
+
+    def _kill(self, _: bytes) -> Outcome:
+        return Outcome([b"OK"], action=Kill())
