@@ -1,0 +1,56 @@
+"""Build the demo guest (kernel + initramfs) that vmigdb's examples and end-to-end tests boot.
+
+Cache layout under the cache dir (default $XDG_CACHE_HOME/vmigdb, else ~/.cache/vmigdb):
+    kernels/vmlinuz-<release>, kernels/config-<release>
+    busybox/busybox-<debian version>
+    programs/<key>/<name>          unstripped static test programs (GDB symbol files)
+    initrd/initrd-<key>.cpio.gz
+    lock                           serialises concurrent builds
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmigdb.images import busybox, debian, initramfs, kernel, programs
+
+LOG = logging.getLogger("vmigdb.images")
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """What QEMU boots (-kernel, -initrd), and where the guest programs' host copies are."""
+
+    kernel: Path
+    initrd: Path
+    release: str
+    programs: Path | None = None  # directory holding each test program as <name>, with debug info
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/vmigdb, else ~/.cache/vmigdb (XDG: ignore a relative path)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "vmigdb"
+
+
+def build_guest(cache_dir: Path | None = None, *, log: logging.Logger = LOG) -> GuestImage:
+    """Fetch or reuse every piece of the demo guest; only what changed is downloaded or rebuilt."""
+    cache_dir = (cache_dir or default_cache_dir()).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(cache_dir / "lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two builds at once would download the same files
+        debian.forget()
+        debian.prefetch([kernel.METAPACKAGE, busybox.PACKAGE])
+        vmlinuz, release = kernel.fetch_kernel(cache_dir, log)
+        busybox_path = busybox.fetch_busybox(cache_dir, log)
+        programs_dir, programs_key = programs.build_programs(cache_dir, log=log)
+        initrd = initramfs.build_initrd(cache_dir, busybox_path, programs_dir, programs_key, log)
+    log.info("demo guest ready in %.1fs: kernel %s", time.monotonic() - start, release)
+    return GuestImage(kernel=vmlinuz, initrd=initrd, release=release, programs=programs_dir)

@@ -1,0 +1,89 @@
+#!/bin/busybox sh
+# /init of vmigdb's demo guest: runs as PID 1 under busybox sh and must never exit.
+#
+# It prints machine-readable lines on the console (console=ttyS0), each prefixed "vmigdb-guest: ":
+#   vmigdb-guest: init
+#   vmigdb-guest: release <uname -r>
+#   vmigdb-guest: ksym <name> <16 hex digits>     real (KASLR-randomised) address from /proc/kallsyms
+#   vmigdb-guest: ksym-missing <name>
+#   vmigdb-guest: started <spec> pid=<N>          one per program started, <spec> as on the cmdline
+#   vmigdb-guest: error <text>
+#   vmigdb-guest: ready                           everything is started
+#
+# Kernel command-line parameters (read from /proc/cmdline):
+#   vmigdb.programs=SPEC[,SPEC...]   programs to start in the background, in order (default: ticker;
+#                                    "none" or empty starts none). SPEC is NAME[:ARG[:ARG...]] and runs
+#                                    /bin/NAME ARG..., e.g. vmigdb.programs=ticker,spin:1111,spin:2222
+#   vmigdb.ksyms=NAME[,NAME...]      extra kernel symbols to report
+#   vmigdb.shell=1                   after "ready", run a shell on the console instead of sleeping
+
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+hostname -F /etc/hostname
+
+say() { echo "vmigdb-guest: $*"; }
+say init
+
+# Root gets real addresses in /proc/kallsyms only when kptr_restrict allows it.
+echo 0 > /proc/sys/kernel/kptr_restrict
+
+programs=ticker
+extra_ksyms=
+shell=0
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	vmigdb.programs=*) programs="${arg#vmigdb.programs=}" ;;
+	vmigdb.ksyms=*) extra_ksyms="${arg#vmigdb.ksyms=}" ;;
+	vmigdb.shell=*) shell="${arg#vmigdb.shell=}" ;;
+	esac
+done
+
+say "release $(uname -r)"
+
+ksyms="_text _stext linux_banner init_task __x64_sys_getpid __x64_sys_nanosleep __x64_sys_openat do_sys_openat2 default_idle"
+ksyms="$ksyms $(echo "$extra_ksyms" | tr ',' ' ')"
+# One pass over kallsyms; core-kernel symbols only (module ones have a 4th field), first match wins.
+awk -v want="$ksyms" '
+	BEGIN { n = split(want, w, " "); for (i = 1; i <= n; i++) need[w[i]] = 1 }
+	NF == 3 && ($3 in need) && !($3 in addr) { addr[$3] = $1 }
+	END {
+		for (i = 1; i <= n; i++) {
+			if (w[i] in done) continue
+			done[w[i]] = 1
+			if (w[i] in addr) print "vmigdb-guest: ksym " w[i] " " addr[w[i]]
+			else print "vmigdb-guest: ksym-missing " w[i]
+		}
+	}' /proc/kallsyms
+
+[ "$programs" = none ] && programs=
+for spec in $(echo "$programs" | tr ',' ' '); do
+	name="${spec%%:*}"
+	args=
+	[ "$name" != "$spec" ] && args="$(echo "${spec#*:}" | tr ':' ' ')"
+	case "$name" in
+	*/* | "") say "error bad program spec $spec"; continue ;;
+	esac
+	if [ ! -x "/bin/$name" ]; then
+		say "error unknown program $name"
+		continue
+	fi
+	# shellcheck disable=SC2086 # args are split on purpose
+	"/bin/$name" $args </dev/null &
+	say "started $spec pid=$!"
+done
+
+say ready
+
+if [ "$shell" = 1 ]; then
+	while :; do
+		setsid cttyhack sh -l
+		sleep 1
+	done
+fi
+while :; do
+	sleep 3600
+done
