@@ -1,0 +1,486 @@
+"""Start and own the qemu-system-x86_64 process that runs the guest.
+
+vmigdb runs QEMU itself so that it can (a) put guest RAM in a shared file it maps read-only
+(`PhysicalMemory`), (b) talk QMP on a private unix socket, and (c) use QEMU's own gdbstub, on
+another private unix socket, as its run-control channel. None of these is visible to the guest:
+the command line adds no device and no firmware entry for debugging's sake.
+
+Whoever can read the RAM file or connect to either socket owns the guest, so all of them are
+created owner-only: the RAM file by vmigdb itself (O_EXCL, 0600) before QEMU opens it, the
+sockets and logs by QEMU under a 0077 umask inside a private 0700 directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from vmigdb.errors import SetupError
+from vmigdb.hv.qemu.accel import resolve_accel
+from vmigdb.hv.qemu.memory import PhysicalMemory, pc_below_4g
+
+log = logging.getLogger("vmigdb.hv.qemu")
+
+SHM_DIR = Path("/dev/shm")
+MIN_MEMORY_MIB = 16
+MAX_MEMORY_MIB = 1 << 20  # 1 TiB
+MAX_SMP = 255  # QEMU 7.2 pc-i440fx max_cpus
+READY_TIMEOUT = 10.0
+# sockaddr_un.sun_path is 108 bytes including the NUL.
+_MAX_SOCKET_PATH = 107
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class QemuConfig:
+    """What the user asked for. The kernel command line is "console=ttyS0" + " " + append."""
+
+    kernel: Path
+    initrd: Path | None = None
+    append: str = ""
+    smp: int = 1
+    memory_mib: int = 512
+    accel: str = "auto"
+    serial: Path | None = None
+    extra_args: tuple[str, ...] = ()
+    binary: str = "qemu-system-x86_64"
+
+    @property
+    def kernel_cmdline(self) -> str:
+        return "console=ttyS0" + (" " + self.append if self.append else "")
+
+
+def _opt(value: object) -> str:
+    """Escape a value for QEMU's comma-separated option syntax (',' is written ',,')."""
+    return str(value).replace(",", ",,")
+
+
+def build_command_line(
+    config: QemuConfig,
+    accel: str,
+    ram_path: Path,
+    gdb_socket: Path,
+    qmp_socket: Path,
+    console_log: Path,
+) -> list[str]:
+    """The full argv for QEMU. Pure: no filesystem access, so it can be unit-tested."""
+    cmd = [config.binary, "-accel", accel]
+    if accel == "kvm":
+        cmd += ["-cpu", "host"]
+    cmd += [
+        "-m",
+        str(config.memory_mib),
+        "-smp",
+        str(config.smp),
+        # Guest RAM in a file vmigdb maps too; share=on so both see the same pages.
+        "-object",
+        f"memory-backend-file,id=ram0,size={config.memory_mib}M,mem-path={_opt(ram_path)},share=on",
+        "-machine",
+        "pc,memory-backend=ram0",
+        "-kernel",
+        str(config.kernel),
+    ]
+    if config.initrd is not None:
+        cmd += ["-initrd", str(config.initrd)]
+    cmd += [
+        "-append",
+        config.kernel_cmdline,
+        "-serial",
+        f"file:{config.serial or console_log}",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-chardev",
+        f"socket,id=g0,path={_opt(gdb_socket)},server=on,wait=off",
+        "-gdb",
+        "chardev:g0",
+        "-qmp",
+        f"unix:{_opt(qmp_socket)},server=on,wait=off",
+        # The guest's RTC follows the VM clock, which stops while vmigdb holds the VM stopped.
+        "-rtc",
+        "clock=vm",
+    ]
+    cmd += list(config.extra_args)
+    return cmd
+
+
+def _check_config(config: QemuConfig) -> str:
+    """Pre-flight checks; returns the resolved QEMU binary path. Raises SetupError with the fix."""
+    binary = shutil.which(config.binary)
+    if binary is None:
+        raise SetupError(
+            f"{config.binary} not found: install it with `apt-get install qemu-system-x86`"
+        )
+    for what, path in (("kernel", config.kernel), ("initrd", config.initrd)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise SetupError(f"{what} {path} does not exist or is not a file: check the path")
+        if not os.access(path, os.R_OK):
+            raise SetupError(f"{what} {path} is not readable: fix its permissions")
+    if not 1 <= config.smp <= MAX_SMP:
+        raise SetupError(f"smp {config.smp} out of range: use 1 to {MAX_SMP} CPUs")
+    if not MIN_MEMORY_MIB <= config.memory_mib <= MAX_MEMORY_MIB:
+        raise SetupError(
+            f"memory {config.memory_mib} MiB out of range: use {MIN_MEMORY_MIB} to "
+            f"{MAX_MEMORY_MIB} MiB"
+        )
+    return binary
+
+
+def _free_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _make_workdir() -> Path:
+    """A private 0700 directory, short enough for unix socket paths."""
+    candidates = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        candidates.append(runtime)
+    candidates += [tempfile.gettempdir(), "/tmp"]
+    for base in candidates:
+        # "/vmigdb-XXXXXXXX/qmp.sock" adds about 30 bytes.
+        if len(base) + 32 > _MAX_SOCKET_PATH or not os.path.isdir(base):
+            continue
+        try:
+            d = Path(tempfile.mkdtemp(prefix="vmigdb-", dir=base))
+        except OSError:
+            continue
+        os.chmod(d, 0o700)
+        return d
+    raise SetupError("cannot create a private directory: make $TMPDIR a short, writable path")
+
+
+def _create_ram_file(size: int, workdir: Path) -> tuple[Path, int]:
+    """Create the guest RAM file owner-only, before QEMU sees it. Returns (path, fd).
+
+    /dev/shm is preferred (tmpfs: RAM-speed, never written back to disk). The workdir is the
+    fallback when /dev/shm is missing, read-only, or too small.
+    """
+    name = f"vmigdb-{secrets.token_hex(16)}"
+    shm_ok = SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK | os.X_OK)
+    if shm_ok and _free_bytes(SHM_DIR) >= size:
+        directory = SHM_DIR
+    elif _free_bytes(workdir) >= size:
+        directory = workdir
+        log.warning(
+            "/dev/shm is %s; guest RAM goes in %s instead",
+            "too small" if shm_ok else "not writable",
+            workdir,
+        )
+    else:
+        raise SetupError(
+            f"not enough space for {size >> 20} MiB of guest RAM in /dev/shm or {workdir}: "
+            "free some or lower the guest memory"
+        )
+    path = directory / name
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        raise SetupError(f"cannot create guest RAM file {path}: {e.strerror}") from e
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+    except OSError as e:
+        os.close(fd)
+        os.unlink(path)
+        raise SetupError(f"cannot size guest RAM file {path}: {e.strerror}") from e
+    return path, fd
+
+
+def _make_preexec(parent_pid: int) -> Callable[[], None]:
+    """Child-side setup: die with the parent (PR_SET_PDEATHSIG), even if it dies during fork."""
+    libc = ctypes.CDLL(None, use_errno=True)  # resolved before fork; the child only calls it
+    prctl = libc.prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:  # parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+_T = TypeVar("_T")
+_spawn_lock = threading.Lock()
+_spawn_queue: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]] | None = None
+
+
+def _spawner(q: queue.SimpleQueue[tuple[Callable[[], object], Future[object]]]) -> None:
+    while True:
+        fn, fut = q.get()
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+
+def _in_long_lived_thread(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` (a fork) in a thread that lives as long as the process.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. A
+    caller on a worker thread (``asyncio.to_thread``, a thread pool) would otherwise have QEMU
+    killed as soon as that worker retires. The main thread qualifies; otherwise one daemon
+    thread, started on first use, does every fork.
+    """
+    global _spawn_queue
+    if threading.current_thread() is threading.main_thread():
+        return fn()
+    with _spawn_lock:
+        if _spawn_queue is None:
+            _spawn_queue = queue.SimpleQueue()
+            threading.Thread(
+                target=_spawner, args=(_spawn_queue,), name="vmigdb-qemu-spawner", daemon=True
+            ).start()
+    fut: Future[object] = Future()
+    _spawn_queue.put((fn, fut))
+    return fut.result()  # type: ignore[return-value]
+
+
+def _unlink(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove %s: %s", path, e)
+
+
+def _last_resort(popen: subprocess.Popen[bytes], paths: list[Path], workdir: Path) -> None:
+    """Run if a QemuProcess is dropped (or the interpreter exits) without terminate()."""
+    if popen.poll() is None:
+        popen.kill()
+        try:
+            popen.wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass
+    for p in paths:
+        _unlink(p)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _maps_file(pid: int, dev: int, ino: int) -> bool:
+    """True once process ``pid`` has mmapped the file (dev, ino): QEMU has opened the RAM file."""
+    want = f"{os.major(dev):02x}:{os.minor(dev):02x}"
+    try:
+        with open(f"/proc/{pid}/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if len(fields) >= 5 and fields[4] == str(ino) and fields[3] == want:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+class QemuProcess:
+    """A running QEMU owned by vmigdb. Create with `QemuProcess.start`; end with `terminate`."""
+
+    config: QemuConfig
+    accel: str
+    workdir: Path
+    gdb_socket: Path
+    qmp_socket: Path
+    console_log: Path
+    stderr_log: Path
+    ram_path: Path
+    memory: PhysicalMemory
+    pid: int
+    command_line: list[str]
+
+    def __init__(self, config: QemuConfig, accel: str) -> None:
+        """Not started yet: use `QemuProcess.start`."""
+        self.config = config
+        self.accel = accel
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize | None = None
+        self.memory = None  # type: ignore[assignment]
+
+    @classmethod
+    def start(cls, config: QemuConfig) -> QemuProcess:
+        """Check the host, create the private files, start QEMU and wait for its sockets."""
+        binary = _check_config(config)
+        accel = resolve_accel(config.accel)
+        size = config.memory_mib << 20
+
+        self = cls(config, accel)
+        self.workdir = _make_workdir()
+        ram_fd = -1
+        try:
+            self.gdb_socket = self.workdir / "gdb.sock"
+            self.qmp_socket = self.workdir / "qmp.sock"
+            self.console_log = config.serial or self.workdir / "console.log"
+            self.stderr_log = self.workdir / "qemu.stderr"
+            self.ram_path, ram_fd = _create_ram_file(size, self.workdir)
+            st = os.fstat(ram_fd)
+            self._ram_id = (st.st_dev, st.st_ino)
+            self.memory = PhysicalMemory(ram_fd, size, pc_below_4g(size))
+            self.command_line = build_command_line(
+                config, accel, self.ram_path, self.gdb_socket, self.qmp_socket, self.console_log
+            )
+            argv = [binary, *self.command_line[1:]]
+            log.info("starting QEMU: %s", " ".join(self.command_line))
+            stderr_fd = os.open(
+                self.stderr_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+            )
+            try:
+                # Own session: a ^C typed at vmigdb's terminal must not reach QEMU, because
+                # vmigdb shuts down in order (remove breakpoints, resume, then stop QEMU).
+                # PDEATHSIG still ends QEMU if vmigdb dies without doing so.
+                self._popen = _in_long_lived_thread(
+                    lambda: subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=stderr_fd,
+                        close_fds=True,
+                        start_new_session=True,
+                        umask=0o077,  # QEMU's sockets and logs come out 0600
+                        preexec_fn=_make_preexec(os.getpid()),
+                    )
+                )
+            finally:
+                os.close(stderr_fd)
+            os.close(ram_fd)
+            ram_fd = -1
+            self.pid = self._popen.pid
+            self._finalizer = weakref.finalize(
+                self,
+                _last_resort,
+                self._popen,
+                [self.ram_path, self.gdb_socket, self.qmp_socket],
+                self.workdir,
+            )
+            self._wait_ready()
+        except BaseException:
+            if ram_fd >= 0:
+                os.close(ram_fd)
+            self._abort_start()
+            raise
+        log.info("QEMU pid %d up (accel %s), workdir %s", self.pid, accel, self.workdir)
+        return self
+
+    def _abort_start(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+            self._popen.wait()
+        self.cleanup()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            code = self.poll()
+            if code is not None:
+                words = self.last_words(1).strip() or "no message"
+                raise SetupError(f"QEMU exited at startup (status {code}): {words}")
+            # QEMU creates its sockets before the RAM backend: wait for both, so that the
+            # RAM file can be unlinked as soon as start() returns.
+            if (
+                _is_socket(self.gdb_socket)
+                and _is_socket(self.qmp_socket)
+                and _maps_file(self.pid, *self._ram_id)
+            ):
+                return
+            if time.monotonic() >= deadline:
+                raise SetupError(
+                    f"QEMU did not open its sockets within {READY_TIMEOUT:.0f} s: "
+                    f"{self.last_words(1).strip() or 'no message'}"
+                )
+            time.sleep(0.01)
+
+    def unlink_paths(self) -> None:
+        """Remove the RAM file and sockets from the filesystem.
+
+        Call once vmigdb is connected to both sockets and QEMU has opened the RAM file (QMP
+        answering means it has): the mapping and the open connections stay valid, and nobody
+        else can open them any more. Safe to call twice.
+        """
+        for p in (self.ram_path, self.gdb_socket, self.qmp_socket):
+            _unlink(p)
+
+    def poll(self) -> int | None:
+        """QEMU's exit status, or None while it runs."""
+        return None if self._popen is None else self._popen.poll()
+
+    def last_words(self, lines: int = 20) -> str:
+        """The last ``lines`` lines QEMU wrote to stderr (for error messages)."""
+        try:
+            with open(self.stderr_log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                data = f.read()
+        except OSError:
+            return ""
+        text = data.decode("utf-8", errors="replace").splitlines()
+        return "\n".join(text[-lines:]) if lines > 0 else ""
+
+    def terminate(self, timeout: float = 5.0) -> None:
+        """SIGTERM QEMU (it shuts down cleanly), SIGKILL after ``timeout``; then `cleanup`."""
+        p = self._popen
+        if p is not None and p.poll() is None:
+            log.debug("terminating QEMU pid %d", p.pid)
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("QEMU pid %d ignored SIGTERM for %.1f s; killing it", p.pid, timeout)
+                p.kill()
+                p.wait()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Unmap guest RAM and remove the RAM file, sockets and workdir. Idempotent.
+
+        Does not stop QEMU (see `terminate`).
+        """
+        if self.memory is not None:
+            self.memory.close()
+        for name in ("ram_path", "gdb_socket", "qmp_socket"):
+            _unlink(getattr(self, name, None))
+        if getattr(self, "workdir", None) is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._finalizer is not None and self.poll() is not None:
+            self._finalizer.detach()
+
+    def __enter__(self) -> QemuProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def __repr__(self) -> str:
+        return f"<QemuProcess pid={getattr(self, 'pid', None)} accel={self.accel}>"
+
+
+__all__ = ["QemuConfig", "QemuProcess", "build_command_line"]
