@@ -23,7 +23,7 @@ from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.hv.base import DriverError, MachineGone
 from vmigdb.rsp import codec
-from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session, console_output
+from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session
 
 log = logging.getLogger("vmigdb.rsp")
 
@@ -157,6 +157,7 @@ class GdbConnection(asyncio.Protocol):
         self.transport: asyncio.Transport
         self.waiting_for_stop = False
         self.rejected = False
+        self.rejected_reply_sent = False
         self.peer = "?"
         self._queued: list[codec.Event] = []
 
@@ -203,12 +204,17 @@ class GdbConnection(asyncio.Protocol):
 
     def _on_event(self, event: codec.Event) -> None:
         if self.rejected:
-            if isinstance(event, codec.Packet):
+            if isinstance(event, codec.Packet) and not self.rejected_reply_sent:
+                # `E.text` is shown by GDB ("Remote failure reply: E.vmigdb: ..."); an `O` packet
+                # would be taken as part of the qSupported answer and only warned about.
                 holder = self.server.active.peer if self.server.active else "another client"
-                message = f"vmigdb: the session is held by GDB at {holder}; one client at a time\n"
-                for reply in [*console_output(message), b"E01"]:
-                    self._send(reply)
-                self.transport.close()
+                self.transport.write(b"+")
+                self._send(
+                    f"E.vmigdb: the session is held by GDB at {holder}; one client at a time".encode()
+                )
+                # Closing at once would reset the connection under the reply before GDB reads it.
+                self.rejected_reply_sent = True
+                asyncio.get_running_loop().call_later(1.0, self.transport.close)
             return
         if self.session is None:
             return
