@@ -74,6 +74,7 @@ def bind_listener(address: ListenAddress) -> socket.socket:
             sock.bind(address.path)
         finally:
             os.umask(old)
+        os.chmod(address.path, 0o600)
     else:
         family = socket.AF_INET6 if address.host and ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -93,6 +94,7 @@ class RspServer:
         self.finished: asyncio.Future[StopEvent | None] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._unix_path: str | None = None
 
     async def start(self, listener: socket.socket) -> None:
         """Serve on a socket made by `bind_listener` (bound early, so a taken port fails fast)."""
@@ -100,6 +102,7 @@ class RspServer:
         self.finished = self._loop.create_future()
         factory: Callable[[], GdbConnection] = lambda: GdbConnection(self)  # noqa: E731
         if listener.family == socket.AF_UNIX:
+            self._unix_path = listener.getsockname()
             self._server = await self._loop.create_unix_server(factory, sock=listener)
         else:
             self._server = await self._loop.create_server(factory, sock=listener)
@@ -113,6 +116,8 @@ class RspServer:
                 pass
         if self._server is not None:
             self._server.close()
+        if self._unix_path and os.path.exists(self._unix_path):
+            os.unlink(self._unix_path)
         if self.active is not None:
             self.active.transport.close()
 

@@ -1,0 +1,182 @@
+"""How vmigdb starts, fails and ends: clear errors, nothing left behind, no orphaned QEMU."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import ROOT, Vm, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def run_vmigdb(*args: str, env: dict | None = None, timeout: float = 60):
+    return subprocess.run(
+        [sys.executable, "-m", "vmigdb", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def qemu_of(vm: Vm) -> int:
+    kids = [p for p in children(vm.proc.pid) if "qemu" in Path(f"/proc/{p}/comm").read_text()]
+    assert len(kids) == 1, kids
+    return kids[0]
+
+
+def shm_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("vmigdb-")}
+
+
+def test_sigkill_of_vmigdb_takes_qemu_down_and_leaves_no_ram_file(tmp_path, guest_image) -> None:
+    before = shm_files()
+    vm = Vm(tmp_path, guest_image.kernel, guest_image.initrd)
+    qemu = qemu_of(vm)
+    vm.gdb(f"break *{vm.ksyms['__x64_sys_getpid']:#x}", "continue")  # a breakpoint is held
+    vm.proc.kill()
+    vm.proc.wait()
+    assert wait_gone(qemu), "QEMU outlived vmigdb"
+    assert shm_files() <= before
+
+
+def test_qemu_dying_ends_the_gdb_session_and_vmigdb_with_its_last_words(tmp_path, guest_image):
+    vm = Vm(tmp_path, guest_image.kernel, guest_image.initrd)
+    qemu = qemu_of(vm)
+    gdb = subprocess.Popen(
+        ["gdb", "-nx", "-batch", "-ex", f"target remote {vm.address}", "-ex", "continue"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(3)
+    os.kill(qemu, signal.SIGTERM)
+    out, _ = gdb.communicate(timeout=60)
+    assert re.search(r"exited (normally|with code)", out), out
+    assert vm.proc.wait(30) != 0
+    assert "QEMU exited" in vm.stderr()
+    assert "terminating on signal" in vm.stderr(), vm.stderr()  # QEMU's own words
+
+
+def test_gdb_kill_powers_the_guest_off_and_vmigdb_exits(tmp_path, guest_image) -> None:
+    vm = Vm(tmp_path, guest_image.kernel, guest_image.initrd)
+    qemu = qemu_of(vm)
+    out = vm.gdb("kill")
+    assert "[Inferior 1 (Remote target) killed]" in out, out
+    assert wait_gone(qemu)
+    assert vm.proc.wait(30) == 0
+
+
+def test_unix_socket_listener_is_owner_only(tmp_path, guest_image) -> None:
+    path = tmp_path / "vmigdb.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vmigdb",
+            "qemu",
+            "--kernel",
+            str(guest_image.kernel),
+            "--initrd",
+            str(guest_image.initrd),
+            "--listen",
+            f"unix:{path}",
+            "--serial",
+            str(tmp_path / "console.log"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert "listening on unix:" in proc.stdout.readline()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        out = subprocess.run(
+            ["gdb", "-nx", "-batch", "-ex", f"target remote {path}", "-ex", "info registers rip"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert re.search(r"^rip\s+0x", out, re.M), out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0
+    assert not path.exists()
+
+
+def test_port_taken_is_one_line_with_the_fix(guest_image) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        result = run_vmigdb(
+            "qemu", "--kernel", str(guest_image.kernel), "--listen", f"127.0.0.1:{port}"
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "already in use" in result.stderr and "--listen" in result.stderr
+
+
+def test_missing_kernel_and_missing_qemu_are_one_line_errors(tmp_path, guest_image) -> None:
+    result = run_vmigdb(
+        "qemu", "--kernel", str(tmp_path / "nope"), "--listen", f"127.0.0.1:{free_port()}"
+    )
+    assert result.returncode == 2
+    assert "nope" in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+
+    env = dict(os.environ, PATH=str(Path(sys.executable).parent))
+    result = run_vmigdb(
+        "qemu", "--kernel", str(guest_image.kernel), "--listen", f"127.0.0.1:{free_port()}", env=env
+    )
+    assert result.returncode == 2
+    assert "apt-get install qemu-system-x86" in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_non_loopback_listen_needs_allow_remote(guest_image) -> None:
+    result = run_vmigdb("qemu", "--kernel", str(guest_image.kernel), "--listen", "0.0.0.0:0")
+    assert result.returncode == 2
+    assert "--allow-remote" in result.stderr
