@@ -207,12 +207,6 @@ def test_kvm_remove_then_readd_within_the_limit() -> None:
     assert len(fake.bp_calls) == 4 and bps.sync() is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="breakpoints.py:60 counts only `desired` against the slot limit, but entries removed "
-    "lazily still occupy hypervisor slots until sync(): the new one is inserted as a 5th "
-    "debug register and KVM refuses it (DriverError -> E05) instead of reusing the freed slot",
-)
 def test_kvm_replace_one_of_four_before_resuming() -> None:
     """GDB at a stop: removes all four, the user deleted one and added another, GDB inserts."""
     fake, bps = table(kvm=True)

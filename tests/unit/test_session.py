@@ -1055,11 +1055,6 @@ def test_lost_step_is_stepped_again(m: Machine, change: str) -> None:
         pytest.param(
             "ebfe",
             id="jmp . (kernel half)",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="stepping.py:39 compares capstone's signed imm with the unsigned rip: "
-                "a jump to itself at a kernel address is stepped again",
-            ),
         ),
     ],
 )
@@ -1134,11 +1129,6 @@ def test_halt_of_a_stopped_machine_returns_the_last_stop(m: Machine) -> None:
     assert m.fake.interrupts == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py:153 sets `running = True` before driver.resume(); when the driver refuses, "
-    "the debugger believes the machine runs: every later resume fails with 'already running'",
-)
 def test_failed_resume_leaves_the_machine_stopped(m: Machine) -> None:
     m.fake.fail_resume = 1
     with pytest.raises(DriverError):
@@ -1170,21 +1160,11 @@ def test_stop_fd_from_a_pipe() -> None:
 # -- known bugs -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py:128: the b'qC' handler is a prefix match and answers qCRC:... with 'QC1'; "
-    "GDB's compare-sections then parses a CRC of 0xc1 instead of falling back to reading memory",
-)
 def test_qcrc_is_not_mistaken_for_qc(m: Machine) -> None:
     reply = m.one(b"qCRC:%x,10" % KERNEL_VA)
     assert reply == b"" or ERROR.fullmatch(reply) or re.fullmatch(rb"C[0-9a-f]+", reply)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session.py:87 `_hex` uses int(text, 16), which accepts a sign (and '0x', '_', "
-    "spaces): negative addresses/regnums reach the hypervisor driver instead of E16",
-)
 @pytest.mark.parametrize(
     ("phys", "payload"),
     [

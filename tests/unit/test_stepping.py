@@ -105,21 +105,11 @@ def test_jump_to_self_in_the_lower_half(code: bytes) -> None:
     assert may_stay_put(code, USER_RIP) is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stepping.py:39 compares capstone's signed op.imm with the unsigned rip, so a jump "
-    "to itself at an upper-half (kernel) address is never recognised",
-)
 @pytest.mark.parametrize("code", JUMPS_TO_SELF)
 def test_jump_to_self_in_the_kernel_half(code: bytes) -> None:
     assert may_stay_put(code, KERNEL_RIP) is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stepping.py:37: loop/loope/loopne carry only CS_GRP_BRANCH_RELATIVE in capstone 5, "
-    "not CS_GRP_JUMP, so a loop to itself is taken for an instruction that always moves",
-)
 @pytest.mark.parametrize("code", LOOP_TO_SELF)
 def test_loop_to_self_may_stay_put(code: bytes) -> None:
     assert may_stay_put(code, USER_RIP) is True

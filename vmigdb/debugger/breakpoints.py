@@ -56,9 +56,9 @@ class BreakpointTable:
         mechanism = self.mechanism(bp.type)
         if mechanism is None:
             raise UnsupportedBreakpoint(bp.type)
-        if mechanism.limit is not None:
-            used = sum(1 for b in self.desired.values() if self.mechanism(b.type) == mechanism)
-            if used >= mechanism.limit:
+        if mechanism.limit is not None and self._slots_used(mechanism, bp) > mechanism.limit:
+            self.sync()  # lazily removed breakpoints still hold slots: give them back first
+            if self._slots_used(mechanism, bp) > mechanism.limit:
                 raise BreakpointLimitError(
                     f"all {mechanism.limit} slots of {mechanism.key} are in use"
                 )
@@ -67,6 +67,12 @@ class BreakpointTable:
             self.installed[bp.key] = bp
             self.changes += 1
         self.desired[bp.key] = bp
+
+    def _slots_used(self, mechanism: Mechanism, new: Breakpoint) -> int:
+        """Slots of `mechanism` in use (held by the hypervisor or wanted by GDB) once `new` is in."""
+        keys = self.desired.keys() | self.installed.keys() | {new.key}
+        held = {**self.installed, **self.desired, new.key: new}
+        return sum(1 for key in keys if self.mechanism(held[key].type) == mechanism)
 
     def remove(self, bp: Breakpoint) -> None:
         """Idempotent, like GDB expects of z."""

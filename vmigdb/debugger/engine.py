@@ -150,8 +150,8 @@ class Debugger:
     def _run(self) -> None:
         self._regs.clear()
         self.translator.flush()
-        self.running = True
         self.driver.resume(self._actions)
+        self.running = True
 
     def interrupt(self) -> None:
         if self.running:

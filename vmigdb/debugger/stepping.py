@@ -34,9 +34,11 @@ def may_stay_put(code: bytes, rip: int) -> bool:
         return True
     if any(p in _REP_PREFIXES for p in insn.prefix):
         return True
-    if insn.group(capstone.CS_GRP_JUMP) or insn.group(capstone.CS_GRP_CALL):
+    branch = (capstone.CS_GRP_JUMP, capstone.CS_GRP_CALL, capstone.CS_GRP_BRANCH_RELATIVE)
+    if any(insn.group(g) for g in branch):  # loop/loope/loopne are only "branch_relative"
         for op in insn.operands:
-            if op.type == x86_const.X86_OP_IMM and op.imm == rip:
+            # capstone gives a signed immediate; a kernel address is negative that way
+            if op.type == x86_const.X86_OP_IMM and op.imm & 0xFFFF_FFFF_FFFF_FFFF == rip:
                 return True
             if op.type != x86_const.X86_OP_IMM:
                 return True  # an indirect target may be itself; do not second-guess it

@@ -23,9 +23,12 @@ class MonitorError(Exception):
 
 def _parse_addr(text: str) -> int:
     try:
-        return int(text, 0)
+        value = int(text, 0)
     except ValueError:
-        raise MonitorError(f"not an address: {text!r} (use 0x... or decimal)") from None
+        value = -1
+    if not 0 <= value < 1 << 64:
+        raise MonitorError(f"not an address: {text!r} (use 0x... or decimal)")
+    return value
 
 
 class Monitor:

@@ -12,6 +12,7 @@ below are turned into `Exx` in one place (`_error_reply`).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,13 +81,14 @@ class Outcome:
 # -- argument parsing helpers ---------------------------------------------------------------------
 
 
+_HEX_NUMBER = re.compile(rb"[0-9a-fA-F]{1,16}")
+
+
 def _hex(text: bytes) -> int:
-    if not text or len(text) > 16:
+    """A hex number as GDB writes it: digits only (int() would also take signs, 0x, _ and spaces)."""
+    if not _HEX_NUMBER.fullmatch(text):
         raise PacketError(f"bad number {text!r}")
-    try:
-        return int(text, 16)
-    except ValueError as exc:
-        raise PacketError(f"bad number {text!r}") from exc
+    return int(text, 16)
 
 
 def _addr_len(text: bytes) -> tuple[int, int]:
@@ -248,7 +250,9 @@ class Session:
             return ESRCH
         return codec.encode_hex(f"CPU#{cpu - 1}".encode())
 
-    def _q_current(self, _: bytes) -> bytes:
+    def _q_current(self, args: bytes) -> bytes:
+        if args:
+            return b""  # qCRC and friends: unsupported, so GDB falls back to reading memory
         return b"QC%x" % self.current_cpu()
 
     def _q_xfer_threads(self, args: bytes) -> bytes:

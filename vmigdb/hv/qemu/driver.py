@@ -128,10 +128,13 @@ def parse_stop(packet: bytes) -> DriverStop | None:
     watch = None
     for field in match.group(2).split(b";"):
         key, _, value = field.partition(b":")
-        if key == b"thread":
-            cpu = int(value.split(b".")[-1], 16)
-        elif key in _WATCH_KEYS:
-            watch = (_WATCH_KEYS[key], int(value, 16))
+        try:
+            if key == b"thread":
+                cpu = int(value.split(b".")[-1], 16)
+            elif key in _WATCH_KEYS:
+                watch = (_WATCH_KEYS[key], int(value, 16))
+        except ValueError:
+            log.warning("ignoring a malformed field in QEMU's stop reply: %r", field)
     return DriverStop(cpu=cpu, signal=signal, watch=watch)
 
 
