@@ -27,6 +27,7 @@ def vm(tmp_path_factory, guest_image):
         tmp_path_factory,
         guest_image,
         smp=2,
+        append="vmigdb.ksyms=jiffies",
         extra=("--", "-qmp", f"unix:{qmp_path},server=on,wait=off"),
     ):
         machine.qmp_path = qmp_path
@@ -109,6 +110,17 @@ def test_software_and_hardware_breakpoints_stop_where_the_guest_calls(vm: Vm) ->
         assert rips == [getpid, getpid], out
         assert out.count(f"reakpoint 1, {getpid:#018x}") == 2, out
     wait_ticker_advances(vm)
+
+
+def test_watchpoint_stops_after_the_write_with_old_and_new_values(vm: Vm) -> None:
+    jiffies = vm.ksyms["jiffies"]
+    out = vm.gdb(
+        f"watch *(long *){jiffies:#x}", "continue", "info registers rip", "delete", "detach"
+    )
+    match = re.search(r"Old value = (\d+)\s+New value = (\d+)", out)
+    assert match, out
+    assert int(match.group(2)) > int(match.group(1))
+    assert re.search(r"[Ww]atchpoint 1: \*\(long \*\)", out), out
 
 
 def test_stepi_advances_exactly_one_instruction(vm: Vm) -> None:

@@ -129,3 +129,29 @@ def test_jump_target_is_compared_with_rip() -> None:
 def test_only_the_first_instruction_counts() -> None:
     assert may_stay_put(bytes.fromhex("90ebfe"), USER_RIP) is False  # nop; jmp .
     assert may_stay_put(bytes.fromhex("f490"), USER_RIP) is True  # hlt; nop
+
+
+ASSEMBLED = [
+    ("rep movsb", True),
+    ("repne scasb", True),
+    ("hlt", True),
+    ("jmp {rip:#x}", True),
+    ("jne {rip:#x}", True),
+    ("loop {rip:#x}", True),
+    ("call {rip:#x}", True),
+    ("jmp qword ptr [rax]", True),
+    ("mov rbx, rax", False),
+    ("add rax, 1", False),
+    ("jmp {next:#x}", False),
+    ("syscall", False),
+]
+
+
+@pytest.mark.parametrize(("source", "stays"), ASSEMBLED)
+@pytest.mark.parametrize("rip", [USER_RIP, KERNEL_RIP])
+def test_assembled_with_keystone(source: str, stays: bool, rip: int) -> None:
+    """The same cases written as assembly (keystone) at a user and a kernel address."""
+    keystone = pytest.importorskip("keystone")
+    ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
+    encoding, _ = ks.asm(source.format(rip=rip, next=rip + 0x100), rip)
+    assert may_stay_put(bytes(encoding), rip) is stays
