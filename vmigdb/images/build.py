@@ -2,6 +2,7 @@
 
 Cache layout under the cache dir (default $XDG_CACHE_HOME/vmigdb, else ~/.cache/vmigdb):
     kernels/vmlinuz-<release>, kernels/config-<release>
+    kernels/btf-<release>.bin      the kernel's .BTF section (struct layouts), if it could be extracted
     busybox/busybox-<debian version>
     programs/<key>/<name>          unstripped static test programs (GDB symbol files)
     initrd/initrd-<key>.cpio.gz
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmigdb.images import busybox, debian, initramfs, kernel, programs
+from vmigdb.images import btf_extract, busybox, debian, initramfs, kernel, programs
 
 LOG = logging.getLogger("vmigdb.images")
 
@@ -30,6 +31,7 @@ class GuestImage:
     initrd: Path
     release: str
     programs: Path | None = None  # directory holding each test program as <name>, with debug info
+    btf: Path | None = None  # the kernel's raw BTF blob (kernels/btf-<release>.bin), None if absent
 
 
 def default_cache_dir() -> Path:
@@ -49,8 +51,11 @@ def build_guest(cache_dir: Path | None = None, *, log: logging.Logger = LOG) -> 
         debian.forget()
         debian.prefetch([kernel.METAPACKAGE, busybox.PACKAGE])
         vmlinuz, release = kernel.fetch_kernel(cache_dir, log)
+        btf = btf_extract.cached_btf(vmlinuz, release, log)
         busybox_path = busybox.fetch_busybox(cache_dir, log)
         programs_dir, programs_key = programs.build_programs(cache_dir, log=log)
         initrd = initramfs.build_initrd(cache_dir, busybox_path, programs_dir, programs_key, log)
     log.info("demo guest ready in %.1fs: kernel %s", time.monotonic() - start, release)
-    return GuestImage(kernel=vmlinuz, initrd=initrd, release=release, programs=programs_dir)
+    return GuestImage(
+        kernel=vmlinuz, initrd=initrd, release=release, programs=programs_dir, btf=btf
+    )
