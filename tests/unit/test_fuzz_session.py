@@ -38,7 +38,7 @@ from tests.unit.fakes import (
     initial_ram,
 )
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS
-from vmigdb.debugger.engine import Debugger
+from vmigdb.debugger.engine import Debugger, RangeStep
 from vmigdb.debugger.events import StopReason
 from vmigdb.hv.base import DriverStop
 from vmigdb.rsp import codec
@@ -141,7 +141,7 @@ def check_data_reply(kind: str, reply: bytes) -> None:
     elif kind == "qSupported":
         assert reply.startswith(b"PacketSize=")
     elif kind == "vCont?":
-        assert reply == b"vCont;c;C;s;S;t"
+        assert reply == b"vCont;c;C;s;S;t;r"
     elif kind == "stop":
         assert STOP.fullmatch(reply) or reply == b"S05" or re.fullmatch(rb"W[0-9a-f]{2}", reply)
     else:
@@ -196,7 +196,7 @@ class Harness:
         if isinstance(action, Resume):
             assert replies == []
             assert action.actions and set(action.actions) <= set(self.dbg.cpus())
-            assert set(action.actions.values()) <= {"c", "s"}
+            assert all(a in ("c", "s") or isinstance(a, RangeStep) for a in action.actions.values())
         elif isinstance(action, Detach | Kill):
             assert replies == [b"OK"]
             assert isinstance(action, Detach) == (kind == "detach")
@@ -245,12 +245,13 @@ class Harness:
             self.done = True
         return outcome
 
-    def _run(self, actions: dict[int, str]) -> None:
-        stepping = [cpu for cpu, act in sorted(actions.items()) if act == "s"]
+    def _run(self, actions: dict[int, object]) -> None:
+        stepping = [cpu for cpu, act in sorted(actions.items()) if act != "c"]  # s or a range
         if stepping:
             self.fake.queue_stop(DriverStop(cpu=stepping[0], signal=5))
         self.dbg.resume(actions)
-        assert self.fake.installed == set(self.dbg.breakpoints.desired)  # stale ones are gone
+        wanted = set(self.dbg.breakpoints.desired) | set(self.dbg.breakpoints.internal)
+        assert self.fake.installed == wanted  # stale ones are gone
         if not stepping:
             assert self.dbg.poll() is None  # running until GDB interrupts
             self.dbg.interrupt()

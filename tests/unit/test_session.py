@@ -165,7 +165,7 @@ REPLIES = [
     (b"qAttached", b"1"),
     (b"qAttached:1", b"1"),
     (b"qSymbol::", b"OK"),
-    (b"vCont?", b"vCont;c;C;s;S;t"),
+    (b"vCont?", b"vCont;c;C;s;S;t;r"),
     (b"qfThreadInfo", b"m1,2,3"),
     (b"qsThreadInfo", b"l"),
     (b"qC", b"QC1"),

@@ -10,9 +10,15 @@ followed by the same Z costs nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from vmigdb.hv.base import BreakpointType, Capabilities, Driver, Mechanism
+
+# A target-side condition: called with an evaluation context (registers, memory) of the vCPU that
+# hit; non-zero means stop. Raising means "cannot tell": the stop is reported and GDB decides.
+Condition = Callable[[Any], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +26,8 @@ class Breakpoint:
     type: BreakpointType
     addr: int
     kind: int  # GDB's kind: instruction length for breakpoints, byte count for watchpoints
+    # Target-side conditions (GDB's Z ...;X): the hit is reported if any is true, or if none is given.
+    conditions: tuple[Condition, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -40,6 +48,8 @@ class BreakpointTable:
         self._caps: Capabilities = driver.capabilities
         self.desired: dict[tuple[int, int, int], Breakpoint] = {}
         self.installed: dict[tuple[int, int, int], Breakpoint] = {}
+        # vmigdb's own temporary breakpoints (range-stepping exits), never shown to GDB
+        self.internal: dict[tuple[int, int, int], Breakpoint] = {}
         self.changes = 0  # hypervisor-side insertions and removals so far (the step quirk needs it)
 
     def mechanism(self, type: BreakpointType) -> Mechanism | None:
@@ -50,8 +60,9 @@ class BreakpointTable:
         return self._caps.watchpoint
 
     def add(self, bp: Breakpoint) -> None:
-        """Idempotent, like GDB expects of Z."""
+        """Idempotent, like GDB expects of Z; a Z again with other conditions replaces them."""
         if bp.key in self.desired:
+            self.desired[bp.key] = bp
             return
         mechanism = self.mechanism(bp.type)
         if mechanism is None:
@@ -62,16 +73,43 @@ class BreakpointTable:
                 raise BreakpointLimitError(
                     f"all {mechanism.limit} slots of {mechanism.key} are in use"
                 )
+        self._install(bp)
+        self.desired[bp.key] = bp
+
+    def _install(self, bp: Breakpoint) -> None:
         if bp.key not in self.installed:
             self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind)
             self.installed[bp.key] = bp
             self.changes += 1
-        self.desired[bp.key] = bp
+
+    def add_internal(self, addr: int) -> None:
+        """A temporary execution breakpoint of vmigdb's own (raises like `add` when out of slots)."""
+        bp = Breakpoint(BreakpointType.SOFTWARE, addr, 1)
+        if bp.key in self.internal:
+            return
+        mechanism = self.mechanism(bp.type)
+        if mechanism is None:
+            raise UnsupportedBreakpoint(bp.type)
+        if mechanism.limit is not None and self._slots_used(mechanism, bp) > mechanism.limit:
+            raise BreakpointLimitError(f"all {mechanism.limit} slots of {mechanism.key} are in use")
+        self._install(bp)
+        self.internal[bp.key] = bp
+
+    def release_internal(self) -> None:
+        """Forget vmigdb's temporary breakpoints; the hypervisor drops them at the next sync."""
+        self.internal.clear()
+
+    def internal_at(self, addr: int) -> bool:
+        return (int(BreakpointType.SOFTWARE), addr, 1) in self.internal
+
+    def installed_at(self, addr: int) -> bool:
+        """Does the hypervisor hold an execution breakpoint at `addr` (GDB's or ours)?"""
+        return any(bp.addr == addr and not bp.type.is_watchpoint for bp in self.installed.values())
 
     def _slots_used(self, mechanism: Mechanism, new: Breakpoint) -> int:
         """Slots of `mechanism` in use (held by the hypervisor or wanted by GDB) once `new` is in."""
-        keys = self.desired.keys() | self.installed.keys() | {new.key}
-        held = {**self.installed, **self.desired, new.key: new}
+        keys = self.desired.keys() | self.installed.keys() | self.internal.keys() | {new.key}
+        held = {**self.installed, **self.internal, **self.desired, new.key: new}
         return sum(1 for key in keys if self.mechanism(held[key].type) == mechanism)
 
     def remove(self, bp: Breakpoint) -> None:
@@ -87,7 +125,7 @@ class BreakpointTable:
 
     def sync(self) -> bool:
         """Remove from the hypervisor what GDB no longer wants. Returns True if anything changed."""
-        stale = [key for key in self.installed if key not in self.desired]
+        stale = [k for k in self.installed if k not in self.desired and k not in self.internal]
         for key in stale:
             bp = self.installed.pop(key)
             self._driver.remove_breakpoint(bp.type, bp.addr, bp.kind)

@@ -15,6 +15,7 @@ Theory of operation:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from vmigdb.arch.x86_64.paging import (
     Fault,
@@ -25,8 +26,9 @@ from vmigdb.arch.x86_64.paging import (
     paging_mode,
 )
 from vmigdb.arch.x86_64.registers import RegisterFile
-from vmigdb.debugger.breakpoints import Breakpoint, BreakpointTable
+from vmigdb.debugger.breakpoints import Breakpoint, BreakpointLimitError, BreakpointTable
 from vmigdb.debugger.events import SIGINT, SIGTRAP, StopEvent, StopReason
+from vmigdb.debugger.range_step import RangePlan, plan_range
 from vmigdb.debugger.stepping import may_stay_put
 from vmigdb.hv.base import BreakpointType, Driver, DriverError, DriverStop
 
@@ -54,9 +56,11 @@ class Debugger:
         self.last_stop: StopEvent | None = None
         self._cpus = driver.cpus()
         self._regs: dict[int, RegisterFile] = {}
-        self._actions: dict[int, str] = {}
+        self._request: dict[int, Action] = {}  # what GDB asked for at the last resume
+        self._driving: dict[int, str] = {}  # what the driver was last asked to do
+        self._range: ActiveRange | None = None
         self._rips_at_resume: dict[int, int] = {}
-        self._changes_at_stop = 0
+        self._changes_seen = 0
         self._bp_changed_before_resume = False
         self._lost_step_retries = 0
 
@@ -134,23 +138,34 @@ class Debugger:
 
     # -- run control ------------------------------------------------------------------------------
 
-    def resume(self, actions: dict[int, str]) -> None:
-        """Run: `actions` maps vCPU to 'c' or 's'; vCPUs not named stay stopped."""
+    def resume(self, actions: dict[int, Action]) -> None:
+        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped."""
         if self.running:
             raise DriverError("the machine is already running")
+        self._range = None
+        for cpu, action in actions.items():
+            if isinstance(action, RangeStep):
+                self._range = self._start_range(cpu, action)
         self.breakpoints.sync()
-        self._bp_changed_before_resume = self.breakpoints.changes != self._changes_at_stop
-        self._actions = dict(actions)
-        self._rips_at_resume = {
-            cpu: self.registers(cpu)["rip"] for cpu, act in actions.items() if act == "s"
-        }
-        self._lost_step_retries = 0
+        self._request = dict(actions)
+        self._drive({cpu: "c" if act == "c" else "s" for cpu, act in actions.items()})
+
+    def _drive(self, actions: dict[int, str], *, retry: bool = False) -> None:
+        """Ask the driver to run; remembers what was asked, for the step checks at the stop."""
+        if not retry:
+            self._bp_changed_before_resume = self.breakpoints.changes != self._changes_seen
+            self._changes_seen = self.breakpoints.changes
+            self._lost_step_retries = 0
+            self._rips_at_resume = {
+                cpu: self.registers(cpu)["rip"] for cpu, act in actions.items() if act == "s"
+            }
+        self._driving = dict(actions)
         self._run()
 
     def _run(self) -> None:
         self._regs.clear()
         self.translator.flush()
-        self.driver.resume(self._actions)
+        self.driver.resume(self._driving)
         self.running = True
 
     def interrupt(self) -> None:
@@ -182,37 +197,115 @@ class Debugger:
     # -- stops ------------------------------------------------------------------------------------
 
     def _handle(self, stop: DriverStop) -> StopEvent | None:
+        """Interpret one hypervisor stop: report it to GDB, or go on by ourselves (None)."""
         self.running = False
         self._regs.clear()
         self.translator.flush()
         if stop.exited is not None:
-            event = StopEvent(StopReason.EXITED, None, signal=stop.signal, exit_code=stop.exited)
-            self.last_stop = event
-            return event
+            return self._report(StopEvent(StopReason.EXITED, None, stop.signal, None, stop.exited))
         cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
         regs = self.registers(cpu)
-        rip = regs["rip"]
         if stop.watch is not None:
-            reason = StopReason.WATCH
-        elif stop.signal == SIGINT:
-            reason = StopReason.INTERRUPT
-        elif self._actions.get(cpu) == "s":
-            if self._lost_step(cpu, rip):
+            return self._report(StopEvent(StopReason.WATCH, cpu, SIGTRAP, stop.watch, None, regs))
+        if stop.signal == SIGINT:
+            return self._report(StopEvent(StopReason.INTERRUPT, cpu, SIGINT, None, None, regs))
+        if self._driving.get(cpu) == "s" and stop.signal == SIGTRAP:
+            if self._lost_step(cpu, regs["rip"]):
                 return None
-            reason = StopReason.STEP
+            if self._request.get(cpu) == "s":
+                return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
+            return self._after_own_step(cpu, regs)
+        return self._on_trap(cpu, regs, stop.signal or SIGTRAP)
+
+    def _after_own_step(self, cpu: int, regs: RegisterFile) -> StopEvent | None:
+        """A step vmigdb took by itself (range stepping, or stepping off a filtered hit)."""
+        rip = regs["rip"]
+        rng = self._range if self._range is not None and self._range.cpu == cpu else None
+        if rng is not None and not rng.contains(rip):
+            return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
+        if self.breakpoints.at(rip):  # execution reached a GDB breakpoint
+            event = self._breakpoint_hit(cpu, regs)
+            if event is not None:
+                return event
+        if rng is not None and (rng.plan is None or rip in rng.plan.step_points):
+            self._drive(self._with(cpu, "s"))
+        elif self.breakpoints.installed_at(rip):
+            self._drive({cpu: "s"})  # continuing from a breakpoint would hit it again at once
         else:
-            types = {bp.type for bp in self.breakpoints.at(rip)}
-            if BreakpointType.SOFTWARE in types:
-                reason = StopReason.SW_BREAK
-            elif BreakpointType.HARDWARE in types:
-                reason = StopReason.HW_BREAK
-            else:
-                reason = StopReason.SIGNAL
-        signal = SIGINT if reason is StopReason.INTERRUPT else (stop.signal or SIGTRAP)
-        event = StopEvent(reason, cpu, signal=signal, watch=stop.watch, registers=regs)
-        self._changes_at_stop = self.breakpoints.changes
+            self._drive(self._with(cpu, "c"))
+        return None
+
+    def _on_trap(self, cpu: int, regs: RegisterFile, signal: int) -> StopEvent | None:
+        """A vCPU that was running stopped on a trap: a breakpoint, ours, or unexplained."""
+        rip = regs["rip"]
+        rng = self._range
+        if self.breakpoints.at(rip):
+            event = self._breakpoint_hit(cpu, regs)
+            if event is not None:
+                return event
+        elif self.breakpoints.internal_at(rip) and rng is not None and rng.owns(cpu, regs):
+            if not rng.contains(rip):
+                return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
+            self._drive(self._with(cpu, "s"))  # an instruction whose destination only a step tells
+            return None
+        elif not self.breakpoints.internal_at(rip):
+            return self._report(StopEvent(StopReason.SIGNAL, cpu, signal, None, None, regs))
+        self._drive({cpu: "s"})  # not for GDB: step off it, then go on as GDB asked
+        return None
+
+    def _with(self, cpu: int, action: str) -> dict[int, str]:
+        """GDB's requested actions as driver actions, with `cpu` doing `action`."""
+        actions = {c: "s" if a == "s" else "c" for c, a in self._request.items()}
+        actions[cpu] = action
+        return actions
+
+    def _breakpoint_hit(self, cpu: int, regs: RegisterFile) -> StopEvent | None:
+        """GDB breakpoints at rip: report unless every one has conditions and all are false."""
+        hits = self.breakpoints.at(regs["rip"])
+        if not any(self._condition_holds(bp, cpu, regs) for bp in hits):
+            return None
+        software = any(bp.type == BreakpointType.SOFTWARE for bp in hits)
+        reason = StopReason.SW_BREAK if software else StopReason.HW_BREAK
+        return self._report(StopEvent(reason, cpu, SIGTRAP, None, None, regs))
+
+    def _condition_holds(self, bp: Breakpoint, cpu: int, regs: RegisterFile) -> bool:
+        if not bp.conditions:
+            return True
+        context = ConditionContext(self, cpu, regs)
+        for condition in bp.conditions:
+            try:
+                if condition(context):
+                    return True
+            except Exception as exc:  # noqa: BLE001 - cannot tell: report, GDB evaluates it again
+                log.info("condition at %#x could not be evaluated (%s); stopping", bp.addr, exc)
+                return True
+        return False
+
+    def _report(self, event: StopEvent) -> StopEvent:
+        if self._range is not None:
+            self.breakpoints.release_internal()
+            self._range = None
+        self._request = {}
         self.last_stop = event
         return event
+
+    # -- range stepping ---------------------------------------------------------------------------
+
+    def _start_range(self, cpu: int, step: RangeStep) -> ActiveRange:
+        """Plan a range step and place its exit breakpoints; without a plan, every step is taken."""
+        regs = self.registers(cpu)
+        plan = None
+        try:
+            code = self.read_memory(cpu, step.start, step.end - step.start)
+            plan = plan_range(code, step.start, step.end)
+            if plan is not None:
+                for address in plan.exits | plan.step_points:
+                    self.breakpoints.add_internal(address)
+        except (MemoryFault, BreakpointLimitError, DriverError) as exc:
+            log.info("range %#x-%#x: stepping each instruction (%s)", step.start, step.end, exc)
+            self.breakpoints.release_internal()
+            plan = None
+        return ActiveRange(cpu, step.start, step.end, plan, cr3_base(regs["cr3"]))
 
     def _lost_step(self, cpu: int, rip: int) -> bool:
         """QEMU reported a step that did not move right after a breakpoint change: step again."""
@@ -230,5 +323,54 @@ class Debugger:
             return False
         self._lost_step_retries += 1
         log.info("QEMU lost a single-step at %#x on CPU#%d; stepping again", rip, cpu - 1)
-        self._run()
+        self._drive(self._driving, retry=True)
         return True
+
+
+def cr3_base(cr3: int) -> int:
+    """The page-table base in CR3, without PCID bits and the PTI user/kernel bit (bit 12)."""
+    return cr3 & 0x000F_FFFF_FFFF_E000
+
+
+@dataclass(frozen=True, slots=True)
+class RangeStep:
+    """GDB's vCont;rSTART,END: keep stepping while START <= rip < END."""
+
+    start: int
+    end: int
+
+
+Action = str | RangeStep  # 'c', 's' or a range step
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRange:
+    cpu: int
+    start: int
+    end: int
+    plan: RangePlan | None  # None: no plan, every instruction is stepped
+    cr3: int  # exit breakpoints count only in this address space
+
+    def contains(self, address: int) -> bool:
+        return self.start <= address < self.end
+
+    def owns(self, cpu: int, regs: RegisterFile) -> bool:
+        return cpu == self.cpu and cr3_base(regs["cr3"]) == self.cr3
+
+
+class ConditionContext:
+    """What a target-side condition may read: the hitting vCPU's registers and memory."""
+
+    def __init__(self, debugger: Debugger, cpu: int, regs: RegisterFile) -> None:
+        self._debugger = debugger
+        self._cpu = cpu
+        self._regs = regs
+
+    def register(self, regnum: int) -> int:
+        return int.from_bytes(self._regs.raw(regnum), "little")
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        data = self._debugger.read_memory(self._cpu, address, size)
+        if len(data) != size:
+            raise MemoryFault(address + len(data), "not mapped")
+        return data

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
 from vmigdb.debugger.breakpoints import BreakpointLimitError, UnsupportedBreakpoint
-from vmigdb.debugger.engine import Debugger, MemoryFault
+from vmigdb.debugger.engine import Action as RunAction
+from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.rsp import codec
@@ -56,7 +57,7 @@ class PacketError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    actions: dict[int, str]  # vCPU -> 'c' | 's'
+    actions: dict[int, RunAction]  # vCPU -> 'c' | 's' | RangeStep
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,7 @@ class Session:
             (b"qAttached", lambda _: b"1"),
             (b"qSymbol:", lambda _: b"OK"),
             (b"qRcmd,", self._q_rcmd),
-            (b"vCont?", lambda _: b"vCont;c;C;s;S;t"),
+            (b"vCont?", lambda _: b"vCont;c;C;s;S;t;r"),
             (b"vCont;", self._v_cont),
             (b"vKill", self._kill),
             (b"vMustReplyEmpty", lambda _: b""),
@@ -396,33 +397,46 @@ class Session:
 
     def _v_cont(self, args: bytes) -> Outcome:
         cpus = self.debugger.cpus()
-        actions: dict[int, str] = {}
-        default: str | None = None
+        actions: dict[int, RunAction] = {}
+        default: RunAction | None = None
         for item in args.split(b";"):
             verb, _, tid = item.partition(b":")
-            if not verb or verb[:1] not in b"cCsSt":
-                raise PacketError(f"unsupported vCont action {item!r}")
-            action = verb[:1].lower().decode()
-            if verb[:1] in b"CS":
-                _hex(verb[1:])  # a signal number: meaningless for a whole VM, checked and ignored
-            elif len(verb) != 1:
-                raise PacketError(f"vCont action {verb!r} takes no argument")
+            action = self._v_cont_action(verb)
             if tid:
                 cpu = _thread_id(tid)
-                targets = cpus if cpu == -1 else [cpu]
                 if cpu != -1 and cpu not in cpus:
                     raise PacketError(f"no thread {cpu}")
-                for target in targets:
+                for target in cpus if cpu == -1 else [cpu]:
                     actions.setdefault(target, action)  # the leftmost action applies
             elif default is None:
                 default = action
+        if (
+            isinstance(default, RangeStep)
+            or sum(isinstance(a, RangeStep) for a in actions.values()) > 1
+        ):
+            raise PacketError("a range step is for one thread, named")
         if default is not None:
             for cpu in cpus:
                 actions.setdefault(cpu, default)
-        runnable = {cpu: act for cpu, act in actions.items() if act in ("c", "s")}
+        runnable = {cpu: act for cpu, act in actions.items() if act != "t"}
         if not runnable:
             raise PacketError("vCont with nothing to run")
         return Outcome(action=Resume(runnable))
+
+    @staticmethod
+    def _v_cont_action(verb: bytes) -> RunAction:
+        """c, s, t, CSIG, SSIG (a signal means nothing to a whole VM: checked, ignored), rSTART,END."""
+        if verb in (b"c", b"s", b"t"):
+            return verb.decode()
+        if verb[:1] in (b"C", b"S") and len(verb) > 1:
+            _hex(verb[1:])
+            return verb[:1].lower().decode()
+        if verb[:1] == b"r":
+            start, end = _addr_len(verb[1:])
+            if end <= start:
+                raise PacketError("empty range")
+            return RangeStep(start, end)
+        raise PacketError(f"unsupported vCont action {verb!r}")
 
     def _resume_thread(self) -> int:
         return self._c_thread if self._c_thread > 0 else self.current_cpu()
