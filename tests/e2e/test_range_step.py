@@ -1,0 +1,51 @@
+"""`next` over a source line that loops 100,000 times: GDB range-steps (vCont;r), vmigdb runs the loop
+at full speed behind exit breakpoints, and GDB lands on the next line with the loop's effect in memory.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.e2e.conftest import Vm, boot
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory, guest_image):
+    yield from boot(tmp_path_factory, guest_image, smp=2, append="vmigdb.programs=ticker,loop")
+
+
+def test_next_over_a_long_loop_is_one_range_step(vm: Vm, guest_image) -> None:
+    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)")
+    line = int(started.group(3))
+    binary = guest_image.programs / "loop"
+    out = vm.gdb(
+        f"add-symbol-file {binary}",
+        f"break loop.c:{line}",
+        "continue",
+        "delete",
+        "info line *$pc",
+        "print vmigdb_loop_sink",
+        "print vmigdb_loop_count",
+        "set debug remote 1",
+        "next",
+        "set debug remote 0",
+        "info line *$pc",
+        "print vmigdb_loop_sink",
+        "detach",
+        timeout=300,
+    )
+    assert re.search(rf"Breakpoint 1, vmigdb_loop_sum \(\) at .*loop\.c:{line}", out), out[-3000:]
+    lines = [int(n) for n in re.findall(r'Line (\d+) of "[^"]*loop\.c"', out)]
+    assert lines[0] == line and lines[-1] > line, out[-3000:]
+    before, count, after = (int(v) for v in re.findall(r"^\$\d+ = (-?\d+)", out, re.M))
+    assert count == 100000
+    assert after - before == count * (count - 1) // 2, out[-3000:]  # the whole loop ran
+    range_steps = len(re.findall(r"Sending packet: \$vCont;r", out))
+    single_steps = len(re.findall(r"Sending packet: \$vCont;s", out))
+    assert range_steps >= 1, out[-3000:]
+    # One instruction at a time would be ~400,000 steps; a range step leaves only a few.
+    assert single_steps < 50, single_steps
