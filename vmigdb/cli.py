@@ -160,7 +160,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         debugger = Debugger(machine.driver)
         debugger.resume({cpu: "c" for cpu in debugger.cpus()})  # the guest boots running
-        server = RspServer(debugger)
+        server = RspServer(debugger, local=address.is_loopback())
         await server.start(listener)
         if show_console:
             log.info("guest console (also in %s):", machine.process.console_log)

@@ -211,3 +211,17 @@ def test_gdb_killed_mid_session_leaves_guest_running_and_server_ready(vm: Vm) ->
     wait_ticker_advances(vm)
     out = vm.gdb("monitor info", "detach")
     assert "breakpoints: 0 requested, 0 held by the hypervisor" in out, out
+
+
+def test_dump_memory_writes_guest_memory_on_the_host_at_ram_speed(vm: Vm, tmp_path) -> None:
+    text = vm.ksyms["_stext"]
+    ours, gdbs = tmp_path / "monitor.bin", tmp_path / "gdb.bin"
+    out = vm.gdb(
+        f"monitor dump-memory {ours} {text:#x} 0x200000",
+        f"dump binary memory {gdbs} {text:#x} {text + 0x200000:#x}",
+        "monitor dump-memory /nonexistent-dir/x.bin 0 16",
+        "detach",
+    )
+    assert re.search(rf"wrote 2097152 bytes from {text:#x} to {ours} in [\d.]+ s", out), out
+    assert "cannot write /nonexistent-dir/x.bin" in out, out
+    assert ours.read_bytes() == gdbs.read_bytes()

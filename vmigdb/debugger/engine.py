@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from vmigdb.arch.x86_64.paging import (
     Fault,
@@ -24,6 +25,7 @@ from vmigdb.arch.x86_64.paging import (
     Translation,
     Translator,
     paging_mode,
+    translate_range,
 )
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointLimitError, BreakpointTable
@@ -110,6 +112,35 @@ class Debugger:
             except PhysicalMemoryError:
                 break
         return bytes(out)
+
+    def dump_memory(self, cpu: int, addr: int, length: int, out: BinaryIO) -> int:
+        """Write [addr, addr+length) to `out`, unmapped bytes as zeros; returns how many were unmapped.
+
+        Virtual (or physical with `phys on`) chunks are translated once per contiguous run and
+        copied straight from guest RAM: no packet, no hex.
+        """
+        if self.physical_addresses:
+            chunks = [(addr, addr, length)]
+        else:
+            cr3, mode = self._space(cpu)
+            chunks = translate_range(self.driver.read_physical, cr3, addr, length, mode)
+        unmapped = 0
+        for _va, pa, size in chunks:
+            if pa is not None:
+                done = 0
+                while done < size:
+                    step = min(size - done, 1 << 24)
+                    try:
+                        out.write(self.driver.read_physical(pa + done, step))
+                    except PhysicalMemoryError:
+                        data = self._read_physical_partial(pa + done, step)
+                        out.write(data + bytes(step - len(data)))
+                        unmapped += step - len(data)
+                    done += step
+            else:
+                out.write(bytes(size))
+                unmapped += size
+        return unmapped
 
     def write_memory(self, cpu: int, addr: int, data: bytes) -> None:
         """Write through the hypervisor, page by page; all or nothing per page."""

@@ -88,8 +88,9 @@ def bind_listener(address: ListenAddress) -> socket.socket:
 class RspServer:
     """Serves one Debugger to GDB clients, one at a time."""
 
-    def __init__(self, debugger: Debugger) -> None:
+    def __init__(self, debugger: Debugger, *, local: bool = True) -> None:
         self.debugger = debugger
+        self.local = local  # serving loopback or a unix socket only: host-file commands allowed
         self.active: GdbConnection | None = None
         self.finished: asyncio.Future[StopEvent | None] | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -188,7 +189,7 @@ class GdbConnection(asyncio.Protocol):
             log.error("could not stop the machine for %s: %s", self.peer, exc)
             transport.close()
             return
-        self.session = Session(self.debugger)
+        self.session = Session(self.debugger, host_files=self.server.local)
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)

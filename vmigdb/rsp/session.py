@@ -113,13 +113,13 @@ def _thread_id(text: bytes) -> int:
 class Session:
     """Protocol state for one client. See the module docstring."""
 
-    def __init__(self, debugger: Debugger, *, notice: Callable[[], str] | None = None) -> None:
+    def __init__(self, debugger: Debugger, *, host_files: bool = True) -> None:
         self.debugger = debugger
         self.no_ack = False
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
-        self._monitor = Monitor(debugger, self)
+        self._monitor = Monitor(debugger, self, host_files=host_files)
         self._handlers: list[tuple[bytes, Callable[[bytes], Outcome | list[bytes] | bytes]]] = [
             (b"qSupported", self._q_supported),
             (b"QStartNoAckMode", self._start_no_ack),
@@ -155,7 +155,6 @@ class Session:
             (b"D", self._detach),
             (b"k", self._kill),
         ]
-        self._notice = notice
 
     # -- entry points -----------------------------------------------------------------------------
 
