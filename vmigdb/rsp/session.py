@@ -155,12 +155,16 @@ class Session:
             (b"D", self._detach),
             (b"k", self._kill),
         ]
+        # Only the handlers that can match are tried: the per-packet path stays short.
+        self._by_first_byte: dict[bytes, list[tuple[bytes, Callable]]] = {}
+        for prefix, handler in self._handlers:
+            self._by_first_byte.setdefault(prefix[:1], []).append((prefix, handler))
 
     # -- entry points -----------------------------------------------------------------------------
 
     def handle(self, payload: bytes) -> Outcome:
         """Answer one packet."""
-        for prefix, handler in self._handlers:
+        for prefix, handler in self._by_first_byte.get(payload[:1], ()):
             if payload.startswith(prefix):
                 try:
                     result = handler(payload[len(prefix) :])
