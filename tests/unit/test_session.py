@@ -227,9 +227,10 @@ REPLIES = [
     (b"Z0,1000,0", b"E16"),
     (b"Z0,1000,11", b"E16"),
     (b"Z0,zz,1", b"E16"),
-    (b"Z0,1000,1;X3,220102", b"E16"),  # conditions are not advertised
+    (b"Z0,1000,1;X3,220102", b"E16"),  # condition bytecode that underflows and has no end
+    (b"Z0,1000,1;X3,220527", b"OK"),  # const8 5; end
     (b"Z0,1000,1;cmds:0,X3,220102", b"E16"),
-    (b"z0,1000,1;X3,220102", b"E16"),
+    (b"z0,1000,1;X3,220527", b"E16"),  # z takes no conditions
     (b"z9,1000,1", b"E16"),
     (b"qXfer:features:read:target.xml", b"E16"),
     (b"qXfer:features:read:target.xml:zz,10", b"E16"),
@@ -303,11 +304,11 @@ def test_qsupported(m: Machine, payload: bytes) -> None:
         "swbreak",
         "hwbreak",
         "vContSupported",
+        "ConditionalBreakpoints",
     ):
         assert features.get(name) == "+", name
     for name in (
         "multiprocess",
-        "ConditionalBreakpoints",
         "BreakpointCommands",
         "ConditionalTracepoints",
         "QNonStop",

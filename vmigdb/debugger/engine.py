@@ -28,7 +28,12 @@ from vmigdb.arch.x86_64.paging import (
     translate_range,
 )
 from vmigdb.arch.x86_64.registers import RegisterFile
-from vmigdb.debugger.breakpoints import Breakpoint, BreakpointLimitError, BreakpointTable
+from vmigdb.debugger.breakpoints import (
+    Breakpoint,
+    BreakpointLimitError,
+    BreakpointTable,
+    Condition,
+)
 from vmigdb.debugger.events import SIGINT, SIGTRAP, StopEvent, StopReason
 from vmigdb.debugger.range_step import RangePlan, plan_range
 from vmigdb.debugger.stepping import may_stay_put
@@ -161,8 +166,11 @@ class Debugger:
 
     # -- breakpoints ------------------------------------------------------------------------------
 
-    def add_breakpoint(self, type: BreakpointType, addr: int, kind: int) -> None:
-        self.breakpoints.add(Breakpoint(type, addr, kind))
+    def add_breakpoint(
+        self, type: BreakpointType, addr: int, kind: int, conditions: tuple[Condition, ...] = ()
+    ) -> None:
+        """`conditions`: target-side conditions; a hit is reported when any is non-zero."""
+        self.breakpoints.add(Breakpoint(type, addr, kind, conditions))
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, kind: int) -> None:
         self.breakpoints.remove(Breakpoint(type, addr, kind))

@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
 from vmigdb.debugger.breakpoints import BreakpointLimitError, UnsupportedBreakpoint
@@ -23,6 +24,7 @@ from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.rsp import codec
+from vmigdb.rsp.agent import AgentError, evaluate, parse_conditions
 from vmigdb.rsp.monitor import Monitor, MonitorError
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 
@@ -279,6 +281,7 @@ class Session:
             b"swbreak+",
             b"hwbreak+",
             b"vContSupported+",
+            b"ConditionalBreakpoints+",
         ]
         return b";".join(features)
 
@@ -375,25 +378,39 @@ class Session:
 
     # -- breakpoints ------------------------------------------------------------------------------
 
-    def _z_args(self, args: bytes) -> tuple[BreakpointType, int, int]:
-        head, _, rest = args.partition(b";")
-        if rest:
-            # Conditions and commands (;X / ;cmds) are not advertised, so GDB never sends them.
-            raise PacketError("breakpoint conditions are not supported")
+    def _z_args(self, args: bytes) -> tuple[BreakpointType, int, int, tuple]:
+        """Z/z arguments; Z0/Z1 may carry target-side conditions (;X...), evaluated by vmigdb."""
+        head, sep_cond, rest = args.partition(b";")
         kind, sep, span = head.partition(b",")
         if not sep or len(kind) != 1 or kind not in b"01234":
             raise PacketError(f"bad breakpoint type {kind!r}")
         addr, length = _addr_len(span)
         if addr >= 1 << 64 or not 0 < length <= 16:
             raise PacketError("bad breakpoint address or kind")
-        return BreakpointType(int(kind)), addr, length
+        type = BreakpointType(int(kind))
+        conditions: tuple = ()
+        if sep_cond:
+            if type.is_watchpoint:
+                raise PacketError("conditions are for breakpoints")
+            exprs = parse_conditions(rest)
+            for expr in exprs:
+                try:
+                    expr.validate()
+                except AgentError as exc:
+                    raise PacketError(f"bad condition bytecode: {exc}") from None
+            conditions = tuple(partial(evaluate, expr) for expr in exprs)
+        return type, addr, length, conditions
 
     def _insert_breakpoint(self, args: bytes) -> bytes:
-        self.debugger.add_breakpoint(*self._z_args(args))
+        type, addr, length, conditions = self._z_args(args)
+        self.debugger.add_breakpoint(type, addr, length, conditions)
         return b"OK"
 
     def _remove_breakpoint(self, args: bytes) -> bytes:
-        self.debugger.remove_breakpoint(*self._z_args(args))
+        type, addr, length, conditions = self._z_args(args)
+        if conditions:
+            raise PacketError("z takes no conditions")
+        self.debugger.remove_breakpoint(type, addr, length)
         return b"OK"
 
     # -- run control ------------------------------------------------------------------------------
