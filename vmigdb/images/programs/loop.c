@@ -7,8 +7,8 @@
  * argument "park" it then waits, calling vmigdb_loop_parked() every 100 ms, until a debugger sets
  * vmigdb_loop_go to 1 (prints "loop pid=N parked" first, "loop pid=N unparked" after), so that a
  * guest started with it stays quiet until the debugger wants the load. Then forever:
- *   - calls vmigdb_loop_target(i) for i = 0, 1, 2, ... CALLS_PER_ROUND-1 (about a second of TCG
- *     time), so `break vmigdb_loop_target if $rdi == N` stops at the Nth call of a round;
+ *   - calls vmigdb_loop_target(i) for i = 0, 1, ... CALLS_PER_ROUND-1 (well under a second of
+ *     TCG time), so `break vmigdb_loop_target if $rdi == N` stops at the Nth call of a round;
  *   - calls vmigdb_loop_sum() once: one source line that loops vmigdb_loop_count (100,000) times;
  *   - prints "loop pid=N round=R sum=S", naps 10 ms.
  * A debugger may lower vmigdb_loop_count (read once per call) to make a stepped `next` shorter.
@@ -24,7 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define CALLS_PER_ROUND 20000000L
+#define CALLS_PER_ROUND 4000000L
 #define SUM_ITERATIONS 100000L
 #define LOOP_LINE 46 /* the line of the one-line loop below (checked at compile time) */
 
