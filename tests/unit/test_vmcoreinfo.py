@@ -157,6 +157,17 @@ def test_find_vmcoreinfo_text_skips_format_strings_and_straddles_chunks() -> Non
     assert not found[0][1].endswith(b"\0")
 
 
+def test_find_vmcoreinfo_text_scans_from_both_ends_inwards() -> None:
+    g = FakeGuest()
+    low, middle, high = 0x10_0000, 30 << 20, RAM_SIZE - 0x2000
+    for pa in (low, middle, high):
+        g.put(pa, note())
+    assert [pa for pa, _ in find_vmcoreinfo_text(g.read_phys, g.ranges())] == [low, high, middle]
+    # Across two ranges too: the top of the second range comes second.
+    top = [(0, 16 << 20), (48 << 20, RAM_SIZE)]
+    assert [pa for pa, _ in find_vmcoreinfo_text(g.read_phys, top)] == [low, high]
+
+
 def test_find_vmcoreinfo_text_survives_unreadable_ranges(guest: FakeGuest) -> None:
     ranges = [(1 << 40, (1 << 40) + (4 << 20)), *guest.ranges()]
     assert [pa for pa, _ in find_vmcoreinfo_text(guest.read_phys, ranges)] == [NOTE_PA]

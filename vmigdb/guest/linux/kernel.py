@@ -452,7 +452,7 @@ def find_kernel(read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> Linux
 
     ``LinuxKernel find_kernel(ReadPhys read_phys, list[(u64 start, u64 end)] ram_ranges)``
 
-    Scans RAM (lowest address first) for VMCOREINFO texts and returns the first one that
+    Scans RAM (from both ends inwards) for VMCOREINFO texts and returns the first one that
     checks out against memory: ``KERNELOFFSET`` well-formed, ``init_uts_ns`` read through
     ``phys_base`` holding ``OSRELEASE``, the kernel's own page tables mapping ``_stext`` and
     ``init_uts_ns`` to the same physical addresses, and a direct-map base those page tables

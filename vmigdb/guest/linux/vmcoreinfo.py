@@ -88,22 +88,37 @@ def vmcoreinfo_number(info: dict[str, str], key: str) -> int | None:
     return int(value, 10)
 
 
-def _scan(read_phys: ReadPhys, start: int, end: int) -> Iterator[int]:
-    """Physical addresses of every ``OSRELEASE=`` in ``[start, end)``, in ascending order."""
+def _chunk_order(ram_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """RAM in ``(start, range end)`` chunks, taken alternately from the bottom and the top.
+
+    The page allocator hands out the two VMCOREINFO pages early in boot, and they land near
+    either end of RAM (measured on the demo guest: ~19 MiB or ~500 MiB of 512 MiB); scanning
+    from both ends inwards finds either in a few chunks instead of a pass over all of RAM.
+    """
+    chunks = [(pos, end) for start, end in sorted(ram_ranges) for pos in range(start, end, _CHUNK)]
+    order = []
+    lo, hi = 0, len(chunks) - 1
+    while lo <= hi:
+        order.append(chunks[lo])
+        if hi != lo:
+            order.append(chunks[hi])
+        lo += 1
+        hi -= 1
+    return order
+
+
+def _scan(read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """``(phys_addr, range end)`` of every ``OSRELEASE=`` in RAM, in `_chunk_order`."""
     overlap = len(_MARKER) - 1
-    pos = start
-    while pos < end:
-        length = min(_CHUNK + overlap, end - pos)
+    for pos, end in _chunk_order(ram_ranges):
         try:
-            data = read_phys(pos, length)
+            data = read_phys(pos, min(_CHUNK + overlap, end - pos))
         except PhysicalMemoryError:
-            pos += _CHUNK
             continue
         i = data.find(_MARKER)
         while 0 <= i < _CHUNK:  # hits in the overlap belong to the next chunk
-            yield pos + i
+            yield pos + i, end
             i = data.find(_MARKER, i + 1)
-        pos += _CHUNK
 
 
 def _read_text(read_phys: ReadPhys, pa: int, end: int) -> bytes:
@@ -125,15 +140,15 @@ def find_vmcoreinfo_text(
 
     ``Iterator[(u64 pa, bytes text)] find_vmcoreinfo_text(ReadPhys read_phys, ranges)``
 
-    Lazy, lowest address first, so a caller that stops at the first copy that validates
-    scans no further than it. Texts that cannot be a filled-in note (the kernel's own
+    Lazy, and from both ends of RAM inwards (2 MiB at a time), so a caller that stops at the
+    first copy that validates reads little of RAM. Texts that cannot be a filled-in note (the
+    kernel's own
     ``"OSRELEASE=%s\\n"`` format string, fragments without a second line) are skipped;
     nothing else is checked here.
     """
-    for start, end in ram_ranges:
-        for pa in _scan(read_phys, start, end):
-            text = _read_text(read_phys, pa, end)
-            first, sep, rest = text.partition(b"\n")
-            if not sep or b"%" in first or b"=" not in rest:
-                continue
-            yield pa, text
+    for pa, end in _scan(read_phys, ram_ranges):
+        text = _read_text(read_phys, pa, end)
+        first, sep, rest = text.partition(b"\n")
+        if not sep or b"%" in first or b"=" not in rest:
+            continue
+        yield pa, text
