@@ -1,5 +1,10 @@
-"""`next` over a source line that loops 100,000 times: GDB range-steps (vCont;r), vmigdb runs the loop
-at full speed behind exit breakpoints, and GDB lands on the next line with the loop's effect in memory.
+"""The `loop` test program under GDB: target-side conditions and range stepping.
+
+- `break vmigdb_loop_target if $rdi == N`: vmigdb evaluates GDB's bytecode at every call and reports
+  only the Nth; GDB sees one stop.
+- `next` over a source line that loops 100,000 times: GDB range-steps (vCont;r), vmigdb runs the loop
+  at full speed behind exit breakpoints, and GDB lands on the next line with the loop's effect in
+  memory.
 """
 
 from __future__ import annotations
@@ -49,3 +54,33 @@ def test_next_over_a_long_loop_is_one_range_step(vm: Vm, guest_image) -> None:
     assert range_steps >= 1, out[-3000:]
     # One instruction at a time would be ~400,000 steps; a range step leaves only a few.
     assert single_steps < 50, single_steps
+
+
+def test_conditional_breakpoint_stops_at_the_nth_call_only(vm: Vm, guest_image) -> None:
+    """Stop once to learn the call counter, then `if $rdi == now + N`: exactly the Nth call."""
+    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)")
+    target = int(started.group(2), 16)
+    n = 300
+    out = vm.gdb(
+        f"add-symbol-file {guest_image.programs / 'loop'}",
+        f"break *{target:#x}",
+        "continue",
+        "print $rdi",
+        "delete",
+        f"set $want = $rdi + {n}",
+        "set debug remote 1",
+        # A literal in the condition: GDB cannot compile convenience variables to bytecode.
+        f'eval "break *{target:#x} if $rdi == %d", $want',
+        "continue",
+        "set debug remote 0",
+        "print $rdi - $want",
+        "print $pc == vmigdb_loop_target",
+        "detach",
+        timeout=300,
+    )
+    conditional = re.search(rf"Sending packet: \$Z0,{target:x},1;X", out)
+    assert conditional, out[-3000:]
+    stops = re.findall(r"Packet received: T05", out[conditional.end() :])
+    assert len(stops) == 1, out[-3000:]  # every false hit stayed inside vmigdb
+    values = [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)", out, re.M)]
+    assert values[1:] == [0, 1], out[-3000:]
