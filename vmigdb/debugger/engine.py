@@ -35,6 +35,7 @@ from vmigdb.debugger.breakpoints import (
     Condition,
 )
 from vmigdb.debugger.events import SIGINT, SIGTRAP, StopEvent, StopReason
+from vmigdb.debugger.guest_view import GuestView
 from vmigdb.debugger.range_step import RangePlan, plan_range
 from vmigdb.debugger.stepping import may_stay_put
 from vmigdb.hv.base import BreakpointType, Driver, DriverError, DriverStop
@@ -59,6 +60,7 @@ class Debugger:
         self.breakpoints = BreakpointTable(driver)
         self.translator = Translator(driver.read_physical)
         self.physical_addresses = False  # `monitor phys on`: GDB's addresses are guest-physical
+        self.guest = GuestView(driver)  # OS awareness, attached on first use
         self.running = False
         self.last_stop: StopEvent | None = None
         self._cpus = driver.cpus()
@@ -204,6 +206,7 @@ class Debugger:
     def _run(self) -> None:
         self._regs.clear()
         self.translator.flush()
+        self.guest.ran()
         self.driver.resume(self._driving)
         self.running = True
 

@@ -112,6 +112,10 @@ class Driver(ABC):
     def read_physical(self, pa: int, length: int) -> bytes:
         """Guest-physical read; raises PhysicalMemoryError outside RAM."""
 
+    def physical_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical RAM as (start, end) ranges, for scans (e.g. finding the guest kernel)."""
+        raise DriverError(f"the {self.name} driver does not list guest RAM")
+
     @abstractmethod
     def write_physical(self, pa: int, data: bytes) -> None:
         """Guest-physical write, through the hypervisor so translated code and views stay coherent."""

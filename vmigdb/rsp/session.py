@@ -22,11 +22,13 @@ from vmigdb.debugger.breakpoints import BreakpointLimitError, UnsupportedBreakpo
 from vmigdb.debugger.engine import Action as RunAction
 from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
 from vmigdb.debugger.events import StopEvent, StopReason
+from vmigdb.debugger.guest_view import GuestUnavailable
 from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.rsp import codec
 from vmigdb.rsp.agent import AgentError, evaluate, parse_conditions
 from vmigdb.rsp.monitor import Monitor, MonitorError
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
+from vmigdb.rsp.vfile import VFileServer
 
 log = logging.getLogger("vmigdb.rsp")
 
@@ -122,11 +124,14 @@ class Session:
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
         self._monitor = Monitor(debugger, self, host_files=host_files)
+        self._vfile = VFileServer(self._guest_files)
         self._handlers: list[tuple[bytes, Callable[[bytes], Outcome | list[bytes] | bytes]]] = [
             (b"qSupported", self._q_supported),
             (b"QStartNoAckMode", self._start_no_ack),
             (b"qXfer:features:read:", self._q_xfer_features),
             (b"qXfer:threads:read::", self._q_xfer_threads),
+            (b"qXfer:exec-file:read:", self._q_xfer_exec_file),
+            (b"vFile:", self._vfile.handle),
             (b"qfThreadInfo", self._q_thread_first),
             (b"qsThreadInfo", lambda _: b"l"),
             (b"qThreadExtraInfo,", self._q_thread_extra),
@@ -278,12 +283,33 @@ class Session:
             b"QStartNoAckMode+",
             b"qXfer:features:read+",
             b"qXfer:threads:read+",
+            b"qXfer:exec-file:read+",
             b"swbreak+",
             b"hwbreak+",
             b"vContSupported+",
             b"ConditionalBreakpoints+",
         ]
         return b";".join(features)
+
+    def _q_xfer_exec_file(self, args: bytes) -> bytes:
+        """The guest kernel's symbol file, by a name only vFile knows (GDB then fetches it)."""
+        annex, sep, span = args.partition(b":")
+        if not sep:
+            raise PacketError("expected ANNEX:OFFSET,LENGTH")
+        offset, length = _addr_len(span)
+        try:
+            name = self.debugger.guest.linux().exec_file_name
+        except GuestUnavailable:
+            return b"E01"
+        return codec.escape_binary(xfer_slice(name.encode(), offset, length))
+
+    def _guest_files(self) -> dict[str, bytes]:
+        """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood."""
+        try:
+            linux = self.debugger.guest.linux()
+        except GuestUnavailable:
+            return {}
+        return {linux.exec_file_name: linux.symbol_elf}
 
     def _start_no_ack(self, _: bytes) -> bytes:
         self.no_ack = True

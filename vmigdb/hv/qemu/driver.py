@@ -183,6 +183,9 @@ class QemuDriver(Driver):
     def read_physical(self, pa: int, length: int) -> bytes:
         return self._memory.read(pa, length)
 
+    def physical_ranges(self) -> list[tuple[int, int]]:
+        return self._memory.ranges()
+
     def write_physical(self, pa: int, data: bytes) -> None:
         for offset in range(0, len(data), _WRITE_CHUNK):
             chunk = data[offset : offset + _WRITE_CHUNK]

@@ -1,0 +1,103 @@
+"""`vFile:` host I/O over RSP, serving in-memory files only (the symbol ELF vmigdb synthesizes).
+
+GDB 13 with its default `sysroot target:` asks `qXfer:exec-file:read` for the executable's path, then
+opens it with `vFile:open`, reads it with `vFile:pread` and checks its size with `vFile:fstat`. Nothing
+on vmigdb's host filesystem is reachable this way: only the names the debugger offers exist; every
+other name is ENOENT.
+
+Replies follow GDB's File-I/O conventions: `F<result>` or `F-1,<errno>`; pread's data and fstat's
+`struct stat` come after a `;`, escaped as binary. The `struct stat` is GDB's fileio layout, big-endian
+(GDB manual, "struct stat").
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+
+from vmigdb.rsp import codec
+
+_STAT = struct.Struct(
+    ">IIIIIIIQQQIII"
+)  # dev ino mode nlink uid gid rdev size blksize blocks a/m/ctime
+_S_IFREG = 0o100000
+MAX_OPEN = 16
+
+
+def _error(code: int) -> bytes:
+    return b"F-1,%x" % code
+
+
+class VFileServer:
+    """Open files of one GDB session. `files()` maps each offered path to its contents."""
+
+    def __init__(self, files: Callable[[], dict[str, bytes]]) -> None:
+        self._files = files
+        self._open: dict[int, bytes] = {}
+
+    def handle(self, args: bytes) -> bytes:
+        """`args` is what follows `vFile:`."""
+        op, _, rest = args.partition(b":")
+        params = rest.split(b",") if rest else []
+        try:
+            if op == b"setfs":
+                return b"F0"  # one filesystem: the debugger's
+            if op == b"open":
+                return self._open_file(params)
+            if op == b"pread":
+                return self._pread(params)
+            if op == b"fstat":
+                return self._fstat(params)
+            if op == b"close":
+                if len(params) != 1:
+                    raise ValueError("close takes fd")
+                found = self._open.pop(_num(params[0]), None) is not None
+                return b"F0" if found else _error(errno.EBADF)
+            if op in (b"pwrite", b"unlink", b"readlink"):
+                return _error(errno.EROFS if op != b"readlink" else errno.ENOENT)
+        except ValueError:
+            return _error(errno.EINVAL)
+        return b""  # unknown vFile operation: unsupported
+
+    def _open_file(self, params: list[bytes]) -> bytes:
+        if len(params) != 3:
+            raise ValueError("open takes pathname,flags,mode")
+        path = codec.decode_hex(params[0]).decode("utf-8", "replace")
+        flags = _num(params[1])
+        if flags & 0x3:  # O_WRONLY / O_RDWR in GDB's fileio flags
+            return _error(errno.EROFS)
+        data = self._files().get(path)
+        if data is None:
+            return _error(errno.ENOENT)
+        if len(self._open) >= MAX_OPEN:
+            return _error(errno.EMFILE)
+        fd = next(n for n in range(3, 3 + MAX_OPEN + 1) if n not in self._open)
+        self._open[fd] = data
+        return b"F%x" % fd
+
+    def _pread(self, params: list[bytes]) -> bytes:
+        if len(params) != 3:
+            raise ValueError("pread takes fd,count,offset")
+        fd, count, offset = (_num(p) for p in params)
+        data = self._open.get(fd)
+        if data is None:
+            return _error(errno.EBADF)
+        chunk = data[offset : offset + min(count, 0x10000)]
+        return b"F%x;" % len(chunk) + codec.escape_binary(chunk)
+
+    def _fstat(self, params: list[bytes]) -> bytes:
+        if len(params) != 1:
+            raise ValueError("fstat takes fd")
+        data = self._open.get(_num(params[0]))
+        if data is None:
+            return _error(errno.EBADF)
+        blocks = (len(data) + 511) // 512
+        stat = _STAT.pack(0, 1, _S_IFREG | 0o444, 1, 0, 0, 0, len(data), 4096, blocks, 0, 0, 0)
+        return b"F%x;" % len(stat) + codec.escape_binary(stat)
+
+
+def _num(text: bytes) -> int:
+    if not text or len(text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in text):
+        raise ValueError(f"bad number {text!r}")
+    return int(text, 16)
