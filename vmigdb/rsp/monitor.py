@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
+from vmigdb.debugger.guest_view import GuestUnavailable
 
 if TYPE_CHECKING:
     from vmigdb.debugger.engine import Debugger
@@ -72,7 +73,35 @@ class Monitor:
             f"breakpoints: {len(dbg.breakpoints.desired)} requested, "
             f"{len(dbg.breakpoints.installed)} held by the hypervisor"
         )
+        try:
+            linux = dbg.guest.linux()
+        except GuestUnavailable as exc:
+            lines.append(f"guest: {exc}")
+        else:
+            kernel = linux.kernel
+            lines.append(f"guest: Linux {kernel.release}")
+            text = linux.symbols.address("_text")
+            lines.append(
+                f"KASLR offset: {kernel.kaslr_offset:#x} (virtual); kernel image at physical "
+                f"{kernel.kernel_image_pa(text):#x}"
+            )
+            lines.append(f"symbols: {len(linux.symbols)} (kallsyms, read from guest memory)")
         return "\n".join(lines)
+
+    def cmd_sym(self, args: list[str]) -> str:
+        """sym NAME — the address of a kernel symbol (from the guest's own kallsyms)"""
+        if len(args) != 1:
+            raise MonitorError("usage: monitor sym NAME")
+        symbol = self._linux().symbols.lookup(args[0])
+        if symbol is None:
+            raise MonitorError(f"no kernel symbol named {args[0]!r}")
+        return f"{symbol.name} {symbol.address:#x}"
+
+    def _linux(self):
+        try:
+            return self._debugger.guest.linux()
+        except GuestUnavailable as exc:
+            raise MonitorError(str(exc)) from None
 
     def cmd_stealth(self, args: list[str]) -> str:
         """stealth — every mechanism this driver uses and whether the guest could see it"""
