@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build (once) and serve the demo Linux guest")
     _add_serve_options(demo)
 
+    symbols = sub.add_parser(
+        "symbols", help="write the guest kernel's symbol ELF (for LLDB, IDA, Ghidra, radare2)"
+    )
+    symbols.add_argument("--out", type=Path, required=True, help="ELF file to write")
+    source = symbols.add_mutually_exclusive_group(required=True)
+    source.add_argument("--kernel", type=Path, help="boot this kernel under QEMU and read it")
+    source.add_argument("--from", dest="server", metavar="HOST:PORT", help="a running vmigdb")
+    symbols.add_argument("--initrd", type=Path)
+    symbols.add_argument("--append", default="", help="added to the kernel command line")
+
     guest = sub.add_parser("guest", help="the demo guest image")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
     guest_sub.add_parser("build", help="fetch the kernel, build the initramfs, print their paths")
@@ -72,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "guest":
             return _guest_build()
+        if args.command == "symbols":
+            return _symbols(args)
         return asyncio.run(_serve(args))
     except SetupError as exc:
         print(f"vmigdb: {exc}", file=sys.stderr)
@@ -86,6 +98,20 @@ def _guest_build() -> int:
     image = build_guest()
     print(f"kernel: {image.kernel}")
     print(f"initrd: {image.initrd}")
+    return 0
+
+
+def _symbols(args: argparse.Namespace) -> int:
+    from vmigdb.symbols_cmd import symbols_from_boot, symbols_from_server
+
+    if args.server:
+        elf = symbols_from_server(args.server)
+    else:
+        if not args.kernel.is_file():
+            raise SetupError(f"kernel {args.kernel} not found: pass --kernel PATH to a bzImage")
+        elf = symbols_from_boot(args.kernel, args.initrd, args.append)
+    args.out.write_bytes(elf)
+    print(f"symbols: {args.out} ({len(elf)} bytes)")
     return 0
 
 

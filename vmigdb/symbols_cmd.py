@@ -1,0 +1,103 @@
+"""`vmigdb symbols`: write the guest kernel's symbol ELF for clients that cannot fetch it themselves
+(LLDB, IDA, Ghidra, radare2...).
+
+Two sources: boot a kernel under QEMU and read it (`--kernel`), or ask a running vmigdb over RSP
+(`--from HOST:PORT`), the same way GDB does (qXfer:exec-file:read, then vFile).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+from vmigdb.errors import SetupError
+from vmigdb.rsp import codec
+
+log = logging.getLogger("vmigdb")
+
+
+def symbols_from_boot(
+    kernel: Path, initrd: Path | None, append: str, timeout: float = 120
+) -> bytes:
+    """Boot the kernel (KASLR as configured), wait until it can be analysed, build the ELF."""
+    from vmigdb.debugger.guest_view import ANALYSIS_ERRORS
+    from vmigdb.guest.linux.guest import LinuxGuest
+    from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
+
+    process = QemuProcess.start(QemuConfig(kernel=kernel, initrd=initrd, append=append))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                guest = LinuxGuest.attach(process.memory.read, process.memory.ranges())
+                return guest.symbol_elf
+            except ANALYSIS_ERRORS as exc:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SetupError(f"the booted kernel could not be analysed: {exc}") from None
+                time.sleep(0.5)
+    finally:
+        process.terminate()
+
+
+class _Client:
+    """A minimal blocking RSP client (no-ack mode) for fetching one file."""
+
+    def __init__(self, address: str) -> None:
+        if address.startswith("unix:"):
+            self._sock = socket.socket(socket.AF_UNIX)
+            self._sock.connect(address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            self._sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=60)
+        self._decoder = codec.Decoder()
+        self.request(b"qSupported:vContSupported+")
+        self.request(b"QStartNoAckMode")
+        self._acks = False
+
+    _acks = True
+
+    def request(self, payload: bytes) -> bytes:
+        self._sock.sendall(codec.encode_packet(payload))
+        while True:
+            for event in self._decoder.events():
+                if isinstance(event, codec.Packet):
+                    if self._acks:
+                        self._sock.sendall(b"+")
+                    return event.data
+            data = self._sock.recv(1 << 20)
+            if not data:
+                raise SetupError("the vmigdb server closed the connection")
+            self._decoder.feed(data)
+
+    def close(self) -> None:
+        try:
+            self.request(b"D")
+        finally:
+            self._sock.close()
+
+
+def symbols_from_server(address: str) -> bytes:
+    client = _Client(address)
+    try:
+        name = client.request(b"qXfer:exec-file:read::0,1000")
+        if not name.startswith((b"l", b"m")):
+            raise SetupError(f"the server has no symbol file for this guest ({name.decode()})")
+        path = codec.unescape_binary(name[1:])
+        fd = client.request(b"vFile:open:" + codec.encode_hex(path) + b",0,0")
+        if not fd.startswith(b"F") or fd.startswith(b"F-"):
+            raise SetupError(f"the server would not open {path.decode()}: {fd.decode()}")
+        data = bytearray()
+        while True:
+            reply = client.request(b"vFile:pread:%s,10000,%x" % (fd[1:], len(data)))
+            count, _, body = reply[1:].partition(b";")
+            if reply.startswith(b"F-"):
+                raise SetupError(f"reading {path.decode()} failed: {reply.decode()}")
+            if int(count, 16) == 0:
+                break
+            data += codec.unescape_binary(body)
+        client.request(b"vFile:close:" + fd[1:])
+        return bytes(data)
+    finally:
+        client.close()
