@@ -11,7 +11,7 @@ followed by the same Z costs nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vmigdb.hv.base import BreakpointType, Capabilities, Driver, Mechanism
@@ -28,6 +28,9 @@ class Breakpoint:
     kind: int  # GDB's kind: instruction length for breakpoints, byte count for watchpoints
     # Target-side conditions (GDB's Z ...;X): the hit is reported if any is true, or if none is given.
     conditions: tuple[Condition, ...] = field(default=(), compare=False)
+    # Process scope: the hit counts only when the vCPU's page-table base (CR3 without PCID/PTI
+    # bits) is this one. Set from the session's scope when the breakpoint is first created.
+    scope_cr3: int | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -48,8 +51,9 @@ class BreakpointTable:
         self._caps: Capabilities = driver.capabilities
         self.desired: dict[tuple[int, int, int], Breakpoint] = {}
         self.installed: dict[tuple[int, int, int], Breakpoint] = {}
-        # vmigdb's own temporary breakpoints (range-stepping exits), never shown to GDB
-        self.internal: dict[tuple[int, int, int], Breakpoint] = {}
+        # vmigdb's own breakpoints, never shown to GDB, each with the owners that want it
+        # ("range": range-stepping exits; "scope": the scoped process's exit hook)
+        self.internal: dict[tuple[int, int, int], set[str]] = {}
         self.changes = 0  # hypervisor-side insertions and removals so far (the step quirk needs it)
 
     def mechanism(self, type: BreakpointType) -> Mechanism | None:
@@ -60,7 +64,14 @@ class BreakpointTable:
         return self._caps.watchpoint
 
     def add(self, bp: Breakpoint) -> None:
-        """Idempotent, like GDB expects of Z; a Z again with other conditions replaces them."""
+        """Idempotent, like GDB expects of Z; a Z again with other conditions replaces them.
+
+        GDB re-sends Z for every breakpoint before each resume: a breakpoint it already had keeps
+        the process scope it was created in, whatever the scope is now.
+        """
+        previous = self.desired.get(bp.key) or self.installed.get(bp.key)
+        if previous is not None and previous.scope_cr3 != bp.scope_cr3:
+            bp = replace(bp, scope_cr3=previous.scope_cr3)
         if bp.key in self.desired:
             self.desired[bp.key] = bp
             return
@@ -82,10 +93,11 @@ class BreakpointTable:
             self.installed[bp.key] = bp
             self.changes += 1
 
-    def add_internal(self, addr: int) -> None:
-        """A temporary execution breakpoint of vmigdb's own (raises like `add` when out of slots)."""
+    def add_internal(self, addr: int, owner: str) -> None:
+        """An execution breakpoint of vmigdb's own (raises like `add` when out of slots)."""
         bp = Breakpoint(BreakpointType.SOFTWARE, addr, 1)
         if bp.key in self.internal:
+            self.internal[bp.key].add(owner)
             return
         mechanism = self.mechanism(bp.type)
         if mechanism is None:
@@ -93,14 +105,18 @@ class BreakpointTable:
         if mechanism.limit is not None and self._slots_used(mechanism, bp) > mechanism.limit:
             raise BreakpointLimitError(f"all {mechanism.limit} slots of {mechanism.key} are in use")
         self._install(bp)
-        self.internal[bp.key] = bp
+        self.internal[bp.key] = {owner}
 
-    def release_internal(self) -> None:
-        """Forget vmigdb's temporary breakpoints; the hypervisor drops them at the next sync."""
-        self.internal.clear()
+    def release_internal(self, owner: str) -> None:
+        """Forget `owner`'s breakpoints; the hypervisor drops unwanted ones at the next sync."""
+        for key in list(self.internal):
+            self.internal[key].discard(owner)
+            if not self.internal[key]:
+                del self.internal[key]
 
-    def internal_at(self, addr: int) -> bool:
-        return (int(BreakpointType.SOFTWARE), addr, 1) in self.internal
+    def internal_at(self, addr: int, owner: str | None = None) -> bool:
+        owners = self.internal.get((int(BreakpointType.SOFTWARE), addr, 1), set())
+        return bool(owners) if owner is None else owner in owners
 
     def installed_at(self, addr: int) -> bool:
         """Does the hypervisor hold an execution breakpoint at `addr` (GDB's or ours)?"""
@@ -109,7 +125,10 @@ class BreakpointTable:
     def _slots_used(self, mechanism: Mechanism, new: Breakpoint) -> int:
         """Slots of `mechanism` in use (held by the hypervisor or wanted by GDB) once `new` is in."""
         keys = self.desired.keys() | self.installed.keys() | self.internal.keys() | {new.key}
-        held = {**self.installed, **self.internal, **self.desired, new.key: new}
+        internal = {
+            key: Breakpoint(BreakpointType(key[0]), key[1], key[2]) for key in self.internal
+        }
+        held = {**self.installed, **internal, **self.desired, new.key: new}
         return sum(1 for key in keys if self.mechanism(held[key].type) == mechanism)
 
     def remove(self, bp: Breakpoint) -> None:

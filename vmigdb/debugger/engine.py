@@ -15,6 +15,7 @@ Theory of operation:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -61,6 +62,7 @@ class Debugger:
         self.translator = Translator(driver.read_physical)
         self.physical_addresses = False  # `monitor phys on`: GDB's addresses are guest-physical
         self.guest = GuestView(driver)  # OS awareness, attached on first use
+        self.scope: ProcessScope | None = None  # `monitor process`: one process's address space
         self.running = False
         self.last_stop: StopEvent | None = None
         self._cpus = driver.cpus()
@@ -92,8 +94,10 @@ class Debugger:
     # -- memory -----------------------------------------------------------------------------------
 
     def _space(self, cpu: int) -> tuple[int, PagingMode]:
+        """The page tables GDB's addresses go through: the scoped process's, else the vCPU's."""
         regs = self.registers(cpu)
-        return regs["cr3"], paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+        cr3 = self.scope.cr3 if self.scope is not None else regs["cr3"]
+        return cr3, paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
 
     def translate(self, cpu: int, addr: int) -> Translation | Fault:
         cr3, mode = self._space(cpu)
@@ -171,8 +175,24 @@ class Debugger:
     def add_breakpoint(
         self, type: BreakpointType, addr: int, kind: int, conditions: tuple[Condition, ...] = ()
     ) -> None:
-        """`conditions`: target-side conditions; a hit is reported when any is non-zero."""
-        self.breakpoints.add(Breakpoint(type, addr, kind, conditions))
+        """`conditions`: target-side conditions; a hit is reported when any is non-zero. While a
+        process is in scope, a new breakpoint fires only in that process."""
+        scope = self.scope.cr3 if self.scope is not None and not type.is_watchpoint else None
+        self.breakpoints.add(Breakpoint(type, addr, kind, conditions, scope))
+
+    # -- process scope ----------------------------------------------------------------------------
+
+    def set_scope(self, scope: ProcessScope | None) -> None:
+        """Debug one process's address space (None: the whole machine again).
+
+        Its exit is watched with a breakpoint of vmigdb's own on the kernel's exit path, which
+        counts only in the process's address space.
+        """
+        self.breakpoints.release_internal("scope")
+        self.scope = scope
+        self.translator.flush()
+        if scope is not None and scope.exit_hook is not None:
+            self.breakpoints.add_internal(scope.exit_hook, "scope")
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, kind: int) -> None:
         self.breakpoints.remove(Breakpoint(type, addr, kind))
@@ -285,7 +305,17 @@ class Debugger:
             event = self._breakpoint_hit(cpu, regs)
             if event is not None:
                 return event
-        elif self.breakpoints.internal_at(rip) and rng is not None and rng.owns(cpu, regs):
+        elif self._scoped_process_exits(rip, regs):
+            scope = self.scope
+            assert scope is not None
+            self.set_scope(None)
+            message = (
+                f"vmigdb: process {scope.pid} ({scope.comm}) is exiting; "
+                "the scope is the whole machine again"
+            )
+            event = StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, message)
+            return self._report(event)
+        elif self.breakpoints.internal_at(rip, "range") and rng is not None and rng.owns(cpu, regs):
             if not rng.contains(rip):
                 return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
             self._drive(self._with(cpu, "s"))  # an instruction whose destination only a step tells
@@ -301,9 +331,27 @@ class Debugger:
         actions[cpu] = action
         return actions
 
+    def _scoped_process_exits(self, rip: int, regs: RegisterFile) -> bool:
+        scope = self.scope
+        return (
+            scope is not None
+            and rip == scope.exit_hook
+            and cr3_base(regs["cr3"]) == cr3_base(scope.cr3)
+            and (scope.is_exiting is None or scope.is_exiting(regs))
+        )
+
     def _breakpoint_hit(self, cpu: int, regs: RegisterFile) -> StopEvent | None:
-        """GDB breakpoints at rip: report unless every one has conditions and all are false."""
-        hits = self.breakpoints.at(regs["rip"])
+        """GDB breakpoints at rip: report unless each is out of scope or has only false conditions.
+
+        The scope check (CR3 base) happens here, inside vmigdb: a hit in another process resumes
+        the guest without a GDB round trip.
+        """
+        space = cr3_base(regs["cr3"])
+        hits = [
+            bp
+            for bp in self.breakpoints.at(regs["rip"])
+            if bp.scope_cr3 is None or cr3_base(bp.scope_cr3) == space
+        ]
         if not any(self._condition_holds(bp, cpu, regs) for bp in hits):
             return None
         software = any(bp.type == BreakpointType.SOFTWARE for bp in hits)
@@ -325,7 +373,7 @@ class Debugger:
 
     def _report(self, event: StopEvent) -> StopEvent:
         if self._range is not None:
-            self.breakpoints.release_internal()
+            self.breakpoints.release_internal("range")
             self._range = None
         self._request = {}
         self.last_stop = event
@@ -342,10 +390,10 @@ class Debugger:
             plan = plan_range(code, step.start, step.end)
             if plan is not None:
                 for address in plan.exits | plan.step_points:
-                    self.breakpoints.add_internal(address)
+                    self.breakpoints.add_internal(address, "range")
         except (MemoryFault, BreakpointLimitError, DriverError) as exc:
             log.info("range %#x-%#x: stepping each instruction (%s)", step.start, step.end, exc)
-            self.breakpoints.release_internal()
+            self.breakpoints.release_internal("range")
             plan = None
         return ActiveRange(cpu, step.start, step.end, plan, cr3_base(regs["cr3"]))
 
@@ -372,6 +420,18 @@ class Debugger:
 def cr3_base(cr3: int) -> int:
     """The page-table base in CR3, without PCID bits and the PTI user/kernel bit (bit 12)."""
     return cr3 & 0x000F_FFFF_FFFF_E000
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessScope:
+    """One guest process as the debugging scope."""
+
+    pid: int
+    comm: str
+    cr3: int  # physical address of its page tables (what CR3 holds, without PCID/PTI bits)
+    exit_hook: int | None = None  # kernel address of the exit path (e.g. do_exit)
+    # Given the registers at the exit hook: is it this process (not just one of its threads)?
+    is_exiting: Callable[[RegisterFile], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,3 +30,4 @@ class StopEvent:
     watch: tuple[BreakpointType, int] | None = None
     exit_code: int | None = None
     registers: RegisterFile | None = None  # the stopping vCPU's registers, to expedite
+    message: str | None = None  # shown on GDB's console before the stop (an `O` packet)

@@ -275,7 +275,8 @@ class GdbConnection(asyncio.Protocol):
             self.debugger.resume({cpu: "c" for cpu in self.debugger.cpus()})
             return
         self.waiting_for_stop = False
-        self._send(self.session.stop_reply(event))
+        for reply in self.session.stop_replies(event):
+            self._send(reply)
         queued, self._queued = self._queued, []
         for item in queued:
             if self.waiting_for_stop:

@@ -184,6 +184,10 @@ class Session:
                 return Outcome(list(result))
         return Outcome([b""])
 
+    def stop_replies(self, event: StopEvent) -> list[bytes]:
+        """What GDB gets for a stop: the console message if any, then the stop reply."""
+        return [*console_output(event.message or ""), self.stop_reply(event)]
+
     def stop_reply(self, event: StopEvent | None) -> bytes:
         """The T/W/X packet for a stop."""
         if event is None:
