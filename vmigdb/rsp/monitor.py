@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
+from vmigdb.debugger.engine import ProcessScope
 from vmigdb.debugger.guest_view import GuestUnavailable
+from vmigdb.guest.linux import modules, tasks
 
 if TYPE_CHECKING:
     from vmigdb.debugger.engine import Debugger
@@ -96,6 +98,81 @@ class Monitor:
         if symbol is None:
             raise MonitorError(f"no kernel symbol named {args[0]!r}")
         return f"{symbol.name} {symbol.address:#x}"
+
+    def cmd_ps(self, args: list[str]) -> str:
+        """ps — the guest's processes: pid, ppid, comm, cr3 (read from guest memory)"""
+        linux = self._linux()
+        lines = [f"{'PID':>7} {'PPID':>7} {'COMM':<16} {'CR3':<18} STATE"]
+        for task in tasks.for_each_task(linux):
+            cr3 = tasks.task_cr3(linux, task)
+            mark = (
+                "*"
+                if self._debugger.scope is not None and self._debugger.scope.pid == task.pid
+                else " "
+            )
+            lines.append(
+                f"{task.pid:>7} {task.ppid:>7} {task.comm:<16} "
+                f"{(f'{cr3:#x}' if cr3 is not None else '-'):<18} {task.state}{mark}"
+            )
+        return "\n".join(lines)
+
+    def cmd_lsmod(self, args: list[str]) -> str:
+        """lsmod — the guest kernel's loaded modules"""
+        found = modules.modules(self._linux())
+        lines = [f"{'MODULE':<24} {'BASE':<18} SIZE"]
+        lines += [f"{m.name:<24} {m.base:#018x} {m.size:#x}" for m in found]
+        if not found:
+            lines.append("(no modules loaded)")
+        return "\n".join(lines)
+
+    def cmd_process(self, args: list[str]) -> str:
+        """process PID|NAME|kernel|all — debug one process's address space (or the whole machine)"""
+        if len(args) != 1:
+            raise MonitorError("usage: monitor process PID|NAME|kernel|all")
+        which = args[0]
+        if which in ("kernel", "all"):
+            self._debugger.set_scope(None)
+            return (
+                "scope: the whole machine; new breakpoints fire in every process"
+                if which == "all"
+                else "scope: the kernel; memory through the current vCPU's page tables"
+            )
+        linux = self._linux()
+        if which.isdigit():
+            task = tasks.find_task(linux, int(which))
+            if task is None:
+                raise MonitorError(f"no process with pid {which}")
+        else:
+            found = [t for t in tasks.find_tasks(linux, which) if t.is_thread_leader]
+            if not found:
+                raise MonitorError(f"no process named {which!r}")
+            if len(found) > 1:
+                pids = ", ".join(str(t.pid) for t in found)
+                raise MonitorError(
+                    f"{len(found)} processes are named {which!r} (pids {pids}): pick one by pid"
+                )
+            task = found[0]
+        cr3 = tasks.task_cr3(linux, task)
+        if cr3 is None:
+            raise MonitorError(
+                f"{task.comm} (pid {task.pid}) is a kernel thread: it has no address space of its own"
+            )
+        exit_hook = linux.symbols.lookup("do_exit")
+        pid = task.pid
+
+        def is_exiting(regs) -> bool:
+            current = tasks.current_task(linux, regs["gs_base"], regs["k_gs_base"], regs["cs"])
+            return current is not None and current.pid == pid
+
+        self._debugger.set_scope(
+            ProcessScope(
+                task.pid, task.comm, cr3, exit_hook.address if exit_hook else None, is_exiting
+            )
+        )
+        return (
+            f"scope: process {task.pid} ({task.comm}), page tables at {cr3:#x}; "
+            "its user memory reads through them, new breakpoints fire only in it"
+        )
 
     def _linux(self):
         try:
