@@ -1,5 +1,6 @@
 /*
- * spin VALUE: calls vmigdb_spin_target(VALUE) forever, so a breakpoint there sees $rdi == VALUE.
+ * spin VALUE [SECONDS]: calls vmigdb_spin_target(VALUE) forever (or for SECONDS, then exits,
+ * printing "spin pid=N exiting"), so a breakpoint there sees $rdi == VALUE.
  *
  * Built -no-pie, so two copies with different values share the function's virtual address: a
  * debugger must tell the processes apart by more than the address. Reports at start and then
@@ -42,11 +43,13 @@ static void report(long pid, long value, unsigned long count)
 int main(int argc, char **argv)
 {
 	long value = argc > 1 ? strtol(argv[1], NULL, 0) : 0;
+	long seconds = argc > 2 ? strtol(argv[2], NULL, 0) : 0;
 	long pid = syscall(SYS_getpid);
 	const struct timespec nap = { 0, 1000000 };
 	unsigned long count = 0;
 	volatile long sink;
 	int64_t next = monotonic_ns() + NS_PER_SEC;
+	int64_t end = seconds > 0 ? monotonic_ns() + seconds * NS_PER_SEC : INT64_MAX;
 
 	report(pid, value, count);
 	for (;;) {
@@ -58,6 +61,11 @@ int main(int argc, char **argv)
 		if (monotonic_ns() >= next) {
 			report(pid, value, count);
 			next = monotonic_ns() + NS_PER_SEC;
+		}
+		if (monotonic_ns() >= end) {
+			printf("spin pid=%ld exiting\n", pid);
+			fflush(stdout);
+			return 0;
 		}
 	}
 }
