@@ -9,6 +9,8 @@
 #   vmigdb-guest: started <spec> pid=<N>          one per program started, <spec> as on the cmdline
 #   vmigdb-guest: error <text>
 #   vmigdb-guest: ready                           everything is started
+#   vmigdb-guest: task <pid> <ppid> <comm>        every process, a second after "ready"
+#   vmigdb-guest: tasks-end                       the list is complete
 #
 # Kernel command-line parameters (read from /proc/cmdline):
 #   vmigdb.programs=SPEC[,SPEC...]   programs to start in the background, in order (default: ticker;
@@ -77,6 +79,12 @@ for spec in $(echo "$programs" | tr ',' ' '); do
 done
 
 say ready
+# Ground truth for tests/e2e/test_linux_tasks.py, once the programs above have exec'd: every
+# process as "task PID PPID COMM" (from /proc/PID/stat; COMM may hold spaces and parentheses),
+# then "tasks-end".
+sleep 1
+sed -n 's/^\([0-9]*\) (\(.*\)) [A-Za-z] \([0-9]*\) .*/vmigdb-guest: task \1 \3 \2/p' /proc/[0-9]*/stat 2>/dev/null
+say tasks-end
 
 if [ "$shell" = 1 ]; then
 	while :; do
