@@ -7,6 +7,7 @@ bytes the ticker put in its buffer.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -19,9 +20,24 @@ pytestmark = pytest.mark.e2e
 PROGRAMS = "ticker,spin:1111,spin:2222,spin:3333:20"
 
 
-@pytest.fixture(scope="module")
-def vm(tmp_path_factory, guest_image):
-    yield from boot(tmp_path_factory, guest_image, smp=2, append=f"vmigdb.programs={PROGRAMS}")
+SECOND_KERNEL = "linux-image-6.12-cloud-amd64"  # a different kernel line than the demo guest's
+slow_second_kernel = pytest.mark.skipif(
+    not os.environ.get("VMIGDB_SLOW"), reason="second kernel: opt-in with VMIGDB_SLOW=1"
+)
+
+
+@pytest.fixture(
+    scope="module",
+    params=["demo", pytest.param(SECOND_KERNEL, marks=[pytest.mark.slow, slow_second_kernel])],
+)
+def vm(request, tmp_path_factory, guest_image):
+    """The demo guest, and (opt-in) the same scenarios on a second kernel version."""
+    image = guest_image
+    if request.param != "demo":
+        from vmigdb.images.build import build_guest
+
+        image = build_guest(kernel_package=request.param)
+    yield from boot(tmp_path_factory, image, smp=2, append=f"vmigdb.programs={PROGRAMS}")
 
 
 def started(vm: Vm, spec: str) -> int:

@@ -41,16 +41,25 @@ def default_cache_dir() -> Path:
     return base / "vmigdb"
 
 
-def build_guest(cache_dir: Path | None = None, *, log: logging.Logger = LOG) -> GuestImage:
-    """Fetch or reuse every piece of the demo guest; only what changed is downloaded or rebuilt."""
+def build_guest(
+    cache_dir: Path | None = None,
+    *,
+    log: logging.Logger = LOG,
+    kernel_package: str = kernel.METAPACKAGE,
+) -> GuestImage:
+    """Fetch or reuse every piece of the demo guest; only what changed is downloaded or rebuilt.
+
+    `kernel_package`: the Debian metapackage that names the kernel (the default follows Debian's
+    current cloud kernel; e.g. linux-image-6.12-cloud-amd64 gives a second, different kernel).
+    """
     cache_dir = (cache_dir or default_cache_dir()).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(cache_dir / "lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two builds at once would download the same files
         debian.forget()
-        debian.prefetch([kernel.METAPACKAGE, busybox.PACKAGE])
-        vmlinuz, release = kernel.fetch_kernel(cache_dir, log)
+        debian.prefetch([kernel_package, busybox.PACKAGE])
+        vmlinuz, release = kernel.fetch_kernel(cache_dir, log, kernel_package)
         btf = btf_extract.cached_btf(vmlinuz, release, log)
         busybox_path = busybox.fetch_busybox(cache_dir, log)
         programs_dir, programs_key = programs.build_programs(cache_dir, log=log)

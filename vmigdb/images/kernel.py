@@ -29,15 +29,19 @@ def cached_kernels(kernel_dir: Path) -> list[Path]:
     return sorted(kernel_dir.glob("vmlinuz-*"), key=lambda p: debian.version_key(p.name))
 
 
-def fetch_kernel(cache_dir: Path, log: logging.Logger = LOG) -> tuple[Path, str]:
+def fetch_kernel(
+    cache_dir: Path, log: logging.Logger = LOG, metapackage: str = METAPACKAGE
+) -> tuple[Path, str]:
     """Return (vmlinuz path, release), downloading only when the current release is not cached yet.
+
+    `metapackage` picks the kernel line (e.g. linux-image-6.12-cloud-amd64 for a second kernel).
 
     Without apt (offline, no lists) the newest cached kernel is used, with a warning.
     """
     kernel_dir = cache_dir / "kernels"
 
     def attempt() -> tuple[Path, str]:
-        package = debian.resolve_dependency(METAPACKAGE, PACKAGE_PREFIX)
+        package = debian.resolve_dependency(metapackage, PACKAGE_PREFIX)
         release = release_of(package)
         vmlinuz = kernel_dir / f"vmlinuz-{release}"
         if vmlinuz.is_file():
@@ -53,7 +57,7 @@ def fetch_kernel(cache_dir: Path, log: logging.Logger = LOG) -> tuple[Path, str]
             shutil.rmtree(workdir, ignore_errors=True)
         if f"boot/vmlinuz-{release}" not in files:
             raise SetupError(
-                f"{deb.name} has no boot/vmlinuz-{release}; check '{METAPACKAGE}' in apt"
+                f"{deb.name} has no boot/vmlinuz-{release}; check '{metapackage}' in apt"
             )
         if f"boot/config-{release}" in files:
             debian.write_atomic(kernel_dir / f"config-{release}", files[f"boot/config-{release}"])
@@ -68,7 +72,7 @@ def fetch_kernel(cache_dir: Path, log: logging.Logger = LOG) -> tuple[Path, str]
         if not cached:
             raise SetupError(
                 f"cannot get the guest kernel: {exc}; check that apt can reach Debian's archive "
-                f"('apt-get update && apt-get download {METAPACKAGE}')"
+                f"('apt-get update && apt-get download {metapackage}')"
             ) from exc
         vmlinuz = cached[-1]
         release = vmlinuz.name.removeprefix("vmlinuz-")
