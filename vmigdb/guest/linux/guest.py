@@ -11,6 +11,7 @@ import logging
 import time
 from functools import cached_property
 
+from vmigdb.guest.linux import modules
 from vmigdb.guest.linux.btf import Btf, btf_from_memory
 from vmigdb.guest.linux.elf import ElfSection, build_symbol_elf, sizes_from_addresses
 from vmigdb.guest.linux.kallsyms import SymbolTable, read_kallsyms
@@ -80,4 +81,24 @@ class LinuxGuest:
                     ElfSection(name, start.address, stop.address - start.address, flags)
                 )
         triples = [(s.name, s.address, s.type) for s in self.symbols if s.type not in "aA"]
+        triples += self._module_symbols(sections)
         return build_symbol_elf(sizes_from_addresses(triples), sections)
+
+    def _module_symbols(self, sections: list[ElfSection]) -> list[tuple[str, int, str]]:
+        """Loaded modules' symbols (best effort: a module being loaded may not be readable yet),
+        each module's core as a section of its own."""
+        found: list[tuple[str, int, str]] = []
+        try:
+            loaded = modules.modules(self)
+        except (modules.GuestError, modules.BtfError, modules.FaultError) as exc:
+            log.info("no module symbols: %s", exc)
+            return found
+        for module in loaded:
+            try:
+                symbols = modules.module_symbols(self, module)
+            except (modules.GuestError, modules.FaultError) as exc:
+                log.info("no symbols for module %s: %s", module.name, exc)
+                continue
+            sections.append(ElfSection(f".module.{module.name}", module.base, module.size, "ax"))
+            found += symbols
+        return found
