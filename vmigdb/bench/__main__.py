@@ -1,0 +1,5 @@
+import sys
+
+from vmigdb.bench.run import main
+
+sys.exit(main())

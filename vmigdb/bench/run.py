@@ -1,0 +1,238 @@
+"""scripts/bench: vmigdb against QEMU's own gdbstub, side by side, on the same demo guest.
+
+Boots the guest under QEMU's gdbstub, runs every workload, shuts it down; then the same under vmigdb
+(never both at once: one guest at a time on a small machine). Prints one table; --json and
+--markdown write the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vmigdb.bench import stats
+from vmigdb.bench.gdbrun import gdb_version
+from vmigdb.bench.guest import (
+    BenchError,
+    QemuServer,
+    Server,
+    VmigdbServer,
+    cpu_model,
+    load_average,
+    qemu_version,
+)
+from vmigdb.bench.workloads import EXTRA_KSYMS, FULL, QUICK, Config, Workloads
+from vmigdb.errors import SetupError
+
+MEMORY_MIB = 1024
+SMP = 1
+STEPS = (
+    "idle",
+    "bulk_read",
+    "dump_memory",
+    "scattered",
+    "registers",
+    "stepi",
+    "cond_bp",
+    "next_loop",
+)
+STEP_KEYS = {"idle": ("idle_a", "idle_b"), "bulk_read": ("bulk_read", "footprint")}
+APPEND = f"vmigdb.programs=ticker,loop:park vmigdb.ksyms={','.join(EXTRA_KSYMS)}"
+
+_start = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"bench [{time.monotonic() - _start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench", description="vmigdb against QEMU's own gdbstub, side by side."
+    )
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, smaller sizes")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="write a README-ready table")
+    p.add_argument("--servers", default="qemu,vmigdb", help="comma list: qemu,vmigdb")
+    p.add_argument("--only", default=",".join(STEPS), help=f"comma list of {','.join(STEPS)}")
+    p.add_argument(
+        "--keep", action="store_true", help="keep the work directory (GDB scripts, logs)"
+    )
+    args = p.parse_args(argv)
+    args.servers = [s for s in args.servers.split(",") if s]
+    args.only = [s for s in args.only.split(",") if s]
+    for name in args.servers:
+        if name not in stats.SERVERS:
+            p.error(f"unknown server {name!r}")
+    for name in args.only:
+        if name not in STEPS:
+            p.error(f"unknown workload {name!r}")
+    return args
+
+
+def preflight() -> None:
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("gdb", "gdb")):
+        if shutil.which(tool) is None:
+            raise SetupError(
+                f"{tool} not found: install it with 'apt-get install {package}' "
+                "(scripts/bench does, through scripts/setup)"
+            )
+
+
+def run_server(
+    cls: type[Server], image, config: Config, only: list[str], results: stats.Results, root: Path
+) -> None:
+    name = cls.name
+
+    def put(key: str, cell: stats.Cell) -> None:
+        results.setdefault(key, {})[name] = cell
+
+    def fail(step: str, message: str) -> None:
+        for key in STEP_KEYS.get(step, (step,)):
+            if key == "footprint" and name != "vmigdb":
+                continue
+            if key == "dump_memory" and name != "vmigdb":
+                continue
+            put(key, stats.Cell(error=message))
+
+    log(f"{name}: booting the guest ({MEMORY_MIB} MiB, {SMP} vCPU, TCG)")
+    programs = image.programs
+    server = cls(root / name, image.kernel, image.initrd, APPEND, memory_mib=MEMORY_MIB, smp=SMP)
+    try:
+        server.start()
+    except BenchError as exc:
+        server.stop()
+        log(f"{name}: {exc}\n{exc.detail}")
+        for step in only:
+            fail(step, "boot failed")
+        return
+    try:
+        log(f"{name}: guest ready at {server.address}")
+        loop_source = Path(__file__).resolve().parents[1] / "images" / "programs" / "loop.c"
+        work = Workloads(server, config, server.workdir, programs / "loop", loop_source, log)
+        work.prepare()
+        unparked = False
+        for step in only:
+            if step == "dump_memory" and name != "vmigdb":
+                continue
+            if not server.alive():
+                fail(step, f"{server.title} exited")
+                continue
+            log(f"{name}: {step}")
+            try:
+                if step in ("cond_bp", "next_loop") and not unparked:
+                    work.unpark_loop()
+                    unparked = True
+                if step == "idle":
+                    a, b = work.idle()
+                    put("idle_a", a)
+                    put("idle_b", b)
+                elif step == "bulk_read":
+                    footprint = stats.Cell() if name == "vmigdb" else None
+                    put("bulk_read", work.bulk_read(footprint))
+                    if footprint is not None:
+                        put("footprint", footprint)
+                else:
+                    put(step, getattr(work, step)())
+            except BenchError as exc:
+                log(f"{name}: {step} failed: {exc}" + (f"\n{exc.detail}" if exc.detail else ""))
+                fail(step, str(exc) if len(str(exc)) < 40 else "error (see log)")
+    except BenchError as exc:
+        log(f"{name}: {exc}" + (f"\n{exc.detail}" if exc.detail else ""))
+        for step in only:
+            if all(name not in results.get(k, {}) for k in STEP_KEYS.get(step, (step,))):
+                fail(step, "error (see log)")
+    finally:
+        server.stop()
+        log(f"{name}: guest stopped")
+
+
+def machine_meta(config: Config, image) -> dict:
+    load = load_average()
+    remarks = []
+    if load > 0.5:
+        remarks.append(
+            f"host load average was {load:.2f} at the start: other work ran alongside, "
+            "figures are noisier than on an idle machine"
+        )
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "qemu": qemu_version(),
+        "gdb": gdb_version(),
+        "guest": {
+            "kernel": image.release,
+            "memory_mib": MEMORY_MIB,
+            "smp": SMP,
+            "accel": "tcg",
+            "append": APPEND,
+        },
+        "quick": config.quick,
+        "repetitions": config.reps,
+        "passes": config.passes,
+        "config": {k: v for k, v in vars(config).items()},
+        "load_average": load,
+        "remarks": remarks,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = QUICK if args.quick else FULL
+
+    def on_term(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    results: stats.Results = {}
+    root = Path(tempfile.mkdtemp(prefix="vmigdb-bench-"))
+    status = 0
+    meta: dict = {}
+    try:
+        preflight()
+        from vmigdb.images.build import build_guest
+
+        log("building the demo guest (cached after the first run)")
+        image = build_guest()
+        if image.programs is None or not (image.programs / "loop").is_file():
+            raise SetupError(
+                "the demo guest has no loop program: rebuild with 'vmigdb guest build'"
+            )
+        meta = machine_meta(config, image)
+        servers = {"qemu": QemuServer, "vmigdb": VmigdbServer}
+        for name in args.servers:
+            run_server(servers[name], image, config, args.only, results, root)
+    except SetupError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        log("interrupted: both guests are stopped; the figures so far follow")
+        status = 130
+    finally:
+        if args.keep:
+            log(f"work directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    meta["elapsed_s"] = round(time.monotonic() - _start, 1)
+    print(stats.format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(stats.to_json(results, meta), indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(stats.format_markdown(results, meta))
+    errors = [c for cells in results.values() for c in cells.values() if c.error and not c.values]
+    if status == 0 and any(not e.error.startswith("n/a") for e in errors):
+        status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
