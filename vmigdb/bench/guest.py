@@ -34,6 +34,7 @@ class BenchError(Exception):
 
 def child_setup() -> None:
     """In the child before exec: die with the benchmark (SIGTERM when its parent goes)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # GDB is stopped with ^C; never inherit SIG_IGN
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):

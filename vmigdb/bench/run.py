@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with ^C ignored
     results: stats.Results = {}
     root = Path(tempfile.mkdtemp(prefix="vmigdb-bench-"))
     status = 0
