@@ -34,6 +34,12 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serial", type=Path, help="file that receives the guest console")
     parser.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto")
     parser.add_argument("--append", default="", help="added to the kernel command line")
+    parser.add_argument(
+        "--stealth",
+        choices=["default", "strict"],
+        default="default",
+        help="strict: refuse any mechanism the guest could see (monitor stealth lists them)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +161,7 @@ async def _tail(path: Path, stop: asyncio.Event) -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     from vmigdb.debugger.engine import Debugger
+    from vmigdb.debugger.policy import StealthMode
     from vmigdb.hv.qemu.launch import launch_qemu
     from vmigdb.hv.qemu.process import QemuConfig
     from vmigdb.rsp.server import RspServer
@@ -184,7 +191,7 @@ async def _serve(args: argparse.Namespace) -> int:
     tail = None
     server = None
     try:
-        debugger = Debugger(machine.driver)
+        debugger = Debugger(machine.driver, StealthMode(args.stealth))
         debugger.resume({cpu: "c" for cpu in debugger.cpus()})  # the guest boots running
         server = RspServer(debugger, local=address.is_loopback())
         await server.start(listener)

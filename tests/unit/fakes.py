@@ -187,6 +187,7 @@ class FakeDriver(Driver):
         self.calls: list[tuple[str, tuple]] = []
         self.bp_calls: list[tuple[str, BreakpointType, int, int]] = []
         self.installed: set[tuple[int, int, int]] = set()
+        self.patched: set[tuple[int, int, int]] = set()  # KVM fallback breakpoints (0xCC in RAM)
         self.resumes: list[dict[int, str]] = []
         self.register_writes: list[tuple[int, int, bytes]] = []
         self.writes: list[tuple[int, bytes]] = []
@@ -298,14 +299,18 @@ class FakeDriver(Driver):
         if not 0 < length <= 16:
             self._violate(f"{what} with length {length}")
 
-    def insert_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
+    def insert_breakpoint(
+        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+    ) -> None:
         self.calls.append(("insert_breakpoint", (type, addr, length)))
         self.bp_calls.append(("insert", type, addr, length))
         self._check_bp("insert_breakpoint", type, addr, length)
         key = bp_key(type, addr, length)
         if key in self.installed:
             self._violate(f"insert_breakpoint of {key} already inserted")
-        if self.accel == "kvm" and len(self.installed) >= HW_SLOTS:
+        if mechanism is not None:
+            self.patched.add(key)  # QEMU/KVM would write 0xCC into guest RAM for this one
+        elif self.accel == "kvm" and len(self.installed - self.patched) >= HW_SLOTS:
             # What QEMU/KVM does with a fifth debug-register request (-ENOBUFS).
             raise DriverError("no free hardware debug register")
         self.installed.add(key)
@@ -318,6 +323,7 @@ class FakeDriver(Driver):
         if key not in self.installed:
             self._violate(f"remove_breakpoint of {key} never inserted")
         self.installed.discard(key)
+        self.patched.discard(key)
 
     def resume(self, actions: dict[int, str]) -> None:
         self.calls.append(("resume", (dict(actions),)))

@@ -13,6 +13,7 @@ from vmigdb.debugger.breakpoints import (
     BreakpointTable,
     UnsupportedBreakpoint,
 )
+from vmigdb.debugger.policy import StealthMode, StealthPolicy, StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.hv.qemu.driver import kvm_capabilities, tcg_capabilities
 
@@ -24,9 +25,10 @@ def bp(type: BreakpointType, offset: int = 0, kind: int = 1) -> Breakpoint:
     return Breakpoint(type, KERNEL_VA + offset, kind)
 
 
-def table(*, kvm: bool = False) -> tuple[FakeDriver, BreakpointTable]:
+def table(*, kvm: bool = False, strict: bool = False) -> tuple[FakeDriver, BreakpointTable]:
     fake = FakeDriver(2, kvm=kvm, ram_size=4 << 20)
-    return fake, BreakpointTable(fake)
+    mode = StealthMode.STRICT if strict else StealthMode.DEFAULT
+    return fake, BreakpointTable(fake, StealthPolicy(mode, fake.capabilities))
 
 
 def test_breakpoint_key() -> None:
@@ -168,8 +170,9 @@ def test_tcg_has_no_limit() -> None:
     ],
     ids=["hardware", "mixed"],
 )
-@pytest.mark.parametrize("fifth", [bp(SW, 0x80), bp(HW, 0x80), bp(AW, 0x80, 8)], ids=str)
+@pytest.mark.parametrize("fifth", [bp(HW, 0x80), bp(AW, 0x80, 8)], ids=str)
 def test_kvm_slot_limit(first_four: list[Breakpoint], fifth: Breakpoint) -> None:
+    """Hardware breakpoints and watchpoints have nowhere else to go: the fifth is refused."""
     fake, bps = table(kvm=True)
     for b in first_four:
         bps.add(b)
@@ -181,6 +184,28 @@ def test_kvm_slot_limit(first_four: list[Breakpoint], fifth: Breakpoint) -> None
     assert bps.changes == 4
     bps.add(first_four[0])  # re-adding one already held is still fine
     assert len(fake.bp_calls) == calls
+
+
+def test_kvm_fifth_software_breakpoint_falls_back_to_a_visible_patch_with_a_warning() -> None:
+    fake, bps = table(kvm=True)
+    for i in range(4):
+        bps.add(bp(SW, i))
+    bps.add(bp(SW, 0x80))
+    key = bp_key(SW, KERNEL_VA + 0x80, 1)
+    assert key in fake.patched and len(fake.installed) == 5
+    warning = bps._policy.take_warnings()
+    assert warning and "0xCC written into guest RAM" in warning and "--stealth strict" in warning
+    bps.add(bp(SW, 0x90))
+    assert bps._policy.take_warnings() is None  # warned once per mechanism
+
+
+def test_kvm_fifth_software_breakpoint_is_refused_in_strict_mode() -> None:
+    fake, bps = table(kvm=True, strict=True)
+    for i in range(4):
+        bps.add(bp(SW, i))
+    with pytest.raises(StealthRefused, match="guest can see .*refused by --stealth strict"):
+        bps.add(bp(SW, 0x80))
+    assert not fake.patched and len(fake.installed) == 4
 
 
 def test_kvm_slot_freed_after_removal_and_sync() -> None:

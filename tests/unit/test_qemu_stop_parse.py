@@ -108,4 +108,8 @@ def test_kvm_capabilities_share_four_debug_registers() -> None:
         "hardware breakpoint",
         "watchpoint",
         "single-step",
+        "software breakpoint (fallback)",  # 0xCC in guest RAM: visible, policy-gated
+        "kvm-tsc",  # the TSC runs on while the VM is stopped: visible
     }
+    assert jobs["software breakpoint (fallback)"].guest_visible
+    assert jobs["kvm-tsc"].guest_visible

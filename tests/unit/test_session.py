@@ -28,6 +28,7 @@ from vmigdb.arch.x86_64.registers import (
 )
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
+from vmigdb.debugger.policy import StealthMode, StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError, DriverStop
 from vmigdb.rsp import codec
 from vmigdb.rsp.session import (
@@ -847,14 +848,55 @@ def test_z_of_an_unknown_breakpoint(m: Machine) -> None:
 
 
 def test_kvm_fifth_slot_is_refused() -> None:
+    """Hardware breakpoints and watchpoints have only the four debug registers."""
     mach = machine(kvm=True)
     for i, t in enumerate((1, 1, 0, 2)):
         assert mach.one(b"Z%d,%x,1" % (t, KERNEL_VA + 8 * i)) == b"OK"
-    for t in (0, 1, 2, 3, 4):
+    for t in (1, 2, 3, 4):
         reply = mach.one(b"Z%d,%x,1" % (t, KERNEL_VA + 0x100))
         assert ERROR.fullmatch(reply) and reply == b"E1c"
     assert len(mach.fake.bp_calls) == 4
     assert mach.one(b"Z1,%x,1" % KERNEL_VA) == b"OK"  # one already held is fine
+
+
+def test_kvm_fifth_software_breakpoint_obeys_the_stealth_policy() -> None:
+    """default: a visible 0xCC patch, with a warning at the next stop; strict: refused, saying why."""
+    for strict in (False, True):
+        fake = FakeDriver(2, kvm=True)
+        dbg = Debugger(fake, StealthMode.STRICT if strict else StealthMode.DEFAULT)
+        dbg.resume({cpu: "c" for cpu in dbg.cpus()})
+        dbg.halt()
+        session = Session(dbg)
+        for i in range(4):
+            assert session.handle(b"Z0,%x,1" % (KERNEL_VA + 8 * i)).replies == [b"OK"]
+        reply = session.handle(b"Z0,%x,1" % (KERNEL_VA + 0x100)).replies[0]
+        if strict:
+            assert reply.startswith(b"E.") and b"refused by --stealth strict" in reply
+            assert not fake.patched
+        else:
+            assert reply == b"OK" and fake.patched
+            dbg.resume({1: "c", 2: "c"})
+            dbg.interrupt()
+            event = dbg.poll()
+            assert event is not None and "0xCC written into guest RAM" in (event.message or "")
+            replies = session.stop_replies(event)
+            assert replies[0].startswith(b"O") and replies[-1].startswith(b"T02")
+        text = b"".join(
+            codec.decode_hex(r[1:])
+            for r in session.handle(b"qRcmd," + codec.encode_hex(b"stealth")).replies[:-1]
+        ).decode()
+        assert f"stealth: {'strict' if strict else 'default'}" in text
+        assert "VISIBLE to the guest" in text and "invisible" in text
+
+
+def test_kvm_single_step_is_refused_in_strict_mode() -> None:
+    fake = FakeDriver(1, kvm=True)
+    dbg = Debugger(fake, StealthMode.STRICT)
+    dbg.resume({1: "c"})
+    dbg.halt()
+    with pytest.raises(StealthRefused, match="TF"):
+        dbg.resume({1: "s"})
+    assert not dbg.running
 
 
 def test_unsupported_breakpoint_type_gets_the_empty_reply() -> None:
@@ -1194,3 +1236,18 @@ def test_qemu_72_crashers_are_refused(m: Machine) -> None:
         outcome = m.handle(event.data)
         assert outcome.replies == [b"E16"] and outcome.action is None
         assert m.fake.calls == []
+
+
+def test_tcg_strict_allows_everything_it_declares_invisible() -> None:
+    fake = FakeDriver(1)
+    dbg = Debugger(fake, StealthMode.STRICT)
+    dbg.resume({1: "c"})
+    dbg.halt()
+    session = Session(dbg)
+    for i in range(50):
+        assert session.handle(b"Z0,%x,1" % (KERNEL_VA + i)).replies == [b"OK"]
+    assert session.handle(b"Z2,%x,8" % KERNEL_VA).replies == [b"OK"]
+    fake.queue_stop(DriverStop(cpu=1, signal=5))
+    dbg.resume({1: "s"})
+    event = dbg.poll()
+    assert event is not None and event.message is None  # nothing visible, nothing to warn about

@@ -14,7 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vmigdb.debugger.policy import StealthMode, StealthPolicy
 from vmigdb.hv.base import BreakpointType, Capabilities, Driver, Mechanism
+
+_JOBS = {
+    BreakpointType.SOFTWARE: "software breakpoint",
+    BreakpointType.HARDWARE: "hardware breakpoint",
+    BreakpointType.WRITE_WATCH: "watchpoint",
+    BreakpointType.READ_WATCH: "watchpoint",
+    BreakpointType.ACCESS_WATCH: "watchpoint",
+}
 
 # A target-side condition: called with an evaluation context (registers, memory) of the vCPU that
 # hit; non-zero means stop. Raising means "cannot tell": the stop is reported and GDB decides.
@@ -31,6 +40,8 @@ class Breakpoint:
     # Process scope: the hit counts only when the vCPU's page-table base (CR3 without PCID/PTI
     # bits) is this one. Set from the session's scope when the breakpoint is first created.
     scope_cr3: int | None = field(default=None, compare=False)
+    # The mechanism serving it when not its type's default (the stealth policy's fallback).
+    mechanism: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -46,15 +57,22 @@ class UnsupportedBreakpoint(Exception):
 
 
 class BreakpointTable:
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Driver, policy: StealthPolicy | None = None) -> None:
         self._driver = driver
         self._caps: Capabilities = driver.capabilities
+        self._policy = policy or StealthPolicy(StealthMode.DEFAULT, driver.capabilities)
         self.desired: dict[tuple[int, int, int], Breakpoint] = {}
         self.installed: dict[tuple[int, int, int], Breakpoint] = {}
         # vmigdb's own breakpoints, never shown to GDB, each with the owners that want it
         # ("range": range-stepping exits; "scope": the scoped process's exit hook)
         self.internal: dict[tuple[int, int, int], set[str]] = {}
         self.changes = 0  # hypervisor-side insertions and removals so far (the step quirk needs it)
+
+    def mechanism_of(self, bp: Breakpoint) -> Mechanism | None:
+        fallback = self._caps.sw_breakpoint_fallback
+        if bp.mechanism is not None and fallback is not None and bp.mechanism == fallback.key:
+            return fallback
+        return self.mechanism(bp.type)
 
     def mechanism(self, type: BreakpointType) -> Mechanism | None:
         if type == BreakpointType.SOFTWARE:
@@ -70,26 +88,40 @@ class BreakpointTable:
         the process scope it was created in, whatever the scope is now.
         """
         previous = self.desired.get(bp.key) or self.installed.get(bp.key)
-        if previous is not None and previous.scope_cr3 != bp.scope_cr3:
-            bp = replace(bp, scope_cr3=previous.scope_cr3)
+        if previous is not None:
+            bp = replace(bp, scope_cr3=previous.scope_cr3, mechanism=previous.mechanism)
         if bp.key in self.desired:
             self.desired[bp.key] = bp
             return
+        if bp.key not in self.installed:
+            bp = self._choose_mechanism(bp)
+        self._install(bp)
+        self.desired[bp.key] = bp
+
+    def _choose_mechanism(self, bp: Breakpoint) -> Breakpoint:
+        """The invisible mechanism if it has room, else the fallback the policy allows."""
         mechanism = self.mechanism(bp.type)
         if mechanism is None:
             raise UnsupportedBreakpoint(bp.type)
         if mechanism.limit is not None and self._slots_used(mechanism, bp) > mechanism.limit:
             self.sync()  # lazily removed breakpoints still hold slots: give them back first
             if self._slots_used(mechanism, bp) > mechanism.limit:
-                raise BreakpointLimitError(
-                    f"all {mechanism.limit} slots of {mechanism.key} are in use"
-                )
-        self._install(bp)
-        self.desired[bp.key] = bp
+                fallback = self._caps.sw_breakpoint_fallback
+                if bp.type != BreakpointType.SOFTWARE or fallback is None:
+                    raise BreakpointLimitError(
+                        f"all {mechanism.limit} slots of {mechanism.key} are in use"
+                    )
+                self._policy.use("software breakpoint (fallback)", fallback)
+                return replace(bp, mechanism=fallback.key)
+        self._policy.use(_JOBS[bp.type], mechanism)
+        return bp
 
     def _install(self, bp: Breakpoint) -> None:
         if bp.key not in self.installed:
-            self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind)
+            if bp.mechanism is None:
+                self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind)
+            else:
+                self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind, bp.mechanism)
             self.installed[bp.key] = bp
             self.changes += 1
 
@@ -129,7 +161,7 @@ class BreakpointTable:
             key: Breakpoint(BreakpointType(key[0]), key[1], key[2]) for key in self.internal
         }
         held = {**self.installed, **internal, **self.desired, new.key: new}
-        return sum(1 for key in keys if self.mechanism(held[key].type) == mechanism)
+        return sum(1 for key in keys if self.mechanism_of(held[key]) == mechanism)
 
     def remove(self, bp: Breakpoint) -> None:
         """Idempotent, like GDB expects of z."""

@@ -42,6 +42,7 @@ from vmigdb.debugger.model import (
     RangeStep,
     cr3_base,
 )
+from vmigdb.debugger.policy import StealthMode, StealthPolicy
 from vmigdb.debugger.stops import StopHandling
 from vmigdb.hv.base import BreakpointType, Driver, DriverError
 
@@ -53,9 +54,10 @@ __all__ = ["Action", "Debugger", "MemoryFault", "ProcessScope", "RangeStep", "cr
 
 
 class Debugger(StopHandling):
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Driver, stealth: StealthMode = StealthMode.DEFAULT) -> None:
         self.driver = driver
-        self.breakpoints = BreakpointTable(driver)
+        self.policy = StealthPolicy(stealth, driver.capabilities)
+        self.breakpoints = BreakpointTable(driver, self.policy)
         self.translator = Translator(driver.read_physical)
         self.physical_addresses = False  # `monitor phys on`: GDB's addresses are guest-physical
         self.guest = GuestView(driver)  # OS awareness, attached on first use
@@ -200,6 +202,8 @@ class Debugger(StopHandling):
         """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped."""
         if self.running:
             raise DriverError("the machine is already running")
+        if any(action != "c" for action in actions.values()):
+            self._use_single_step()
         self._range = None
         for cpu, action in actions.items():
             if isinstance(action, RangeStep):
@@ -208,8 +212,17 @@ class Debugger(StopHandling):
         self._request = dict(actions)
         self._drive({cpu: "c" if act == "c" else "s" for cpu, act in actions.items()})
 
+    def _use_single_step(self) -> None:
+        """Ask the stealth policy before any step (raises StealthRefused in strict mode)."""
+        mechanism = self.driver.capabilities.single_step
+        if mechanism is None:
+            raise DriverError(f"the {self.driver.name} driver cannot single-step")
+        self.policy.use("single-step", mechanism)
+
     def _drive(self, actions: dict[int, str], *, retry: bool = False) -> None:
         """Ask the driver to run; remembers what was asked, for the step checks at the stop."""
+        if "s" in actions.values():
+            self._use_single_step()  # vmigdb's own steps (step-over, range stepping) count too
         if not retry:
             self._bp_changed_before_resume = self.breakpoints.changes != self._changes_seen
             self._changes_seen = self.breakpoints.changes

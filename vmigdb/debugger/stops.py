@@ -9,12 +9,14 @@ handled here by stepping or running on, without a GDB round trip.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointLimitError
 from vmigdb.debugger.events import SIGINT, SIGTRAP, StopEvent, StopReason
 from vmigdb.debugger.model import ActiveRange, MemoryFault, RangeStep, cr3_base
+from vmigdb.debugger.policy import StealthRefused
 from vmigdb.debugger.range_step import plan_range
 from vmigdb.debugger.stepping import may_stay_put
 from vmigdb.hv.base import BreakpointType, DriverError, DriverStop
@@ -34,6 +36,17 @@ class StopHandling:
 
     def _handle(self, stop: DriverStop) -> StopEvent | None:
         """Interpret one hypervisor stop: report it to GDB, or go on by ourselves (None)."""
+        try:
+            return self._interpret(stop)
+        except StealthRefused as exc:
+            # Going on by ourselves needed a mechanism the policy refuses: let GDB see this stop.
+            cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
+            regs = self.registers(cpu)
+            return self._report(
+                StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, str(exc))
+            )
+
+    def _interpret(self, stop: DriverStop) -> StopEvent | None:
         self.running = False
         self._regs.clear()
         self.translator.flush()
@@ -146,6 +159,10 @@ class StopHandling:
         return False
 
     def _report(self, event: StopEvent) -> StopEvent:
+        warnings = self.policy.take_warnings()
+        if warnings:
+            message = f"{event.message}\n{warnings}" if event.message else warnings
+            event = replace(event, message=message)
         if self._range is not None:
             self.breakpoints.release_internal("range")
             self._range = None

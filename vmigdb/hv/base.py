@@ -60,6 +60,9 @@ class Capabilities:
     watchpoint: Mechanism | None  # Z2/Z3/Z4
     single_step: Mechanism | None
     extra: tuple[Mechanism, ...] = field(default=())  # anything else the driver does to the VM
+    # A visible way to serve Z0 once the invisible one is exhausted (e.g. 0xCC patched into RAM
+    # under KVM after the 4 debug registers); used only if the stealth policy allows it.
+    sw_breakpoint_fallback: Mechanism | None = None
 
     def all(self) -> list[tuple[str, Mechanism]]:
         jobs = [
@@ -70,6 +73,7 @@ class Capabilities:
             ("hardware breakpoint", self.hw_breakpoint),
             ("watchpoint", self.watchpoint),
             ("single-step", self.single_step),
+            ("software breakpoint (fallback)", self.sw_breakpoint_fallback),
         ]
         jobs += [(m.key, m) for m in self.extra]
         return [(job, m) for job, m in jobs if m is not None]
@@ -127,7 +131,10 @@ class Driver(ABC):
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None: ...
 
     @abstractmethod
-    def insert_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None: ...
+    def insert_breakpoint(
+        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+    ) -> None:
+        """`mechanism`: a declared mechanism's key to use instead of the type's default one."""
 
     @abstractmethod
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None: ...

@@ -181,15 +181,9 @@ class Monitor:
             raise MonitorError(str(exc)) from None
 
     def cmd_stealth(self, args: list[str]) -> str:
-        """stealth — every mechanism this driver uses and whether the guest could see it"""
-        lines = [f"driver: {self._debugger.driver.name}"]
-        for job, mechanism in self._debugger.driver.capabilities.all():
-            visible = "VISIBLE to the guest" if mechanism.guest_visible else "invisible"
-            limit = f", {mechanism.limit} slots" if mechanism.limit else ""
-            lines.append(f"  {job}: {mechanism.description}{limit} — {visible}")
-            if mechanism.why:
-                lines.append(f"      ({mechanism.why})")
-        return "\n".join(lines)
+        """stealth — the stealth mode, every mechanism the driver declares, its visibility, its use"""
+        driver = self._debugger.driver
+        return "\n".join([f"driver: {driver.name}", *self._debugger.policy.describe()])
 
     def cmd_vtop(self, args: list[str]) -> str:
         """vtop ADDR — translate a virtual address with the current vCPU's page tables"""

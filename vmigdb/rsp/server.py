@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
+from vmigdb.debugger.policy import StealthRefused
 from vmigdb.hv.base import DriverError, MachineGone
 from vmigdb.rsp import codec
 from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session
@@ -252,6 +253,10 @@ class GdbConnection(asyncio.Protocol):
             except DriverError as exc:
                 log.warning("resume failed: %s", exc)
                 self._send(EIO)
+                return
+            except StealthRefused as exc:
+                log.warning("%s", exc)
+                self._send(b"E." + str(exc).encode())
                 return
             self.waiting_for_stop = True
         elif isinstance(action, Detach):

@@ -23,6 +23,7 @@ from vmigdb.debugger.engine import Action as RunAction
 from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
+from vmigdb.debugger.policy import StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.rsp import codec
 from vmigdb.rsp.agent import AgentError, evaluate, parse_conditions
@@ -217,6 +218,9 @@ class Session:
             return EINVAL
         if isinstance(exc, MemoryFault):
             return EFAULT
+        if isinstance(exc, StealthRefused):
+            log.warning("%s", exc)
+            return b"E." + str(exc).encode()
         if isinstance(exc, BreakpointLimitError):
             log.warning("%s", exc)
             return ENOSPC

@@ -36,6 +36,9 @@ _WATCH_KEYS = {
 }
 
 
+PATCHED_INT3 = "kvm-patched-int3"
+
+
 def _m(key: str, description: str, visible: bool, why: str, limit: int | None = None) -> Mechanism:
     return Mechanism(key, description, visible, limit, why)
 
@@ -108,6 +111,20 @@ def kvm_capabilities() -> Capabilities:
             True,
             "the guest can observe TF (pushf) while a step is in flight",
         ),
+        sw_breakpoint_fallback=_m(
+            PATCHED_INT3,
+            "0xCC written into guest RAM by QEMU (KVM software breakpoint)",
+            True,
+            "the guest reading its own code sees 0xCC; a checksum of its code catches it",
+        ),
+        extra=(
+            _m(
+                "kvm-tsc",
+                "the guest's TSC while the VM is stopped",
+                True,
+                "under KVM the TSC keeps counting while vmigdb holds the VM stopped",
+            ),
+        ),
         **_SHARED,
     )
 
@@ -150,6 +167,7 @@ class QemuDriver(Driver):
         self.capabilities = kvm_capabilities() if accel == "kvm" else tcg_capabilities()
         self._g_cpu: int | None = None  # the vCPU QEMU's Hg currently points at
         self._cpus: list[int] = []
+        self._patched: set[tuple[int, int]] = set()  # KVM Z0s QEMU serves by patching 0xCC
         self.exit_status: int | None = None
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -215,14 +233,20 @@ class QemuDriver(Driver):
         if reply != b"OK":
             raise DriverError(f"QEMU refused a register write: {reply!r}")
 
-    def insert_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
+    def insert_breakpoint(
+        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+    ) -> None:
+        if mechanism == PATCHED_INT3:
+            self._patched.add((addr, length))
         self._z(b"Z", type, addr, length)
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
         self._z(b"z", type, addr, length)
+        self._patched.discard((addr, length))
 
     def _z(self, verb: bytes, type: BreakpointType, addr: int, length: int) -> None:
-        if self.accel == "kvm" and type == BreakpointType.SOFTWARE:
+        patched = (addr, length) in self._patched
+        if self.accel == "kvm" and type == BreakpointType.SOFTWARE and not patched:
             # QEMU would write 0xCC into guest RAM: use a hardware slot instead.
             type = BreakpointType.HARDWARE
         reply = self._client.request(b"%s%d,%x,%x" % (verb, int(type), addr, length))

@@ -1,0 +1,69 @@
+"""The stealth policy: which mechanisms the guest could see, and whether vmigdb may use them.
+
+Each driver declares, per mechanism, whether the guest could observe it (`hv.base.Mechanism`). The
+debugger asks the policy before it uses one:
+- `strict` refuses any visible mechanism, with a message that says why (GDB gets an error reply
+  and `monitor stealth` explains), instead of silently falling back;
+- `default` prefers invisible mechanisms, uses a visible one only when nothing else can do the job,
+  and warns once per mechanism (on GDB's console, with the next stop).
+The policy also records what is in use, so `monitor stealth` can tell the truth.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from vmigdb.hv.base import Capabilities, Mechanism
+
+
+class StealthMode(enum.Enum):
+    DEFAULT = "default"
+    STRICT = "strict"
+
+
+class StealthRefused(Exception):
+    """A visible mechanism was needed and the policy is strict; the message says why."""
+
+
+class StealthPolicy:
+    def __init__(self, mode: StealthMode, capabilities: Capabilities) -> None:
+        self.mode = mode
+        self._caps = capabilities
+        self.in_use: dict[str, Mechanism] = {}  # job -> mechanism, as used so far
+        self._warned: set[str] = set()
+        self._pending: list[str] = []
+
+    def use(self, job: str, mechanism: Mechanism) -> None:
+        """Record that `job` is done with `mechanism`; raises StealthRefused if it may not be."""
+        if mechanism.guest_visible:
+            if self.mode is StealthMode.STRICT:
+                raise StealthRefused(
+                    f"{job} would need {mechanism.description}, which the guest can see "
+                    f"({mechanism.why}); refused by --stealth strict"
+                )
+            if mechanism.key not in self._warned:
+                self._warned.add(mechanism.key)
+                self._pending.append(
+                    f"vmigdb: warning: {job} uses {mechanism.description}, which the guest can "
+                    f"see ({mechanism.why}); --stealth strict would refuse it"
+                )
+        self.in_use[job] = mechanism
+
+    def take_warnings(self) -> str | None:
+        """Warnings not yet shown to GDB, as one console message."""
+        if not self._pending:
+            return None
+        text, self._pending = "\n".join(self._pending), []
+        return text
+
+    def describe(self) -> list[str]:
+        """`monitor stealth`: the mode, then every mechanism the driver declares."""
+        lines = [f"stealth: {self.mode.value}"]
+        for job, mechanism in self._caps.all():
+            visible = "VISIBLE to the guest" if mechanism.guest_visible else "invisible"
+            limit = f", {mechanism.limit} slots" if mechanism.limit else ""
+            used = "in use" if self.in_use.get(job) == mechanism else "available"
+            lines.append(f"  {job}: {mechanism.description}{limit} — {visible}, {used}")
+            if mechanism.why:
+                lines.append(f"      ({mechanism.why})")
+        return lines
