@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
-from vmigdb.debugger.engine import ProcessScope
+from vmigdb.debugger import processes
 from vmigdb.debugger.guest_view import GuestUnavailable
-from vmigdb.guest.linux import modules, tasks
 
 if TYPE_CHECKING:
     from vmigdb.debugger.engine import Debugger
@@ -94,31 +93,24 @@ class Monitor:
         """sym NAME — the address of a kernel symbol (from the guest's own kallsyms)"""
         if len(args) != 1:
             raise MonitorError("usage: monitor sym NAME")
-        symbol = self._linux().symbols.lookup(args[0])
+        symbol = self._guest(lambda dbg: dbg.guest.linux()).symbols.lookup(args[0])
         if symbol is None:
             raise MonitorError(f"no kernel symbol named {args[0]!r}")
         return f"{symbol.name} {symbol.address:#x}"
 
     def cmd_ps(self, args: list[str]) -> str:
         """ps — the guest's processes: pid, ppid, comm, cr3 (read from guest memory)"""
-        linux = self._linux()
+        scope = self._debugger.scope
         lines = [f"{'PID':>7} {'PPID':>7} {'COMM':<16} {'CR3':<18} STATE"]
-        for task in tasks.for_each_task(linux):
-            cr3 = tasks.task_cr3(linux, task)
-            mark = (
-                "*"
-                if self._debugger.scope is not None and self._debugger.scope.pid == task.pid
-                else " "
-            )
-            lines.append(
-                f"{task.pid:>7} {task.ppid:>7} {task.comm:<16} "
-                f"{(f'{cr3:#x}' if cr3 is not None else '-'):<18} {task.state}{mark}"
-            )
+        for p in self._guest(processes.list_processes):
+            mark = "*" if scope is not None and scope.pid == p.pid else " "
+            cr3 = f"{p.cr3:#x}" if p.cr3 is not None else "-"
+            lines.append(f"{p.pid:>7} {p.ppid:>7} {p.comm:<16} {cr3:<18} {p.state}{mark}")
         return "\n".join(lines)
 
     def cmd_lsmod(self, args: list[str]) -> str:
         """lsmod — the guest kernel's loaded modules"""
-        found = modules.modules(self._linux())
+        found = self._guest(processes.list_modules)
         lines = [f"{'MODULE':<24} {'BASE':<18} SIZE"]
         lines += [f"{m.name:<24} {m.base:#018x} {m.size:#x}" for m in found]
         if not found:
@@ -137,46 +129,20 @@ class Monitor:
                 if which == "all"
                 else "scope: the kernel; memory through the current vCPU's page tables"
             )
-        linux = self._linux()
-        if which.isdigit():
-            task = tasks.find_task(linux, int(which))
-            if task is None:
-                raise MonitorError(f"no process with pid {which}")
-        else:
-            found = [t for t in tasks.find_tasks(linux, which) if t.is_thread_leader]
-            if not found:
-                raise MonitorError(f"no process named {which!r}")
-            if len(found) > 1:
-                pids = ", ".join(str(t.pid) for t in found)
-                raise MonitorError(
-                    f"{len(found)} processes are named {which!r} (pids {pids}): pick one by pid"
-                )
-            task = found[0]
-        cr3 = tasks.task_cr3(linux, task)
-        if cr3 is None:
-            raise MonitorError(
-                f"{task.comm} (pid {task.pid}) is a kernel thread: it has no address space of its own"
-            )
-        exit_hook = linux.symbols.lookup("do_exit")
-        pid = task.pid
-
-        def is_exiting(regs) -> bool:
-            current = tasks.current_task(linux, regs["gs_base"], regs["k_gs_base"], regs["cs"])
-            return current is not None and current.pid == pid
-
-        self._debugger.set_scope(
-            ProcessScope(
-                task.pid, task.comm, cr3, exit_hook.address if exit_hook else None, is_exiting
-            )
-        )
+        try:
+            scope = self._guest(lambda dbg: processes.scope_for(dbg, which))
+        except processes.ProcessNotFound as exc:
+            raise MonitorError(str(exc)) from None
+        self._debugger.set_scope(scope)
         return (
-            f"scope: process {task.pid} ({task.comm}), page tables at {cr3:#x}; "
+            f"scope: process {scope.pid} ({scope.comm}), page tables at {scope.cr3:#x}; "
             "its user memory reads through them, new breakpoints fire only in it"
         )
 
-    def _linux(self):
+    def _guest(self, query):
+        """Run a guest-awareness query; an unanalysable guest is a one-line monitor error."""
         try:
-            return self._debugger.guest.linux()
+            return query(self._debugger)
         except GuestUnavailable as exc:
             raise MonitorError(str(exc)) from None
 
