@@ -6,13 +6,14 @@ The benchmark itself boots guests and is never run by the test suite (timings ar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from vmigdb.bench import stats
 from vmigdb.bench.gdbrun import parse_records, script_text
-from vmigdb.bench.observe import nice_floor, private_kib, ticker_rate
+from vmigdb.bench.observe import cpu_busy_seconds, nice_floor, private_kib, ticker_rate
 from vmigdb.bench.stats import QEMU, SPEC_BY_KEY, VMIGDB, Cell, Summary
 from vmigdb.bench.workloads import loop_lines
 
@@ -194,6 +195,14 @@ Private_Dirty:        16 kB
 def test_private_kib_leaves_out_the_guest_ram_file() -> None:
     assert private_kib(SMAPS, exclude_kib=1024 * 1024) == 4 + 8 + 20000 + 16
     assert private_kib(SMAPS, exclude_kib=1 << 40) == 4 + 8 + 65536 + 10000 + 20000 + 16
+
+
+def test_cpu_busy_seconds_counts_user_nice_system_irq_softirq() -> None:
+    tck = os.sysconf("SC_CLK_TCK")
+    stat = "cpu  100 20 30 5000 7 1 2 900 0 0\ncpu0 50 10 15 2500 3 0 1 450 0 0\n"
+    assert cpu_busy_seconds(stat) == pytest.approx((100 + 20 + 30 + 1 + 2) / tck)
+    with pytest.raises(ValueError):
+        cpu_busy_seconds("intr 1 2 3\n")
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,17 @@
-"""Host-side observations: the guest ticker's loop rate (from its console) and vmigdb's private memory.
+"""Host-side observations: the guest ticker's rate (from its console), vmigdb's private memory, and
+how busy other processes kept the host.
 
-`ticker_rate` and `private_kib` are pure (text in, number out) and unit-tested; `FootprintSampler`
-polls /proc while a workload runs.
+`ticker_rate`, `private_kib` and `cpu_busy_seconds` are pure (text in, number out) and unit-tested;
+`FootprintSampler` and `OtherLoad` read /proc while a workload runs.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
+import time
 from pathlib import Path
 
 # ticker prints "ticker pid=N round=R calls=C" once per guest second; only whole lines count.
@@ -62,6 +65,49 @@ def private_kib(smaps: str, exclude_kib: int) -> int:
 def _kib(text: str) -> int:
     parts = text.split()
     return int(parts[0]) if parts and parts[0].isdigit() else 0
+
+
+def cpu_busy_seconds(proc_stat: str) -> float:
+    """CPU seconds all cores spent busy (user, nice, system, irq, softirq) from /proc/stat's text."""
+    for line in proc_stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            user, nice, system, _idle, _iowait, irq, softirq = (int(f) for f in fields[1:8])
+            return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    raise ValueError("no 'cpu' line in /proc/stat")
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while in a `with` block (the host's noise).
+
+    All CPU time the machine spent, less this process's and its waited-for children's (servers,
+    QEMU, GDB), over the wall time. None when /proc/stat cannot be read.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _now() -> tuple[float, float, float] | None:
+        try:
+            busy = cpu_busy_seconds(open("/proc/stat").read())
+        except (OSError, ValueError):
+            return None
+        t = os.times()
+        own = t.user + t.system + t.children_user + t.children_system
+        return time.monotonic(), busy, own
+
+    def __enter__(self) -> OtherLoad:
+        self._start = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._now()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return
+        wall = end[0] - self._start[0]
+        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        self.cores = max(0.0, others / wall)
 
 
 def nice_floor(x: float) -> int:

@@ -29,6 +29,7 @@ from vmigdb.bench.guest import (
     load_average,
     qemu_version,
 )
+from vmigdb.bench.observe import OtherLoad
 from vmigdb.bench.workloads import EXTRA_KSYMS, FULL, QUICK, Config, Workloads
 from vmigdb.errors import SetupError
 
@@ -155,6 +156,20 @@ def run_server(
         log(f"{name}: guest stopped")
 
 
+def remark_on_load(meta: dict, other_load: dict[str, OtherLoad]) -> None:
+    """Say how many cores other processes kept busy during each server's part: the runs' noise."""
+    cores = {name: other.cores for name, other in other_load.items() if other.cores is not None}
+    if not meta or not cores:
+        return
+    meta["other_cores_busy"] = {name: round(c, 2) for name, c in cores.items()}
+    if max(cores.values()) > 0.2:
+        during = [f"{c:.1f} during the {stats.SERVER_TITLES[n]} part" for n, c in cores.items()]
+        meta["remarks"].append(
+            f"other processes kept on average {', '.join(during)} of the {meta['nproc']} cores "
+            "busy: expect more noise than on an idle machine"
+        )
+
+
 def machine_meta(config: Config, image) -> dict:
     load = load_average()
     remarks = []
@@ -198,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="vmigdb-bench-"))
     status = 0
     meta: dict = {}
+    other_load: dict[str, OtherLoad] = {}
     try:
         preflight()
         from vmigdb.images.build import build_guest
@@ -211,13 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         meta = machine_meta(config, image)
         servers = {"qemu": QemuServer, "vmigdb": VmigdbServer}
         for name in args.servers:
-            run_server(servers[name], image, config, args.only, results, root)
+            with OtherLoad() as other:
+                try:
+                    run_server(servers[name], image, config, args.only, results, root)
+                finally:
+                    other_load[name] = other
+        remark_on_load(meta, other_load)
     except SetupError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         log("interrupted: both guests are stopped; the figures so far follow")
         status = 130
+        remark_on_load(meta, other_load)
     finally:
         if args.keep:
             log(f"work directory kept: {root}")
