@@ -25,6 +25,7 @@ import binascii
 import enum
 import re
 import string
+import zlib
 from dataclasses import dataclass
 from typing import Final, Literal, TypeAlias
 
@@ -128,14 +129,29 @@ _HEX_VALUE: Final = bytes(
 _UNESCAPE: Final = re.compile(rb"\}(.?)", re.DOTALL)
 
 
+_ADLER_MOD = 65521
+_ADLER_CHUNK = 256  # 256 bytes of at most 255 each sum to 65280 < 65521: no modulo happens
+
+
 def checksum(payload: bytes) -> int:
-    """Modulo-256 sum of the payload bytes as transmitted."""
-    return sum(payload) & 0xFF
+    """Modulo-256 sum of the payload bytes as transmitted.
+
+    `sum()` walks a large payload byte by byte in Python objects (~1.2 ms for a 128 KiB `m`
+    reply). zlib's Adler-32 keeps the plain byte sum (plus one) in its low half, computed in C;
+    over chunks short enough never to reach Adler's modulus it is exactly the sum we need.
+    """
+    if len(payload) < 1024:
+        return sum(payload) & 0xFF
+    view = memoryview(payload)
+    total = 0
+    for start in range(0, len(payload), _ADLER_CHUNK):
+        total += (zlib.adler32(view[start : start + _ADLER_CHUNK]) & 0xFFFF) - 1
+    return total & 0xFF
 
 
 def encode_packet(payload: bytes) -> bytes:
     """Frame `payload` as ``$payload#xx``; binary payloads must be escaped by the caller."""
-    return b"$%b#%02x" % (payload, sum(payload) & 0xFF)
+    return b"$%b#%02x" % (payload, checksum(payload))
 
 
 def escape_binary(data: bytes) -> bytes:

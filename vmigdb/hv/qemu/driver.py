@@ -282,6 +282,10 @@ class QemuDriver(Driver):
     def _note(self, stop: DriverStop) -> DriverStop:
         if stop.exited is not None:
             self.exit_status = stop.exited
+        elif stop.cpu is not None:
+            # At every stop QEMU points its Hg at the vCPU it reports (gdb_set_stop_cpu): no Hg
+            # round trip is needed to read the stopped vCPU's registers.
+            self._g_cpu = stop.cpu
         return stop
 
     def wait_stop(self, timeout: float) -> DriverStop:
