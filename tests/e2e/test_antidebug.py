@@ -1,0 +1,163 @@
+"""The guest's own anti-debugging battery (`antidebug`, vmigdb/images/programs/antidebug.c).
+
+- With vmigdb serving and no debugger connected, every round reports `detections=0`.
+- The control: GDB patches one byte the program checksums but never executes (`set {char}CANARY =
+  0xcc`, scoped to its process): the next rounds report `checksum`; the original byte written back
+  the same way, the rounds are clean again. The battery really detects.
+- A measurement, not yet an assertion (issue 5 is about removing what it shows): how many rounds
+  report a detection while GDB breaks 20 times on a kernel function and detaches.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.conftest import Vm, boot
+
+pytestmark = pytest.mark.e2e
+
+START = re.compile(
+    r"antidebug pid=(\d+) checksum_start=0x([0-9a-f]+) checksum_end=0x([0-9a-f]+) "
+    r"canary=0x([0-9a-f]+)"
+)
+ROUND = re.compile(
+    r"^antidebug round=(\d+) detections=(\d+)(?: ([a-z0-9_,]+))? rdtsc_outliers=(\d+) "
+    r"rdtsc_max=(\d+)\r?$",
+    re.M,
+)
+BYTE = re.compile(r"^0x[0-9a-f]+(?: <[^>]*>)?:\s+0x([0-9a-f]{2})\s*$", re.M)
+
+
+@dataclass(frozen=True)
+class Round:
+    number: int
+    detections: int
+    names: tuple[str, ...]
+    rdtsc_outliers: int
+    rdtsc_max: int  # the round's slowest RDTSC sample, in multiples of the calibrated median
+    line: str
+
+
+@dataclass(frozen=True)
+class Antidebug:
+    pid: int
+    checksum_start: int
+    checksum_end: int
+    canary: int
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory, guest_image):
+    yield from boot(tmp_path_factory, guest_image, smp=2, append="vmigdb.programs=ticker,antidebug")
+
+
+@pytest.fixture(scope="module")
+def antidebug(vm: Vm) -> Antidebug:
+    m = vm.wait_console(START.pattern, 60)
+    vm.wait_console(r"antidebug calibrated ", 60)
+    return Antidebug(int(m.group(1)), *(int(g, 16) for g in m.groups()[1:]))
+
+
+def rounds(vm: Vm, after: int = 0) -> list[Round]:
+    """Every round line printed after console offset `after`."""
+    out = []
+    for m in ROUND.finditer(vm.console()[after:]):
+        names = tuple(m.group(3).split(",")) if m.group(3) else ()
+        number, detections, outliers, worst = (int(m.group(i)) for i in (1, 2, 4, 5))
+        out.append(Round(number, detections, names, outliers, worst, m.group(0).strip()))
+        assert len(names) == out[-1].detections, m.group(0)
+    return out
+
+
+def wait_rounds(vm: Vm, count: int, after: int) -> list[Round]:
+    """The first `count` rounds printed after console offset `after` (about one a second)."""
+    vm.wait_for(lambda: len(rounds(vm, after)) >= count, 3 * count + 15, f"{count} rounds")
+    return rounds(vm, after)[:count]
+
+
+def read_byte(vm: Vm, pid: int, addr: int) -> int:
+    out = vm.gdb(f"monitor process {pid}", f"x/bx {addr:#x}", "monitor process all", "detach")
+    m = BYTE.search(out)
+    assert m, out
+    return int(m.group(1), 16)
+
+
+def write_byte(vm: Vm, pid: int, addr: int, value: int) -> None:
+    out = vm.gdb(
+        f"monitor process {pid}",
+        f"set {{char}}{addr:#x} = {value:#x}",
+        "monitor process all",  # a scope outlives the session, with its exit-watch breakpoint
+        "detach",
+    )
+    assert f"scope: process {pid} (antidebug)" in out, out
+    assert "Cannot access memory" not in out, out
+
+
+def summary(seen: list[Round]) -> str:
+    fired = Counter(name for r in seen for name in r.names)
+    dirty = sum(1 for r in seen if r.detections)
+    return (
+        f"{len(seen)} rounds, {dirty} with detections {dict(fired) or '{}'}, "
+        f"rdtsc outliers {sum(r.rdtsc_outliers for r in seen)}, "
+        f"slowest rdtsc {max((r.rdtsc_max for r in seen), default=0)}x median"
+    )
+
+
+def test_no_debugger_no_detections(vm: Vm, antidebug: Antidebug) -> None:
+    """Runs first: vmigdb serves the guest, nobody has connected yet."""
+    assert antidebug.checksum_start <= antidebug.canary < antidebug.checksum_end
+    seen = wait_rounds(vm, 10, 0)
+    print(f"\nno debugger: {summary(seen)}")
+    assert [r.number for r in seen] == list(range(1, 11)), seen
+    assert all(r.detections == 0 for r in seen), seen
+
+
+def test_control_a_patched_byte_is_detected_then_forgiven(vm: Vm, antidebug: Antidebug) -> None:
+    pid, canary = antidebug.pid, antidebug.canary
+    original = read_byte(vm, pid, canary)
+    assert original != 0xCC
+    write_byte(vm, pid, canary, 0xCC)
+    try:
+        mark = len(vm.console())
+        assert read_byte(vm, pid, canary) == 0xCC
+        # The round under way may have checksummed before the write; the next one cannot have.
+        patched = wait_rounds(vm, 3, mark)
+        print(f"\npatched 0xcc at {canary:#x}: {summary(patched)}")
+        assert "checksum" in patched[1].names and "checksum" in patched[2].names, patched
+        print(f"control detection line: {patched[1].line}")
+    finally:
+        write_byte(vm, pid, canary, original)
+    mark = len(vm.console())
+    assert read_byte(vm, pid, canary) == original
+    restored = wait_rounds(vm, 6, mark)
+    print(f"restored {original:#04x}: {summary(restored)}")
+    assert all("checksum" not in r.names for r in restored[1:]), restored
+    # Each GDB session above may leave one timing outlier (issue 5); a few rounds on, all is quiet.
+    assert any(r.detections == 0 for r in restored[1:]), restored
+    assert restored[-1].detections == 0, restored
+
+
+def test_kernel_breakpoint_session_measurement(vm: Vm, antidebug: Antidebug) -> None:
+    """Recorded, not asserted: what the battery sees during and right after a GDB session that
+    breaks 20 times on __x64_sys_getpid (issue 5 will make this 0)."""
+    wait_rounds(vm, 2, len(vm.console()))  # the previous test's sessions are behind us
+    mark = len(vm.console())
+    started = time.monotonic()
+    out = vm.gdb("break __x64_sys_getpid", *["continue"] * 20, "delete", "detach", timeout=120)
+    elapsed = time.monotonic() - started
+    assert len(re.findall(r"hit Breakpoint 1, 0x[0-9a-f]+ in __x64_sys_getpid", out)) == 20, out
+    during = rounds(vm, mark)
+    after_mark = len(vm.console())
+    after = wait_rounds(vm, 3, after_mark)
+    print(
+        f"\nkernel breakpoint session ({elapsed:.1f} s, 20 hits on __x64_sys_getpid): "
+        f"during: {summary(during)}; the 3 rounds after: {summary(after)}"
+    )
+    for r in during + after:
+        if r.detections:
+            print(f"  {r.line}")
