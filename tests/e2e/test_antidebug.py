@@ -137,9 +137,8 @@ def test_control_a_patched_byte_is_detected_then_forgiven(vm: Vm, antidebug: Ant
     restored = wait_rounds(vm, 6, mark)
     print(f"restored {original:#04x}: {summary(restored)}")
     assert all("checksum" not in r.names for r in restored[1:]), restored
-    # Each GDB session above may leave one timing outlier (issue 5); a few rounds on, all is quiet.
-    assert any(r.detections == 0 for r in restored[1:]), restored
-    assert restored[-1].detections == 0, restored
+    # A GDB session may leave a timing detection in the round after it (issue 5); then all is quiet.
+    assert all(r.detections == 0 for r in restored[-3:]), restored
 
 
 def test_kernel_breakpoint_session_measurement(vm: Vm, antidebug: Antidebug) -> None:
