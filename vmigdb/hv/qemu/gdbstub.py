@@ -5,7 +5,8 @@ packets vmigdb composed itself: QEMU 7.2's gdbstub crashes (taking the guest wit
 packets, so no client byte is ever passed through.
 
 QEMU 7.2 does not offer QStartNoAckMode, so every packet it sends is acknowledged with '+', and its
-'+' for ours are skipped. Requests are synchronous (the machine is stopped and QEMU answers at once);
+'+' for ours are skipped. In system mode QEMU never waits for our '+' (its put_packet only waits in
+user mode), so acks ride along with the next packet we send: one write per request instead of two. Requests are synchronous (the machine is stopped and QEMU answers at once);
 while the machine runs, `poll()` collects the stop reply without blocking.
 """
 
@@ -32,6 +33,7 @@ class GdbstubClient:
         self._decoder = codec.Decoder()
         self._timeout = timeout
         self._pending: list[bytes] = []  # packets received but not yet claimed
+        self._acks_owed = 0  # '+' for QEMU's packets, sent with our next write
         self.closed = False
 
     @classmethod
@@ -49,10 +51,14 @@ class GdbstubClient:
         """Send one packet; its reply (if any) is collected by `recv`/`poll`."""
         if log.isEnabledFor(logging.DEBUG):
             log.debug("qemu <- %r", payload[:200])
-        self._sendall(codec.encode_packet(payload))
+        self._sendall(self._take_acks() + codec.encode_packet(payload))
 
     def send_interrupt(self) -> None:
-        self._sendall(b"\x03")
+        self._sendall(self._take_acks() + b"\x03")
+
+    def _take_acks(self) -> bytes:
+        acks, self._acks_owed = b"+" * self._acks_owed, 0
+        return acks
 
     def request(self, payload: bytes) -> bytes:
         """Send a packet and return QEMU's reply. Stop replies cannot arrive while stopped."""
@@ -101,8 +107,7 @@ class GdbstubClient:
             elif isinstance(event, codec.Corrupt):
                 log.warning("corrupt packet from QEMU (%s); asking again", event.reason)
                 self._sendall(b"-")
-        if acks:
-            self._sendall(b"+" * acks)
+        self._acks_owed += acks
 
     def _sendall(self, data: bytes) -> None:
         try:
