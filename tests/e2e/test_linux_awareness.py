@@ -17,7 +17,7 @@ from tests.e2e.conftest import Vm, boot
 
 pytestmark = pytest.mark.e2e
 
-PROGRAMS = "ticker,spin:1111,spin:2222,spin:3333:20"
+PROGRAMS = "ticker,spin:1111,spin:2222,spin:3333:30"
 
 
 SECOND_KERNEL = "linux-image-6.12-cloud-amd64"  # a different kernel line than the demo guest's
@@ -50,8 +50,8 @@ def spin_count(vm: Vm, pid: int) -> int:
 
 
 def test_scoped_process_exit_is_a_stop_with_a_message(vm: Vm) -> None:
-    """Runs first: spin 3333 lives 20 s after it starts."""
-    pid = started(vm, "spin:3333:20")
+    """Runs first: spin 3333 lives 30 s after it starts."""
+    pid = started(vm, "spin:3333:30")
     out = vm.gdb(f"monitor process {pid}", "continue", "monitor ps", "detach", timeout=120)
     assert f"scope: process {pid} (spin)" in out, out
     assert f"vmigdb: process {pid} (spin) is exiting; the scope is the whole machine again" in out
