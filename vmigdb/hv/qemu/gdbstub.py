@@ -6,8 +6,10 @@ packets, so no client byte is ever passed through.
 
 QEMU 7.2 does not offer QStartNoAckMode, so every packet it sends is acknowledged with '+', and its
 '+' for ours are skipped. In system mode QEMU never waits for our '+' (its put_packet only waits in
-user mode), so acks ride along with the next packet we send: one write per request instead of two. Requests are synchronous (the machine is stopped and QEMU answers at once);
-while the machine runs, `poll()` collects the stop reply without blocking.
+user mode), so acks ride along with the next packet we send: one write per request instead of two.
+
+Requests are synchronous (the machine is stopped and QEMU answers at once); while the machine runs,
+`poll()` collects the stop reply without blocking.
 """
 
 from __future__ import annotations
