@@ -73,3 +73,14 @@ def test_z_again_replaces_the_conditions() -> None:
     event = hit(fake, dbg, rdi=3)
     assert event is not None and event.reason is StopReason.SW_BREAK
     assert fake.count("insert_breakpoint") == 1  # no hypervisor churn for a condition change
+
+
+def test_detach_drops_the_process_scope_and_its_exit_hook() -> None:
+    from vmigdb.debugger.model import ProcessScope
+
+    fake, dbg, session = attached()
+    dbg.set_scope(ProcessScope(42, "prog", 0x2000, exit_hook=KERNEL_VA + 0x200))
+    assert session.handle(b"Z0,%x,1" % BP).replies == [b"OK"]
+    assert len(fake.installed) == 2  # GDB's breakpoint and the exit hook
+    dbg.detach()
+    assert fake.installed == set() and dbg.scope is None and dbg.running

@@ -261,7 +261,10 @@ class Debugger(StopHandling):
                 return event
 
     def detach(self) -> None:
-        """Remove every breakpoint and let the whole machine run."""
+        """Remove every breakpoint (GDB's and vmigdb's own), drop the process scope, and let the
+        whole machine run: a detached guest carries nothing of the debugger."""
+        self.set_scope(None)
         self.breakpoints.clear()
+        self.breakpoints.release_internal("range")
         if not self.running:
             self.resume({cpu: "c" for cpu in self._cpus})
