@@ -59,7 +59,9 @@ class Paused:
         self.client = GdbstubClient.connect(proc.gdb_socket)
 
     def __enter__(self) -> Paused:
-        self.client.request(b"?")  # QEMU stopped the VM on connect; this waits for it
+        # QEMU stops the VM on connect and says so (T02); wait for that stop itself. Asking `?`
+        # instead races with it: two stop packets, and every later reply is off by one.
+        self.client.recv(10.0)
         return self
 
     def registers(self) -> list[RegisterFile]:
