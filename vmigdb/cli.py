@@ -40,6 +40,16 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
         default="default",
         help="strict: refuse any mechanism the guest could see (monitor stealth lists them)",
     )
+    parser.add_argument(
+        "--time",
+        choices=["host", "icount"],
+        default="host",
+        help="guest clocks while the guest runs (all stop while GDB holds it stopped). "
+        "host (default): host time; breakpoints and steps make QEMU retranslate code, which "
+        "RDTSC can time. icount (TCG only): guest time counts instructions, so the debugger "
+        "leaves no timing trace; but all vCPUs run on one host thread, at most 125 M "
+        "instructions/s (a busy guest ran 6-8x slower here)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +195,7 @@ async def _serve(args: argparse.Namespace) -> int:
         accel=args.accel,
         serial=args.serial,
         extra_args=extra,
+        time_mode=args.time,
     )
     machine = await launch_qemu(config)
     stop_tail = asyncio.Event()

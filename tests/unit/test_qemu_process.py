@@ -278,6 +278,32 @@ def test_command_line_escapes_commas() -> None:
     assert cmd[cmd.index("-qmp") + 1] == "unix:/a,,b/qmp,server=on,wait=off"
 
 
+def test_command_line_time_modes() -> None:
+    """host (the default) adds nothing; icount adds -icount after -rtc, before the user's args."""
+    cfg = QemuConfig(kernel=Path("/k/vmlinuz"), extra_args=("-S",))
+    host = _cmd(cfg)
+    assert host == _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), extra_args=("-S",), time_mode="host"))
+    assert "-icount" not in host
+    assert host[-3:] == ["-rtc", "clock=vm", "-S"]  # the RTC follows the VM clock in every mode
+    icount = _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), extra_args=("-S",), time_mode="icount"))
+    assert icount[-5:] == [
+        "-rtc", "clock=vm",
+        "-icount", f"shift={process_mod.ICOUNT_SHIFT},sleep=on,align=on",
+        "-S",
+    ]  # fmt: skip
+    assert icount[: len(host) - 1] == host[:-1]
+    # nothing the guest could see: no device, no CPU model change
+    for visible in ("-device", "-fw_cfg", "-cpu"):
+        assert visible not in icount
+
+
+def test_time_mode_errors() -> None:
+    with pytest.raises(SetupError, match="icount needs TCG.*--accel tcg"):
+        _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), time_mode="icount"), "kvm")
+    with pytest.raises(SetupError, match="unknown time mode 'wall'.*host, icount"):
+        _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), time_mode="wall"))
+
+
 # --- pre-flight --------------------------------------------------------------------------------
 
 
@@ -321,6 +347,48 @@ def test_out_of_range(kernel: Path, field: str, value: int) -> None:
     cfg = QemuConfig(kernel=kernel, binary="/bin/true", accel="tcg", **{field: value})
     with pytest.raises(SetupError, match="out of range"):
         QemuProcess.start(cfg)
+
+
+def test_unknown_time_mode_is_a_preflight_error(kernel: Path) -> None:
+    cfg = QemuConfig(kernel=kernel, binary="/bin/true", accel="tcg", time_mode="wall")
+    with pytest.raises(SetupError, match="unknown time mode"):
+        QemuProcess.start(cfg)
+
+
+@pytest.mark.parametrize(
+    ("time_mode", "accel", "resolved"),
+    [("icount", "auto", "tcg"), ("host", "auto", "auto"), ("icount", "tcg", "tcg")],
+)
+def test_icount_makes_auto_pick_tcg(
+    kernel: Path,
+    private_dirs: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    time_mode: str,
+    accel: str,
+    resolved: str,
+) -> None:
+    """icount is TCG's: with --accel auto it never asks for KVM, even where KVM would work."""
+    asked: list[str] = []
+    monkeypatch.setattr(process_mod, "resolve_accel", lambda a: asked.append(a) or "tcg")
+    cfg = QemuConfig(kernel=kernel, binary="/bin/true", accel=accel, time_mode=time_mode)
+    with pytest.raises(SetupError, match="exited at startup"):
+        QemuProcess.start(cfg)
+    assert asked == [resolved]
+
+
+def test_icount_with_several_vcpus_warns(
+    kernel: Path, private_dirs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = QemuConfig(kernel=kernel, binary="/bin/true", accel="tcg", smp=2, time_mode="icount")
+    with caplog.at_level("WARNING", logger="vmigdb.hv.qemu"):
+        with pytest.raises(SetupError, match="exited at startup"):
+            QemuProcess.start(cfg)
+    assert "one host thread" in caplog.text and "--smp 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vmigdb.hv.qemu"):
+        with pytest.raises(SetupError, match="exited at startup"):
+            QemuProcess.start(QemuConfig(kernel=kernel, binary="/bin/true", accel="tcg", smp=2))
+    assert "icount" not in caplog.text
 
 
 def test_qemu_that_exits_at_once(kernel: Path, private_dirs: tuple[Path, Path]) -> None:

@@ -8,6 +8,25 @@ the command line adds no device and no firmware entry for debugging's sake.
 Whoever can read the RAM file or connect to either socket owns the guest, so all of them are
 created owner-only: the RAM file by vmigdb itself (O_EXCL, 0600) before QEMU opens it, the
 sockets and logs by QEMU under a 0077 umask inside a private 0700 directory.
+
+Guest time (`QemuConfig.time_mode`, `vmigdb qemu --time`). In both modes every guest clock (TSC,
+the kernel's clocksources, the RTC, which follows the VM clock) stops while the VM is stopped: a
+guest held at a breakpoint for 10 s sees under 1 ms pass. They differ while the guest runs
+(measured with `python -m vmigdb.bench.timemodes`):
+- "host" (the default): plain TCG, guest time is host time (idle and busy: 1.000x). But the
+  debugger's own work shows: QEMU drops its translated code at every breakpoint change and
+  single-step toggle, and retranslating takes host time the TSC sees. An RDTSC-timed block
+  right after a breakpoint hit or step takes 100-1000x its usual time (61 of ~450 samples in a
+  session of 50 hits and 200 steps).
+- "icount": `-icount shift=ICOUNT_SHIFT,sleep=on,align=on`. Guest time counts instructions
+  retired (2**ICOUNT_SHIFT ns each; the TSC runs at 1 GHz), so retranslation and stepping cost
+  the guest no time: no RDTSC outlier in the same session. align=on makes QEMU sleep while the
+  guest is ahead of host time and run flat out while it is behind; sleep=on lets an idle guest's
+  clock follow host time. Measured: busy 1.00x, idle 0.96-0.99x (host time spent emulating
+  devices, e.g. console output, is not guest time: an idle guest falls a little behind and
+  catches up when next busy). Costs: a busy guest runs at most 10**9 / 2**ICOUNT_SHIFT
+  instructions per host second (a loop plain TCG runs 2600 times a second runs 310 times), and
+  all vCPUs share one host thread. Hence not the default.
 """
 
 from __future__ import annotations
@@ -47,6 +66,18 @@ _MAX_SOCKET_PATH = 107
 
 _PR_SET_PDEATHSIG = 1
 
+# icount's instruction time: 2**3 ns, at most 125 million guest instructions per host second. This
+# 2-core host, loaded, runs 300-450 MIPS with icount on plain integer code: the guest keeps up with
+# host time with room to spare, where shift 2 (250 MIPS) fell behind (0.58x host time). shift=auto
+# keeps the rate (0.99x) but changes the instruction time by powers of two as it adapts, so a
+# block timed with RDTSC at start shows as >100x later with no debugger at all (85 of 89 samples).
+ICOUNT_SHIFT = 3
+TIME_MODES: dict[str, tuple[str, ...]] = {
+    "host": (),
+    "icount": ("-icount", f"shift={ICOUNT_SHIFT},sleep=on,align=on"),
+}
+DEFAULT_TIME_MODE = "host"
+
 
 @dataclass(frozen=True)
 class QemuConfig:
@@ -61,6 +92,7 @@ class QemuConfig:
     serial: Path | None = None
     extra_args: tuple[str, ...] = ()
     binary: str = "qemu-system-x86_64"
+    time_mode: str = DEFAULT_TIME_MODE  # a TIME_MODES key: what guest time follows while running
 
     @property
     def kernel_cmdline(self) -> str:
@@ -119,8 +151,21 @@ def build_command_line(
         "-rtc",
         "clock=vm",
     ]
+    cmd += time_args(config.time_mode, accel)
     cmd += list(config.extra_args)
     return cmd
+
+
+def time_args(mode: str, accel: str) -> list[str]:
+    """QEMU's arguments for a time mode (see the module docstring). Pure; SetupError if unusable."""
+    if mode not in TIME_MODES:
+        raise SetupError(f"unknown time mode {mode!r}: use one of {', '.join(TIME_MODES)}")
+    if mode == "icount" and accel != "tcg":
+        raise SetupError(
+            f"--time icount needs TCG (QEMU counts instructions only when it translates them), "
+            f"not {accel}: add --accel tcg or use --time host"
+        )
+    return list(TIME_MODES[mode])
 
 
 def _check_config(config: QemuConfig) -> str:
@@ -139,6 +184,10 @@ def _check_config(config: QemuConfig) -> str:
             raise SetupError(f"{what} {path} is not readable: fix its permissions")
     if not 1 <= config.smp <= MAX_SMP:
         raise SetupError(f"smp {config.smp} out of range: use 1 to {MAX_SMP} CPUs")
+    if config.time_mode not in TIME_MODES:
+        raise SetupError(
+            f"unknown time mode {config.time_mode!r}: use one of {', '.join(TIME_MODES)}"
+        )
     if not MIN_MEMORY_MIB <= config.memory_mib <= MAX_MEMORY_MIB:
         raise SetupError(
             f"memory {config.memory_mib} MiB out of range: use {MIN_MEMORY_MIB} to "
@@ -331,7 +380,16 @@ class QemuProcess:
     def start(cls, config: QemuConfig) -> QemuProcess:
         """Check the host, create the private files, start QEMU and wait for its sockets."""
         binary = _check_config(config)
-        accel = resolve_accel(config.accel)
+        # icount is a TCG feature: with --accel auto it picks TCG even where KVM would work.
+        icount_auto = config.time_mode == "icount" and config.accel == "auto"
+        accel = resolve_accel("tcg" if icount_auto else config.accel)
+        if config.time_mode == "icount" and config.smp > 1:
+            log.warning(
+                "--time icount runs all %d vCPUs on one host thread; and QEMU 7.2 with icount "
+                "hangs Debian's 6.1 kernel as it starts its second CPU (after 'x86: Booting SMP "
+                "configuration:'; 6.12 boots): use --smp 1 if the guest stops there",
+                config.smp,
+            )
         size = config.memory_mib << 20
 
         self = cls(config, accel)
@@ -483,4 +541,4 @@ class QemuProcess:
         return f"<QemuProcess pid={getattr(self, 'pid', None)} accel={self.accel}>"
 
 
-__all__ = ["QemuConfig", "QemuProcess", "build_command_line"]
+__all__ = ["TIME_MODES", "QemuConfig", "QemuProcess", "build_command_line", "time_args"]
