@@ -188,6 +188,17 @@ def decode_hex(text: bytes) -> bytes:
         raise ValueError(f"invalid hex data {bytes(text[:40])!r}: {exc}") from None
 
 
+_HEX_NUMBER = re.compile(rb"[0-9a-fA-F]{1,16}")
+
+
+def parse_hex_number(text: bytes) -> int:
+    """A number as RSP writes it: 1-16 hex digits only (int() would also take signs, 0x, _ and
+    spaces). Raises ValueError."""
+    if not _HEX_NUMBER.fullmatch(text):
+        raise ValueError(f"bad number {bytes(text[:20])!r}")
+    return int(text, 16)
+
+
 def encode_hex(data: bytes) -> bytes:
     """Lowercase hex digits, two per byte."""
     return binascii.hexlify(data)

@@ -12,7 +12,6 @@ below are turned into `Exx` in one place (`_error_reply`).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -87,14 +86,11 @@ class Outcome:
 # -- argument parsing helpers ---------------------------------------------------------------------
 
 
-_HEX_NUMBER = re.compile(rb"[0-9a-fA-F]{1,16}")
-
-
 def _hex(text: bytes) -> int:
-    """A hex number as GDB writes it: digits only (int() would also take signs, 0x, _ and spaces)."""
-    if not _HEX_NUMBER.fullmatch(text):
-        raise PacketError(f"bad number {text!r}")
-    return int(text, 16)
+    try:
+        return codec.parse_hex_number(text)
+    except ValueError as exc:
+        raise PacketError(str(exc)) from None
 
 
 def _addr_len(text: bytes) -> tuple[int, int]:

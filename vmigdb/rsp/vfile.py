@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from vmigdb.rsp import codec
 
+_number = codec.parse_hex_number
 _STAT = struct.Struct(
     ">IIIIIIIQQQIII"
 )  # dev ino mode nlink uid gid rdev size blksize blocks a/m/ctime
@@ -52,7 +53,7 @@ class VFileServer:
             if op == b"close":
                 if len(params) != 1:
                     raise ValueError("close takes fd")
-                found = self._open.pop(_num(params[0]), None) is not None
+                found = self._open.pop(_number(params[0]), None) is not None
                 return b"F0" if found else _error(errno.EBADF)
             if op in (b"pwrite", b"unlink", b"readlink"):
                 return _error(errno.EROFS if op != b"readlink" else errno.ENOENT)
@@ -64,7 +65,7 @@ class VFileServer:
         if len(params) != 3:
             raise ValueError("open takes pathname,flags,mode")
         path = codec.decode_hex(params[0]).decode("utf-8", "replace")
-        flags = _num(params[1])
+        flags = _number(params[1])
         if flags & 0x3:  # O_WRONLY / O_RDWR in GDB's fileio flags
             return _error(errno.EROFS)
         data = self._files().get(path)
@@ -79,7 +80,7 @@ class VFileServer:
     def _pread(self, params: list[bytes]) -> bytes:
         if len(params) != 3:
             raise ValueError("pread takes fd,count,offset")
-        fd, count, offset = (_num(p) for p in params)
+        fd, count, offset = (_number(p) for p in params)
         data = self._open.get(fd)
         if data is None:
             return _error(errno.EBADF)
@@ -89,15 +90,9 @@ class VFileServer:
     def _fstat(self, params: list[bytes]) -> bytes:
         if len(params) != 1:
             raise ValueError("fstat takes fd")
-        data = self._open.get(_num(params[0]))
+        data = self._open.get(_number(params[0]))
         if data is None:
             return _error(errno.EBADF)
         blocks = (len(data) + 511) // 512
         stat = _STAT.pack(0, 1, _S_IFREG | 0o444, 1, 0, 0, 0, len(data), 4096, blocks, 0, 0, 0)
         return b"F%x;" % len(stat) + codec.escape_binary(stat)
-
-
-def _num(text: bytes) -> int:
-    if not text or len(text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in text):
-        raise ValueError(f"bad number {text!r}")
-    return int(text, 16)
