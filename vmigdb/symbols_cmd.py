@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from vmigdb.errors import SetupError
+from vmigdb.hv.base import MachineGone
+from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.rsp import codec
 
 log = logging.getLogger("vmigdb")
@@ -41,45 +43,22 @@ def symbols_from_boot(
         process.terminate()
 
 
-class _Client:
-    """A minimal blocking RSP client (no-ack mode) for fetching one file."""
-
-    def __init__(self, address: str) -> None:
+def _connect(address: str) -> GdbstubClient:
+    """A blocking RSP client to a running vmigdb: the same one vmigdb uses toward QEMU."""
+    try:
         if address.startswith("unix:"):
-            self._sock = socket.socket(socket.AF_UNIX)
-            self._sock.connect(address[5:])
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(address[5:])
         else:
             host, _, port = address.rpartition(":")
-            self._sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=60)
-        self._decoder = codec.Decoder()
-        self.request(b"qSupported:vContSupported+")
-        self.request(b"QStartNoAckMode")
-        self._acks = False
-
-    _acks = True
-
-    def request(self, payload: bytes) -> bytes:
-        self._sock.sendall(codec.encode_packet(payload))
-        while True:
-            for event in self._decoder.events():
-                if isinstance(event, codec.Packet):
-                    if self._acks:
-                        self._sock.sendall(b"+")
-                    return event.data
-            data = self._sock.recv(1 << 20)
-            if not data:
-                raise SetupError("the vmigdb server closed the connection")
-            self._decoder.feed(data)
-
-    def close(self) -> None:
-        try:
-            self.request(b"D")
-        finally:
-            self._sock.close()
+            sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=60)
+    except (OSError, ValueError) as exc:
+        raise SetupError(f"cannot reach a vmigdb server at {address}: {exc}") from None
+    return GdbstubClient(sock, timeout=60)
 
 
 def symbols_from_server(address: str) -> bytes:
-    client = _Client(address)
+    client = _connect(address)
     try:
         name = client.request(b"qXfer:exec-file:read::0,1000")
         if not name.startswith((b"l", b"m")):
@@ -98,6 +77,9 @@ def symbols_from_server(address: str) -> bytes:
                 break
             data += codec.unescape_binary(body)
         client.request(b"vFile:close:" + fd[1:])
+        client.request(b"D")  # detach: the guest runs on
         return bytes(data)
+    except MachineGone as exc:
+        raise SetupError(f"the vmigdb server closed the connection: {exc}") from None
     finally:
         client.close()
