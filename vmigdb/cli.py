@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from vmigdb.errors import SetupError
+from vmigdb.hv.qemu.process import DEFAULT_TIME_MODE, TIME_MODE_CHOICES
 
 log = logging.getLogger("vmigdb")
 
@@ -42,13 +43,13 @@ def _add_serve_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--time",
-        choices=["host", "icount"],
-        default="host",
+        choices=TIME_MODE_CHOICES,
+        default=DEFAULT_TIME_MODE,
         help="guest clocks while the guest runs (all stop while GDB holds it stopped). "
-        "host (default): host time; breakpoints and steps make QEMU retranslate code, which "
-        "RDTSC can time. icount (TCG only): guest time counts instructions, so the debugger "
-        "leaves no timing trace; but all vCPUs run on one host thread, at most 125 M "
-        "instructions/s (a busy guest ran 6-8x slower here)",
+        "icount (TCG only): guest time counts instructions, so the debugger leaves no timing "
+        "trace; all vCPUs share one host thread, at most 125 M instructions/s (a busy guest ran "
+        "6-8x slower here). host: host time; breakpoints and steps make QEMU retranslate code, "
+        "which RDTSC can time. auto (default): icount under TCG with 1 vCPU, else host",
     )
 
 

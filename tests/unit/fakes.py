@@ -172,9 +172,10 @@ class FakeDriver(Driver):
         ram_size: int = RAM_SIZE,
         pipe: bool = False,
         insn_len: int = 3,
+        time_mode: str = "icount",
     ) -> None:
         self.accel = "kvm" if kvm else "tcg"
-        self.capabilities = kvm_capabilities() if kvm else tcg_capabilities()
+        self.capabilities = kvm_capabilities() if kvm else tcg_capabilities(time_mode)
         self._cpus = list(range(1, ncpus + 1))
         self.ram = bytearray(initial_ram(ram_size))
         self.regs: dict[int, RegisterFile] = {

@@ -144,7 +144,7 @@ def test_at_ignores_removed_but_still_installed() -> None:
 
 def test_mechanisms_under_tcg_and_kvm() -> None:
     _, tcg = table()
-    caps = tcg_capabilities()
+    caps = tcg_capabilities("icount")
     assert tcg.mechanism(SW) == caps.sw_breakpoint
     assert tcg.mechanism(HW) == caps.hw_breakpoint
     assert tcg.mechanism(WW) == tcg.mechanism(RW) == tcg.mechanism(AW) == caps.watchpoint
@@ -249,7 +249,7 @@ def test_kvm_replace_one_of_four_before_resuming() -> None:
 
 def test_unsupported_type() -> None:
     fake = FakeDriver(1, ram_size=4 << 20)
-    fake.capabilities = dataclasses.replace(tcg_capabilities(), watchpoint=None)
+    fake.capabilities = dataclasses.replace(tcg_capabilities("icount"), watchpoint=None)
     bps = BreakpointTable(fake)
     with pytest.raises(UnsupportedBreakpoint):
         bps.add(bp(WW, 0, 8))

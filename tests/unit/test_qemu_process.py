@@ -5,6 +5,7 @@ Nothing here boots QEMU (see tests/e2e/test_qemu_launch.py for that).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import threading
@@ -279,28 +280,47 @@ def test_command_line_escapes_commas() -> None:
 
 
 def test_command_line_time_modes() -> None:
-    """host (the default) adds nothing; icount adds -icount after -rtc, before the user's args."""
-    cfg = QemuConfig(kernel=Path("/k/vmlinuz"), extra_args=("-S",))
-    host = _cmd(cfg)
-    assert host == _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), extra_args=("-S",), time_mode="host"))
+    """host adds nothing; icount adds -icount after -rtc, before the user's args; auto (the
+    default) is icount with 1 vCPU under TCG, host with more."""
+    kernel = Path("/k/vmlinuz")
+    host = _cmd(QemuConfig(kernel=kernel, extra_args=("-S",), time_mode="host"))
     assert "-icount" not in host
     assert host[-3:] == ["-rtc", "clock=vm", "-S"]  # the RTC follows the VM clock in every mode
-    icount = _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), extra_args=("-S",), time_mode="icount"))
+    icount = _cmd(QemuConfig(kernel=kernel, extra_args=("-S",), time_mode="icount"))
     assert icount[-5:] == [
         "-rtc", "clock=vm",
         "-icount", f"shift={process_mod.ICOUNT_SHIFT},sleep=on,align=on",
         "-S",
     ]  # fmt: skip
     assert icount[: len(host) - 1] == host[:-1]
+    assert _cmd(QemuConfig(kernel=kernel, extra_args=("-S",))) == icount
+    smp2 = QemuConfig(kernel=kernel, extra_args=("-S",), smp=2)
+    assert _cmd(smp2) == _cmd(dataclasses.replace(smp2, time_mode="host"))
     # nothing the guest could see: no device, no CPU model change
     for visible in ("-device", "-fw_cfg", "-cpu"):
         assert visible not in icount
 
 
+@pytest.mark.parametrize(
+    ("mode", "accel", "smp", "resolved", "why"),
+    [
+        ("auto", "tcg", 1, "icount", "TCG with 1 vCPU"),
+        ("auto", "tcg", 4, "host", "hangs Debian's 6.1 kernel"),
+        ("auto", "kvm", 1, "host", "kvm cannot count instructions"),
+        ("host", "tcg", 1, "host", "as asked"),
+        ("icount", "tcg", 2, "icount", "as asked"),
+    ],
+)
+def test_resolve_time_mode(mode: str, accel: str, smp: int, resolved: str, why: str) -> None:
+    assert process_mod.DEFAULT_TIME_MODE == "auto"
+    got, reason = process_mod.resolve_time_mode(mode, accel, smp)
+    assert got == resolved and why in reason
+
+
 def test_time_mode_errors() -> None:
     with pytest.raises(SetupError, match="icount needs TCG.*--accel tcg"):
         _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), time_mode="icount"), "kvm")
-    with pytest.raises(SetupError, match="unknown time mode 'wall'.*host, icount"):
+    with pytest.raises(SetupError, match="unknown time mode 'wall'.*auto, host, icount"):
         _cmd(QemuConfig(kernel=Path("/k/vmlinuz"), time_mode="wall"))
 
 

@@ -82,7 +82,7 @@ def test_parse_stop_round_trip(
 
 
 def test_tcg_capabilities_are_invisible_and_unlimited() -> None:
-    caps = tcg_capabilities()
+    caps = tcg_capabilities("icount")
     for job, mechanism in caps.all():
         if job == "memory write":
             assert mechanism.guest_visible  # the guest sees what you write, as asked

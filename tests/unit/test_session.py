@@ -905,7 +905,7 @@ def test_unsupported_breakpoint_type_gets_the_empty_reply() -> None:
     from vmigdb.hv.qemu.driver import tcg_capabilities
 
     fake = FakeDriver(1, ram_size=4 << 20)
-    fake.capabilities = dataclasses.replace(tcg_capabilities(), watchpoint=None)
+    fake.capabilities = dataclasses.replace(tcg_capabilities("icount"), watchpoint=None)
     dbg = Debugger(fake)
     session = Session(dbg)
     assert session.handle(b"Z2,1000,4").replies == [b""]

@@ -6,7 +6,13 @@ debugger asks the policy before it uses one:
   and `monitor stealth` explains), instead of silently falling back;
 - `default` prefers invisible mechanisms, uses a visible one only when nothing else can do the job,
   and warns once per mechanism (on GDB's console, with the next stop).
-The policy also records what is in use, so `monitor stealth` can tell the truth.
+Run-control jobs (breakpoints, watchpoints, steps) stop the guest or change how its code is
+translated, so they are only as invisible as the driver's guest time: a job passes the policy for
+its own mechanism and for `Capabilities.guest_time` (TCG: visible under --time host, where the
+retranslation they cause shows in RDTSC timing). A driver whose every stop shows whatever the
+mechanism (KVM's TSC runs on while stopped) declares that in `extra` instead: listed, not gated,
+since there is no invisible alternative to prefer. The policy also records what is in use, so
+`monitor stealth` can tell the truth.
 """
 
 from __future__ import annotations
@@ -14,6 +20,18 @@ from __future__ import annotations
 import enum
 
 from vmigdb.hv.base import Capabilities, Mechanism
+
+# The jobs whose use shows in guest time when the driver's guest time is visible.
+TIMED_JOBS = frozenset(
+    {
+        "software breakpoint",
+        "hardware breakpoint",
+        "watchpoint",
+        "single-step",
+        "software breakpoint (fallback)",
+    }
+)
+GUEST_TIME = "guest time"
 
 
 class StealthMode(enum.Enum):
@@ -35,6 +53,16 @@ class StealthPolicy:
 
     def use(self, job: str, mechanism: Mechanism) -> None:
         """Record that `job` is done with `mechanism`; raises StealthRefused if it may not be."""
+        time = self._caps.guest_time
+        if job in TIMED_JOBS and time is not None:
+            self._allow(job, time)
+            self._allow(job, mechanism)
+            self.in_use[GUEST_TIME] = time
+        else:
+            self._allow(job, mechanism)
+        self.in_use[job] = mechanism
+
+    def _allow(self, job: str, mechanism: Mechanism) -> None:
         if mechanism.guest_visible:
             if self.mode is StealthMode.STRICT:
                 raise StealthRefused(
@@ -47,7 +75,6 @@ class StealthPolicy:
                     f"vmigdb: warning: {job} uses {mechanism.description}, which the guest can "
                     f"see ({mechanism.why}); --stealth strict would refuse it"
                 )
-        self.in_use[job] = mechanism
 
     def take_warnings(self) -> str | None:
         """Warnings not yet shown to GDB, as one console message."""

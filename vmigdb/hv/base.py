@@ -63,6 +63,9 @@ class Capabilities:
     # A visible way to serve Z0 once the invisible one is exhausted (e.g. 0xCC patched into RAM
     # under KVM after the 4 debug registers); used only if the stealth policy allows it.
     sw_breakpoint_fallback: Mechanism | None = None
+    # What the guest's clocks show of the debugger's work (stops, retranslation): every job that
+    # stops the guest or changes its code's translation is only as invisible as this.
+    guest_time: Mechanism | None = None
 
     def all(self) -> list[tuple[str, Mechanism]]:
         jobs = [
@@ -74,6 +77,7 @@ class Capabilities:
             ("watchpoint", self.watchpoint),
             ("single-step", self.single_step),
             ("software breakpoint (fallback)", self.sw_breakpoint_fallback),
+            ("guest time", self.guest_time),
         ]
         jobs += [(m.key, m) for m in self.extra]
         return [(job, m) for job, m in jobs if m is not None]

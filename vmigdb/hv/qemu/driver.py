@@ -22,6 +22,7 @@ from vmigdb.hv.base import (
 )
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.memory import PhysicalMemory
+from vmigdb.hv.qemu.process import TIME_MODES
 from vmigdb.rsp.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -65,8 +66,31 @@ _SHARED = dict(
 )
 
 
-def tcg_capabilities() -> Capabilities:
-    """Under TCG every run-control mechanism lives in QEMU's translator: none touches the guest."""
+# What guest time shows of the debugger, per `vmigdb qemu --time` mode (hv/qemu/process.py).
+# In both, QEMU stops every guest clock with the VM (TSC, clocksources, RTC with -rtc clock=vm).
+_TCG_TIME = {
+    "icount": _m(
+        "tcg-icount-time",
+        f"instruction-counted guest time ({' '.join(TIME_MODES['icount'])})",
+        False,
+        "clocks stop while the VM is stopped; retranslation after breakpoint changes and steps "
+        "retires no guest instruction, so RDTSC cannot time it; clocks track host time within "
+        "10%, idle and busy",
+    ),
+    "host": _m(
+        "tcg-host-time",
+        "host-paced guest time (--time host)",
+        True,
+        "clocks stop while the VM is stopped, but QEMU retranslates guest code after every "
+        "breakpoint change and step, which RDTSC-timed guest code sees as 100-1000x slow; "
+        "--time icount (TCG, 1 vCPU) hides it",
+    ),
+}
+
+
+def tcg_capabilities(time_mode: str) -> Capabilities:
+    """Under TCG every run-control mechanism lives in QEMU's translator: none touches the guest.
+    Only guest time can tell, depending on `time_mode` ("host" or "icount")."""
     bp = _m(
         "tcg-breakpoint",
         "TCG translator breakpoint",
@@ -88,6 +112,7 @@ def tcg_capabilities() -> Capabilities:
             False,
             "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
         ),
+        guest_time=_TCG_TIME[time_mode],
         **_SHARED,
     )
 
@@ -117,6 +142,8 @@ def kvm_capabilities() -> Capabilities:
             True,
             "the guest reading its own code sees 0xCC; a checksum of its code catches it",
         ),
+        # Declared, not gated (guest_time stays None): every stop shows in the TSC, whatever the
+        # mechanism that made it, so there is no invisible alternative for the policy to prefer.
         extra=(
             _m(
                 "kvm-tsc",
@@ -160,11 +187,17 @@ class QemuDriver(Driver):
 
     name = "qemu"
 
-    def __init__(self, client: GdbstubClient, memory: PhysicalMemory, accel: str) -> None:
+    def __init__(
+        self, client: GdbstubClient, memory: PhysicalMemory, accel: str, time_mode: str
+    ) -> None:
         self._client = client
         self._memory = memory
         self.accel = accel
-        self.capabilities = kvm_capabilities() if accel == "kvm" else tcg_capabilities()
+        self.time_mode = time_mode
+        if accel == "kvm":
+            self.capabilities = kvm_capabilities()
+        else:
+            self.capabilities = tcg_capabilities(time_mode)
         self._g_cpu: int | None = None  # the vCPU QEMU's Hg currently points at
         self._cpus: list[int] = []
         self._patched: set[tuple[int, int]] = set()  # KVM Z0s QEMU serves by patching 0xCC
@@ -311,8 +344,13 @@ class QemuDriver(Driver):
         self._client.close()
 
     def describe(self) -> list[tuple[str, str]]:
+        time = self.capabilities.guest_time
         return [
             ("driver", f"qemu ({self.accel})"),
             ("vcpus", str(len(self._cpus))),
             ("guest RAM", f"{self._memory.size // (1 << 20)} MiB shared, read directly"),
+            (
+                "guest time",
+                time.description if time else "host time; the TSC runs on while stopped",
+            ),
         ]
