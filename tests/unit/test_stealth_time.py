@@ -92,3 +92,17 @@ def test_memory_reads_and_registers_never_touch_guest_time() -> None:
     policy.use("registers", caps.registers)
     policy.use("memory read", caps.memory_read)
     assert "guest time" not in policy.in_use
+
+
+def test_stealth_lists_reads_and_writes_in_use_without_refusing_what_was_asked() -> None:
+    _, dbg, session = stopped("icount", StealthMode.STRICT)
+    assert session.handle(b"g").replies[0][:1] != b"E"
+    assert session.handle(b"m%x,4" % KERNEL_VA).replies[0][:1] != b"E"
+    assert session.handle(b"M%x,1:90" % KERNEL_VA).replies == [b"OK"]  # asked for: never refused
+    in_use = {
+        ln.split(":")[0].strip()
+        for ln in monitor(session, b"stealth").splitlines()
+        if ln.endswith(", in use")
+    }
+    assert {"registers", "memory read", "memory write"} <= in_use, in_use
+    assert dbg.policy.take_warnings() is None

@@ -83,6 +83,7 @@ class Debugger(StopHandling):
         regs = self._regs.get(cpu)
         if regs is None:
             regs = self._regs[cpu] = self.driver.read_registers(cpu)
+            self.policy.record("registers", self.driver.capabilities.registers)
         return regs
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
@@ -104,6 +105,7 @@ class Debugger(StopHandling):
 
     def read_memory(self, cpu: int, addr: int, length: int) -> bytes:
         """Read up to `length` bytes; stops at the first unreadable byte (GDB's `m` semantics)."""
+        self.policy.record("memory read", self.driver.capabilities.memory_read)
         if self.physical_addresses:
             data = self._read_physical_partial(addr, length)
         else:
@@ -129,6 +131,7 @@ class Debugger(StopHandling):
         Virtual (or physical with `phys on`) chunks are translated once per contiguous run and
         copied straight from guest RAM: no packet, no hex.
         """
+        self.policy.record("memory read", self.driver.capabilities.memory_read)
         if self.physical_addresses:
             chunks = [(addr, addr, length)]
         else:
@@ -154,6 +157,7 @@ class Debugger(StopHandling):
 
     def write_memory(self, cpu: int, addr: int, data: bytes) -> None:
         """Write through the hypervisor, page by page; all or nothing per page."""
+        self.policy.record("memory write", self.driver.capabilities.memory_write)
         done = 0
         while done < len(data):
             va = addr + done
