@@ -217,6 +217,8 @@ def test_whole_process_session_leaves_every_round_clean(
     assert re.search(r"^rip\s+0x[0-9a-f]+", out, re.M) and re.search(r"^cr3\s+0x", out, re.M)
     assert re.search(r"^0x[0-9a-f]+:\s+0x[0-9a-f]{16}\s+0x[0-9a-f]{16}$", out, re.M), out[-2000:]
     assert len(seen) >= 5 + 3  # rounds went on through the session, not only after it
+    # Not even one slow RDTSC sample: the battery's timed blocks were hit and stepped through.
+    assert [r for r in seen if r.rdtsc_outliers] == [], summary(seen)
 
 
 def runs(items: list[str]) -> list[tuple[str, int]]:
