@@ -125,13 +125,16 @@ def test_format_table_aligns_columns_and_adds_notes() -> None:
     )
 
 
-def test_markdown_has_machine_line_and_table() -> None:
+def test_markdown_has_machine_line_table_and_remarks() -> None:
     meta = {"date": "2025-01-01 00:00 UTC", "nproc": 2, "cpu": "AMD EPYC", "qemu": "QEMU 7.2.22",
             "gdb": "GDB 13.1", "quick": True, "repetitions": 3, "passes": 2,
             "remarks": ["host load average was 3.00"]}  # fmt: skip
-    md = stats.format_markdown(sample_results(), meta)
-    assert md.startswith("Measured 2025-01-01 00:00 UTC on 2 x AMD EPYC, QEMU 7.2.22, GDB 13.1")
-    assert "`scripts/bench --quick`" in md
+    heading = stats.markdown_heading(meta)
+    assert heading.startswith(
+        "Measured 2025-01-01 00:00 UTC on 2 x AMD EPYC, QEMU 7.2.22, GDB 13.1"
+    )
+    assert "`scripts/bench --quick`" in heading
+    md = stats.format_markdown(sample_results(), meta["remarks"])
     assert "| workload | QEMU gdbstub | vmigdb | ratio | target | met |" in md
     assert "|---|---|---|---|---|---|" in md
     assert (

@@ -1,11 +1,13 @@
 """The two servers the benchmark compares, each booting the same demo guest.
 
 - `QemuServer`: plain `qemu-system-x86_64 ... -gdb tcp:127.0.0.1:PORT` (QEMU's own gdbstub).
-- `VmigdbServer`: `vmigdb qemu ... --listen 127.0.0.1:PORT`.
+- `VmigdbServer`: `vmigdb qemu ... --listen 127.0.0.1:PORT --time MODE`.
 
-Same kernel, initrd, kernel command line, RAM, vCPUs and accelerator (TCG). Each runs in its own
-directory, is started with a parent-death signal (so a killed benchmark takes it along), and is
-waited on until the guest prints `vmigdb-guest: ready` and the loop program has started.
+Same kernel, initrd, kernel command line, RAM, vCPUs, accelerator (TCG) and guest time: QEMU's
+gdbstub gets the very QEMU arguments `vmigdb qemu --time MODE` adds (`TIME_MODES`), so a ratio
+compares like with like. Each runs in its own directory, is started with a parent-death signal (so
+a killed benchmark takes it along), and is waited on until the guest prints `vmigdb-guest: ready`
+and the loop program has started.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from vmigdb.hv.qemu.process import TIME_MODES
 
 PR_SET_PDEATHSIG = 1
 BOOT_TIMEOUT = 180.0
@@ -70,10 +74,13 @@ class Server:
         *,
         memory_mib: int,
         smp: int = 1,
+        time_mode: str,
     ) -> None:
+        if time_mode not in TIME_MODES:
+            raise ValueError(f"unknown time mode {time_mode!r}")
         self.workdir = workdir
         self.kernel, self.initrd, self.append = kernel, initrd, append
-        self.memory_mib, self.smp = memory_mib, smp
+        self.memory_mib, self.smp, self.time_mode = memory_mib, smp, time_mode
         self.port = free_port()
         self.console_path = workdir / "console.log"
         self.stdout_path = workdir / "server.stdout"
@@ -183,7 +190,7 @@ class QemuServer(Server):
             "-smp", str(self.smp), "-kernel", str(self.kernel), "-initrd", str(self.initrd),
             "-append", self.kernel_cmdline, "-serial", f"file:{self.console_path}",
             "-display", "none", "-monitor", "none", "-no-reboot",
-            "-gdb", f"tcp:{self.address}",
+            "-gdb", f"tcp:{self.address}", *TIME_MODES[self.time_mode],
         ]  # fmt: skip
 
 
@@ -198,7 +205,7 @@ class VmigdbServer(Server):
             "qemu", "--kernel", str(self.kernel), "--initrd", str(self.initrd),
             "--listen", self.address, "--serial", str(self.console_path),
             "--smp", str(self.smp), "--memory", str(self.memory_mib), "--accel", "tcg",
-            "--append", self.append,
+            "--append", self.append, "--time", self.time_mode,
         ]  # fmt: skip
 
     def listening(self) -> bool:

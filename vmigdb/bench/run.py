@@ -1,8 +1,10 @@
 """scripts/bench: vmigdb against QEMU's own gdbstub, side by side, on the same demo guest.
 
-Boots the guest under QEMU's gdbstub, runs every workload, shuts it down; then the same under vmigdb
-(never both at once: one guest at a time on a small machine). Prints one table; --json and
---markdown write the same figures.
+For each time mode (`--time`, default host then icount): boots the guest under QEMU's gdbstub with
+that mode's QEMU arguments, runs every workload, shuts it down; then the same under
+`vmigdb qemu --time MODE`; then the `clocks` step (vmigdb.bench.timemodes, its own guest). Never
+two guests at once: one at a time on a small machine. Prints one table per mode and the clocks
+table; --json and --markdown write the same figures.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from vmigdb.bench import stats
+from vmigdb.bench.clocks import measure_clocks
 from vmigdb.bench.gdbrun import gdb_version
 from vmigdb.bench.guest import (
     BenchError,
@@ -30,8 +34,10 @@ from vmigdb.bench.guest import (
     qemu_version,
 )
 from vmigdb.bench.observe import OtherLoad
+from vmigdb.bench.report import ModeRun, failed, format_markdown, format_text, to_json
 from vmigdb.bench.workloads import EXTRA_KSYMS, FULL, QUICK, Config, Workloads
 from vmigdb.errors import SetupError
+from vmigdb.hv.qemu.process import TIME_MODES
 
 MEMORY_MIB = 1024
 SMP = 1
@@ -44,6 +50,7 @@ STEPS = (
     "stepi",
     "cond_bp",
     "next_loop",
+    "clocks",
 )
 STEP_KEYS = {"idle": ("idle_a", "idle_b"), "bulk_read": ("bulk_read", "footprint")}
 APPEND = f"vmigdb.programs=ticker,loop:park vmigdb.ksyms={','.join(EXTRA_KSYMS)}"
@@ -65,11 +72,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--servers", default="qemu,vmigdb", help="comma list: qemu,vmigdb")
     p.add_argument("--only", default=",".join(STEPS), help=f"comma list of {','.join(STEPS)}")
     p.add_argument(
+        "--time",
+        default="host,icount",
+        metavar="MODES",
+        help=f"comma list of guest time modes to run everything under ({','.join(TIME_MODES)})",
+    )
+    p.add_argument(
         "--keep", action="store_true", help="keep the work directory (GDB scripts, logs)"
     )
     args = p.parse_args(argv)
     args.servers = [s for s in args.servers.split(",") if s]
     args.only = [s for s in args.only.split(",") if s]
+    args.time = list(dict.fromkeys(m for m in args.time.split(",") if m))
+    if not args.time:
+        p.error("--time needs at least one mode")
+    for mode in args.time:
+        if mode not in TIME_MODES:
+            p.error(f"unknown time mode {mode!r}: use {','.join(TIME_MODES)}")
     for name in args.servers:
         if name not in stats.SERVERS:
             p.error(f"unknown server {name!r}")
@@ -89,7 +108,13 @@ def preflight() -> None:
 
 
 def run_server(
-    cls: type[Server], image, config: Config, only: list[str], results: stats.Results, root: Path
+    cls: type[Server],
+    image,
+    config: Config,
+    mode: str,
+    only: list[str],
+    results: stats.Results,
+    root: Path,
 ) -> None:
     name = cls.name
 
@@ -104,9 +129,17 @@ def run_server(
                 continue
             put(key, stats.Cell(error=message))
 
-    log(f"{name}: booting the guest ({MEMORY_MIB} MiB, {SMP} vCPU, TCG)")
+    log(f"{name}: booting the guest ({MEMORY_MIB} MiB, {SMP} vCPU, TCG, --time {mode})")
     programs = image.programs
-    server = cls(root / name, image.kernel, image.initrd, APPEND, memory_mib=MEMORY_MIB, smp=SMP)
+    server = cls(
+        root / name,
+        image.kernel,
+        image.initrd,
+        APPEND,
+        memory_mib=MEMORY_MIB,
+        smp=SMP,
+        time_mode=mode,
+    )
     try:
         server.start()
     except BenchError as exc:
@@ -156,21 +189,43 @@ def run_server(
         log(f"{name}: guest stopped")
 
 
-def remark_on_load(meta: dict, other_load: dict[str, OtherLoad]) -> None:
-    """Say how many cores other processes kept busy during each server's part: the runs' noise."""
-    cores = {name: other.cores for name, other in other_load.items() if other.cores is not None}
-    if not meta or not cores:
+def measured_load(run: ModeRun, part: str, work) -> None:
+    """Run `work`, noting how many cores other processes kept busy meanwhile (the part's noise)."""
+    other = OtherLoad()
+    try:
+        with other:
+            work()
+    finally:
+        if other.cores is not None:
+            run.other_cores_busy[part] = round(other.cores, 2)
+
+
+def run_mode(run: ModeRun, image, config: Config, args: argparse.Namespace, root: Path) -> None:
+    """One time mode: each server's workloads, then the clocks step; one guest at a time."""
+    servers = {"qemu": QemuServer, "vmigdb": VmigdbServer}
+    comparison = [step for step in args.only if step != "clocks"]
+    for name in args.servers if comparison else []:
+        workloads = partial(
+            run_server, servers[name], image, config, run.mode, comparison, run.results, root
+        )
+        measured_load(run, name, workloads)
+    if "clocks" not in args.only:
         return
-    meta["other_cores_busy"] = {name: round(c, 2) for name, c in cores.items()}
-    if max(cores.values()) > 0.2:
-        during = [f"{c:.1f} during the {stats.SERVER_TITLES[n]} part" for n, c in cores.items()]
-        meta["remarks"].append(
-            f"other processes kept on average {', '.join(during)} of the {meta['nproc']} cores "
-            "busy: expect more noise than on an idle machine"
+    if "vmigdb" not in args.servers:
+        log("clocks: skipped, it measures vmigdb and --servers leaves vmigdb out")
+        return
+    log(f"clocks: booting the clock probe's guest (--time {run.mode})")
+
+    def clocks() -> None:
+        run.clocks = measure_clocks(
+            image, root / "clocks", run.mode, config, lambda m: log(f"clocks: {m}")
         )
 
+    measured_load(run, "clocks", clocks)
+    log("clocks: guest stopped")
 
-def machine_meta(config: Config, image) -> dict:
+
+def machine_meta(config: Config, image, modes: list[str]) -> dict:
     load = load_average()
     remarks = []
     if load > 0.5:
@@ -191,6 +246,7 @@ def machine_meta(config: Config, image) -> dict:
             "accel": "tcg",
             "append": APPEND,
         },
+        "time_modes": {mode: list(TIME_MODES[mode]) for mode in modes},
         "quick": config.quick,
         "repetitions": config.reps,
         "passes": config.passes,
@@ -209,11 +265,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with ^C ignored
-    results: stats.Results = {}
+    runs: list[ModeRun] = []
     root = Path(tempfile.mkdtemp(prefix="vmigdb-bench-"))
     status = 0
     meta: dict = {}
-    other_load: dict[str, OtherLoad] = {}
     try:
         preflight()
         from vmigdb.images.build import build_guest
@@ -224,35 +279,30 @@ def main(argv: list[str] | None = None) -> int:
             raise SetupError(
                 "the demo guest has no loop program: rebuild with 'vmigdb guest build'"
             )
-        meta = machine_meta(config, image)
-        servers = {"qemu": QemuServer, "vmigdb": VmigdbServer}
-        for name in args.servers:
-            with OtherLoad() as other:
-                try:
-                    run_server(servers[name], image, config, args.only, results, root)
-                finally:
-                    other_load[name] = other
-        remark_on_load(meta, other_load)
+        meta = machine_meta(config, image, args.time)
+        for mode in args.time:
+            log(f"--time {mode}")
+            runs.append(ModeRun(mode))
+            run_mode(runs[-1], image, config, args, root / mode)
     except SetupError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        log("interrupted: both guests are stopped; the figures so far follow")
+        log("interrupted: every guest is stopped; the figures so far follow")
         status = 130
-        remark_on_load(meta, other_load)
     finally:
         if args.keep:
             log(f"work directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
     meta["elapsed_s"] = round(time.monotonic() - _start, 1)
-    print(stats.format_table(results))
+    log(f"done in {meta['elapsed_s'] / 60:.1f} min")
+    print(format_text(runs))
     if args.json:
-        args.json.write_text(json.dumps(stats.to_json(results, meta), indent=2) + "\n")
+        args.json.write_text(json.dumps(to_json(runs, meta), indent=2) + "\n")
     if args.markdown:
-        args.markdown.write_text(stats.format_markdown(results, meta))
-    errors = [c for cells in results.values() for c in cells.values() if c.error and not c.values]
-    if status == 0 and any(not e.error.startswith("n/a") for e in errors):
+        args.markdown.write_text(format_markdown(runs, meta))
+    if status == 0 and failed(runs):
         status = 1
     return status
 

@@ -207,29 +207,41 @@ def notes(results: Results, specs: tuple[Spec, ...] = SPECS) -> list[str]:
     return out
 
 
-def format_table(results: Results, specs: tuple[Spec, ...] = SPECS) -> str:
-    """Fixed-width text table, columns as wide as their widest cell."""
-    table = rows(results, specs)
+def text_table(table: list[list[str]]) -> str:
+    """Fixed-width text, columns as wide as their widest cell."""
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-    return "\n".join(lines + notes(results, specs))
+    return "\n".join(
+        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table
+    )
 
 
-def format_markdown(results: Results, meta: dict, specs: tuple[Spec, ...] = SPECS) -> str:
-    """README-ready: a heading line with date and machine, the table, footnotes."""
-    table = rows(results, specs)
-    md = [
+def markdown_table(table: list[list[str]]) -> list[str]:
+    """The same cells as a markdown table, one line each."""
+    head, body = table[0], table[1:]
+    md = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return md + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]
+
+
+def format_table(results: Results, specs: tuple[Spec, ...] = SPECS) -> str:
+    """The comparison as text, footnotes under it."""
+    return "\n".join([text_table(rows(results, specs)), *notes(results, specs)])
+
+
+def markdown_heading(meta: dict) -> str:
+    """The line that says when, where and how the figures were measured."""
+    return (
         f"Measured {meta.get('date', '?')} on {meta.get('nproc', '?')} x {meta.get('cpu', '?')}, "
         f"{meta.get('qemu', 'QEMU ?')}, {meta.get('gdb', 'GDB ?')} "
         f"(`scripts/bench{' --quick' if meta.get('quick') else ''}`; median of "
         f"{meta.get('repetitions', '?')} repetitions [min-max], each the best of "
-        f"{meta.get('passes', '?')} passes where a pass is short).",
-        "",
-        "| " + " | ".join(table[0]) + " |",
-        "|" + "|".join("---" for _ in table[0]) + "|",
-    ]
-    md += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table[1:]]
-    extra = [n.replace("*", "\\*", 1) for n in notes(results, specs)] + meta.get("remarks", [])
+        f"{meta.get('passes', '?')} passes where a pass is short)."
+    )
+
+
+def format_markdown(results: Results, remarks: list[str], specs: tuple[Spec, ...] = SPECS) -> str:
+    """The comparison as a README-ready table, footnotes and remarks as a list under it."""
+    md = markdown_table(rows(results, specs))
+    extra = [n.replace("*", "\\*", 1) for n in notes(results, specs)] + remarks
     if extra:
         md += [""] + [f"- {n}" for n in extra]
     return "\n".join(md) + "\n"

@@ -40,6 +40,7 @@ class Config:
     next_probe: int  # loop count of the probing `next`
     idle_window: float  # seconds of ticker output per idle measurement
     idle_reps: int
+    clock_phase: int  # guest seconds of the clocks step's idle phase, and of its busy phase
     seed: int = 6
 
 
@@ -56,6 +57,7 @@ FULL = Config(
     next_probe=200,
     idle_window=10.0,
     idle_reps=3,
+    clock_phase=30,
 )
 QUICK = Config(
     True,
@@ -70,6 +72,7 @@ QUICK = Config(
     next_probe=100,
     idle_window=3.5,
     idle_reps=1,
+    clock_phase=10,
 )
 
 
