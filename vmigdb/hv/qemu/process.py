@@ -44,7 +44,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
@@ -57,6 +56,7 @@ from typing import TypeVar
 from vmigdb.errors import SetupError
 from vmigdb.hv.qemu.accel import resolve_accel
 from vmigdb.hv.qemu.memory import PhysicalMemory, pc_below_4g
+from vmigdb.hv.qemu.workdir import make_workdir
 
 log = logging.getLogger("vmigdb.hv.qemu")
 
@@ -65,8 +65,6 @@ MIN_MEMORY_MIB = 16
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB
 MAX_SMP = 255  # QEMU 7.2 pc-i440fx max_cpus
 READY_TIMEOUT = 10.0
-# sockaddr_un.sun_path is 108 bytes including the NUL.
-_MAX_SOCKET_PATH = 107
 
 _PR_SET_PDEATHSIG = 1
 
@@ -220,26 +218,6 @@ def _check_config(config: QemuConfig) -> str:
 def _free_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
-
-
-def _make_workdir() -> Path:
-    """A private 0700 directory, short enough for unix socket paths."""
-    candidates = []
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        candidates.append(runtime)
-    candidates += [tempfile.gettempdir(), "/tmp"]
-    for base in candidates:
-        # "/vmigdb-XXXXXXXX/qmp.sock" adds about 30 bytes.
-        if len(base) + 32 > _MAX_SOCKET_PATH or not os.path.isdir(base):
-            continue
-        try:
-            d = Path(tempfile.mkdtemp(prefix="vmigdb-", dir=base))
-        except OSError:
-            continue
-        os.chmod(d, 0o700)
-        return d
-    raise SetupError("cannot create a private directory: make $TMPDIR a short, writable path")
 
 
 def _create_ram_file(size: int, workdir: Path) -> tuple[Path, int]:
@@ -417,7 +395,7 @@ class QemuProcess:
         size = config.memory_mib << 20
 
         self = cls(config, accel)
-        self.workdir = _make_workdir()
+        self.workdir = make_workdir()
         ram_fd = -1
         try:
             self.gdb_socket = self.workdir / "gdb.sock"
