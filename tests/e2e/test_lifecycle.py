@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ROOT, Vm, free_port
+from vmigdb.hv.qemu import workdir
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +80,12 @@ def test_sigkill_of_vmigdb_takes_qemu_down_and_leaves_no_ram_file(tmp_path, gues
     vm.proc.wait()
     assert wait_gone(qemu), "QEMU outlived vmigdb"
     assert shm_files() <= before
+    # Its work directory (QEMU's logs) stays behind, and the next start sweeps it away.
+    m = re.search(r"workdir (\S+)", vm.stderr())
+    assert m, vm.stderr()
+    left = Path(m.group(1))
+    assert (left / "qemu.stderr").exists()
+    assert left in workdir.sweep_stale(left.parent) and not left.exists()
 
 
 def test_qemu_dying_ends_the_gdb_session_and_vmigdb_with_its_last_words(tmp_path, guest_image):

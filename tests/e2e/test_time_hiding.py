@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.e2e.conftest import Vm
+from tests.e2e.test_antidebug import ROUND, START
 from vmigdb.bench.timemodes import (
     ConsoleTail,
     Sample,
@@ -46,12 +47,6 @@ HOST_RDTSC = (
     "plain TCG: 61 of 436 and 62 of 362 RDTSC samples over 100x their median during 50 hits + "
     "200 steps (the TSC follows host time and QEMU retranslates after each breakpoint change "
     "and step); --time icount: 0"
-)
-ANTIDEBUG_START = re.compile(r"antidebug pid=(\d+) ")
-ANTIDEBUG_ROUND = re.compile(
-    r"^antidebug round=(\d+) detections=(\d+)(?: ([a-z0-9_,]+))? rdtsc_outliers=(\d+) "
-    r"rdtsc_max=(\d+)\r?$",
-    re.M,
 )
 
 
@@ -193,7 +188,7 @@ def antidebug_rounds(text: str) -> list[tuple[int, int, str, int]]:
     """(round, detections, names, rdtsc_outliers) of each round line."""
     return [
         (int(m.group(1)), int(m.group(2)), m.group(3) or "", int(m.group(4)))
-        for m in ANTIDEBUG_ROUND.finditer(text)
+        for m in ROUND.finditer(text)
     ]
 
 
@@ -202,7 +197,7 @@ def test_antidebug_rdtsc_check_stays_quiet_under_a_session(probe: Probe, guest_i
         pytest.skip("the rdtsc check is meant to stay quiet in --time icount (host: see above)")
     assert guest_image.programs is not None
     blocks = block_addresses(guest_image.programs / "antidebug")
-    m = probe.vm.wait_console(ANTIDEBUG_START.pattern, 60)
+    m = probe.vm.wait_console(START.pattern, 60)
     probe.wait(lambda: len(antidebug_rounds(probe.vm.console())) >= 2, 60, "antidebug rounds")
     mark = len(probe.vm.console())
     started = time.monotonic()

@@ -106,3 +106,30 @@ def test_stealth_lists_reads_and_writes_in_use_without_refusing_what_was_asked()
     }
     assert {"registers", "memory read", "memory write"} <= in_use, in_use
     assert dbg.policy.take_warnings() is None
+
+
+def test_monitor_stealth_says_what_strict_refused_since_gdb_hides_a_z_error() -> None:
+    _, _, session = stopped("host", StealthMode.STRICT)
+    for _ in range(2):  # the same refusal twice is listed once
+        assert session.handle(b"Z0,%x,1" % KERNEL_VA).replies[0].startswith(b"E.")
+    text = monitor(session, b"stealth")
+    refused = text.split("refused (newest last):\n")[1].splitlines()
+    assert len(refused) == 1, refused
+    assert refused[0].startswith("  software breakpoint would need host-paced guest time")
+    session.handle(b"Z1,%x,1" % KERNEL_VA)
+    text = monitor(session, b"stealth")
+    refused = text.split("refused (newest last):\n")[1].splitlines()
+    assert [r.split(" would")[0] for r in refused] == [
+        "  software breakpoint",
+        "  hardware breakpoint",
+    ]
+
+
+def test_only_the_newest_five_refusals_are_kept() -> None:
+    policy = StealthPolicy(StealthMode.STRICT, tcg_capabilities("icount"))
+    visible = tcg_capabilities("host").guest_time
+    assert visible is not None
+    for i in range(7):
+        with pytest.raises(StealthRefused):
+            policy.use(f"job {i}", visible)
+    assert [r.split(" would")[0] for r in policy.refusals] == [f"job {i}" for i in range(2, 7)]

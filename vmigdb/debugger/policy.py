@@ -32,6 +32,7 @@ TIMED_JOBS = frozenset(
     }
 )
 GUEST_TIME = "guest time"
+MAX_REFUSALS = 5
 
 
 class StealthMode(enum.Enum):
@@ -50,6 +51,9 @@ class StealthPolicy:
         self.in_use: dict[str, Mechanism] = {}  # job -> mechanism, as used so far
         self._warned: set[str] = set()
         self._pending: list[str] = []
+        # What strict refused, newest last: GDB does not print the text of a refused Z packet
+        # ("Cannot insert breakpoint"), so `monitor stealth` says it.
+        self.refusals: list[str] = []
 
     def use(self, job: str, mechanism: Mechanism) -> None:
         """Record that `job` is done with `mechanism`; raises StealthRefused if it may not be."""
@@ -70,10 +74,14 @@ class StealthPolicy:
     def _allow(self, job: str, mechanism: Mechanism) -> None:
         if mechanism.guest_visible:
             if self.mode is StealthMode.STRICT:
-                raise StealthRefused(
+                reason = (
                     f"{job} would need {mechanism.description}, which the guest can see "
                     f"({mechanism.why}); refused by --stealth strict"
                 )
+                if reason in self.refusals:
+                    self.refusals.remove(reason)
+                self.refusals = [*self.refusals[-(MAX_REFUSALS - 1) :], reason]
+                raise StealthRefused(reason)
             if mechanism.key not in self._warned:
                 self._warned.add(mechanism.key)
                 self._pending.append(
@@ -98,4 +106,7 @@ class StealthPolicy:
             lines.append(f"  {job}: {mechanism.description}{limit} — {visible}, {used}")
             if mechanism.why:
                 lines.append(f"      ({mechanism.why})")
+        if self.refusals:
+            lines.append("refused (newest last):")
+            lines += [f"  {reason}" for reason in self.refusals]
         return lines
