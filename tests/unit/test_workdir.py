@@ -31,6 +31,7 @@ def test_workdir_is_private_and_records_its_owner(base: Path) -> None:
     d = workdir.make_workdir()
     assert d.parent == base and d.name.startswith("vmigdb-")
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "owner").stat().st_mode) == 0o600
     assert not workdir.owner_is_gone(d)  # we are alive
     pid, started = (d / "owner").read_text().split()
     assert int(pid) == os.getpid() and started == workdir.process_start_time(os.getpid())

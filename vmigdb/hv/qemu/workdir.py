@@ -89,6 +89,8 @@ def make_workdir() -> Path:
         except OSError:
             continue
         os.chmod(d, 0o700)
-        (d / OWNER_FILE).write_text(owner_record(os.getpid()))
+        fd = os.open(d / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(owner_record(os.getpid()))
         return d
     raise SetupError("cannot create a private directory: make $TMPDIR a short, writable path")
