@@ -182,6 +182,7 @@ def session_commands(binary: Path, pid: int) -> list[str]:
         f"file {binary}",
         f"monitor process {pid}",
         "monitor stealth",
+        "monitor info",
         "display/i $pc",  # one "=> ADDR: INSN" line at every stop
         "break check",
         *["continue"] * HITS,
@@ -214,6 +215,7 @@ def test_whole_process_session_leaves_every_round_clean(
     stops = re.findall(r"^=> 0x[0-9a-f]+", out, re.M)
     assert len(stops) == 1 + HITS + len(STEP_FROM) * (1 + STEPS_EACH), out[-3000:]
     assert "instruction-counted guest time" in out and "invisible, in use" in out, out[:3000]
+    assert "(auto: TCG with 1 vCPU)" in out, out[:3000]  # the default, on the demo's machine
     assert re.search(r"^rip\s+0x[0-9a-f]+", out, re.M) and re.search(r"^cr3\s+0x", out, re.M)
     assert re.search(r"^0x[0-9a-f]+:\s+0x[0-9a-f]{16}\s+0x[0-9a-f]{16}$", out, re.M), out[-2000:]
     assert len(seen) >= 5 + 3  # rounds went on through the session, not only after it

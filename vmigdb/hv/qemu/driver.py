@@ -188,12 +188,18 @@ class QemuDriver(Driver):
     name = "qemu"
 
     def __init__(
-        self, client: GdbstubClient, memory: PhysicalMemory, accel: str, time_mode: str
+        self,
+        client: GdbstubClient,
+        memory: PhysicalMemory,
+        accel: str,
+        time_mode: str,
+        time_reason: str = "as asked",
     ) -> None:
         self._client = client
         self._memory = memory
         self.accel = accel
         self.time_mode = time_mode
+        self.time_reason = time_reason  # e.g. "auto: TCG with 1 vCPU"
         if accel == "kvm":
             self.capabilities = kvm_capabilities()
         else:
@@ -351,6 +357,7 @@ class QemuDriver(Driver):
             ("guest RAM", f"{self._memory.size // (1 << 20)} MiB shared, read directly"),
             (
                 "guest time",
-                time.description if time else "host time; the TSC runs on while stopped",
+                f"{time.description if time else 'host time; the TSC runs on while stopped'} "
+                f"({self.time_reason})",
             ),
         ]

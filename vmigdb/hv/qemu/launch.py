@@ -48,7 +48,9 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
     process = QemuProcess.start(config)
     try:
         client = GdbstubClient.connect(process.gdb_socket)
-        driver = QemuDriver(client, process.memory, process.accel, process.config.time_mode)
+        driver = QemuDriver(
+            client, process.memory, process.accel, process.config.time_mode, process.time_reason
+        )
         stop = driver.attach()
         qmp = await Qmp.connect(process.qmp_socket)
         process.unlink_paths()

@@ -395,6 +395,7 @@ class QemuProcess:
         size = config.memory_mib << 20
 
         self = cls(config, accel)
+        self.time_reason = why  # why config.time_mode is what it is, for `monitor info`
         self.workdir = make_workdir()
         ram_fd = -1
         try:
