@@ -57,13 +57,12 @@ class StealthPolicy:
 
     def use(self, job: str, mechanism: Mechanism) -> None:
         """Record that `job` is done with `mechanism`; raises StealthRefused if it may not be."""
-        time = self._caps.guest_time
-        if job in TIMED_JOBS and time is not None:
+        time = self._caps.guest_time if job in TIMED_JOBS else None
+        if time is not None:
             self._allow(job, time)
-            self._allow(job, mechanism)
+        self._allow(job, mechanism)
+        if time is not None:
             self.in_use[GUEST_TIME] = time
-        else:
-            self._allow(job, mechanism)
         self.in_use[job] = mechanism
 
     def record(self, job: str, mechanism: Mechanism | None) -> None:

@@ -198,7 +198,6 @@ class QemuDriver(Driver):
         self._client = client
         self._memory = memory
         self.accel = accel
-        self.time_mode = time_mode
         self.time_reason = time_reason  # e.g. "auto: TCG with 1 vCPU"
         if accel == "kvm":
             self.capabilities = kvm_capabilities()
