@@ -76,3 +76,16 @@ def test_start_time_survives_odd_command_names() -> None:
         child.kill()
         child.wait()
     assert workdir.process_start_time(child.pid) is None
+
+
+def test_without_proc_nothing_is_recorded_or_swept(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start time unreadable would make every owner look gone: then judge nothing."""
+    stale = base / "vmigdb-stale"
+    stale.mkdir(mode=0o700)
+    (stale / "owner").write_text(f"{dead_pid()} 12345\n")
+    monkeypatch.setattr(workdir, "process_start_time", lambda pid: None)
+    d = workdir.make_workdir()
+    assert stale.exists() and not (d / "owner").exists()
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700

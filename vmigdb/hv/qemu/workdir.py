@@ -35,10 +35,6 @@ def process_start_time(pid: int) -> str | None:
     return stat[stat.rindex(")") + 2 :].split()[19]
 
 
-def owner_record(pid: int) -> str:
-    return f"{pid} {process_start_time(pid)}\n"
-
-
 def owner_is_gone(directory: Path) -> bool:
     """True only for a directory with a readable owner record whose process no longer exists."""
     try:
@@ -79,18 +75,22 @@ def make_workdir() -> Path:
     if runtime:
         candidates.append(runtime)
     candidates += [tempfile.gettempdir(), "/tmp"]
+    # Without a readable /proc every process would look gone: then neither record nor sweep.
+    started = process_start_time(os.getpid())
     for base in candidates:
         # "/vmigdb-XXXXXXXX/qmp.sock" adds about 30 bytes.
         if len(base) + 32 > MAX_SOCKET_PATH or not os.path.isdir(base):
             continue
-        sweep_stale(Path(base))
+        if started is not None:
+            sweep_stale(Path(base))
         try:
             d = Path(tempfile.mkdtemp(prefix=PREFIX, dir=base))
         except OSError:
             continue
         os.chmod(d, 0o700)
-        fd = os.open(d / OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(owner_record(os.getpid()))
+        if started is not None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            with os.fdopen(os.open(d / OWNER_FILE, flags, 0o600), "w") as f:
+                f.write(f"{os.getpid()} {started}\n")
         return d
     raise SetupError("cannot create a private directory: make $TMPDIR a short, writable path")
