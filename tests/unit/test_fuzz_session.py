@@ -79,6 +79,8 @@ _KINDS = [
     (b"QStartNoAckMode", "ok"),
     (b"qXfer:features:read:", "qXfer"),
     (b"qXfer:threads:read::", "qXfer"),
+    (b"qXfer:exec-file:read:", "qXfer"),
+    (b"vFile:", "vFile"),
     (b"qfThreadInfo", "qfThreadInfo"),
     (b"qsThreadInfo", "qsThreadInfo"),
     (b"qThreadExtraInfo,", "hex"),

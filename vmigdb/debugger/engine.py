@@ -32,7 +32,7 @@ from vmigdb.debugger.breakpoints import (
     BreakpointTable,
     Condition,
 )
-from vmigdb.debugger.events import StopEvent
+from vmigdb.debugger.events import SIGTRAP, StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestView
 from vmigdb.debugger.model import (
     Action,
@@ -44,7 +44,7 @@ from vmigdb.debugger.model import (
 )
 from vmigdb.debugger.policy import StealthMode, StealthPolicy
 from vmigdb.debugger.stops import StopHandling
-from vmigdb.hv.base import BreakpointType, Driver, DriverError
+from vmigdb.hv.base import BreakpointType, Driver, DriverError, MachineGone
 
 log = logging.getLogger("vmigdb.debugger")
 
@@ -73,6 +73,7 @@ class Debugger(StopHandling):
         self._changes_seen = 0
         self._bp_changed_before_resume = False
         self._lost_step_retries = 0
+        self._interrupt_requested = False  # GDB's ^C: the next stop is reported, whatever it is
 
     # -- machine ----------------------------------------------------------------------------------
 
@@ -260,11 +261,25 @@ class Debugger(StopHandling):
 
     def interrupt(self) -> None:
         if self.running:
+            self._interrupt_requested = True
             self.driver.interrupt()
 
     def poll(self) -> StopEvent | None:
         """Call when the driver's stop fd is readable. None: nothing for GDB (yet)."""
-        stop = self.driver.poll_stop()
+        try:
+            stop = self.driver.poll_stop()
+        except MachineGone:
+            raise
+        except DriverError as exc:
+            # The hypervisor did not run as asked (e.g. refused the resume): the machine is
+            # stopped, and GDB, waiting for a stop, is told so with the reason.
+            log.warning("%s", exc)
+            self.running = False
+            cpu = self._cpus[0]
+            message = f"vmigdb: the guest did not run as asked: {exc}"
+            return self._report(
+                StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, self.registers(cpu), message)
+            )
         return None if stop is None else self._handle(stop)
 
     def halt(self, timeout: float = 10.0) -> StopEvent:
@@ -272,7 +287,7 @@ class Debugger(StopHandling):
         if not self.running:
             assert self.last_stop is not None
             return self.last_stop
-        self.driver.interrupt()
+        self.interrupt()
         while True:
             event = self._handle(self.driver.wait_stop(timeout))
             if event is not None:

@@ -35,16 +35,27 @@ class StopHandling:
     # -- stops ------------------------------------------------------------------------------------
 
     def _handle(self, stop: DriverStop) -> StopEvent | None:
-        """Interpret one hypervisor stop: report it to GDB, or go on by ourselves (None)."""
+        """Interpret one hypervisor stop: report it to GDB, or go on by ourselves (None).
+
+        Whatever goes wrong while interpreting, a machine that is stopped is reported as stopped:
+        GDB is never left waiting for a stop that already happened.
+        """
         try:
             return self._interpret(stop)
         except StealthRefused as exc:
             # Going on by ourselves needed a mechanism the policy refuses: let GDB see this stop.
-            cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
-            regs = self.registers(cpu)
-            return self._report(
-                StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, str(exc))
-            )
+            message = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to GDB below, with the traceback logged
+            if self.running or stop.exited is not None:
+                raise
+            log.exception("error while handling a stop on CPU#%s", (stop.cpu or 1) - 1)
+            message = f"vmigdb: could not handle this stop ({exc}); the guest is stopped here"
+        cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
+        try:
+            regs: RegisterFile | None = self.registers(cpu)
+        except DriverError:
+            regs = None
+        return self._report(StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, message))
 
     def _interpret(self, stop: DriverStop) -> StopEvent | None:
         self.running = False
@@ -60,7 +71,11 @@ class StopHandling:
             return self._report(StopEvent(StopReason.INTERRUPT, cpu, SIGINT, None, None, regs))
         if self._driving.get(cpu) == "s" and stop.signal == SIGTRAP:
             if self._lost_step(cpu, regs["rip"]):
-                return None
+                self._lost_step_retries += 1
+                log.info(
+                    "QEMU lost a single-step at %#x on CPU#%d; stepping again", regs["rip"], cpu - 1
+                )
+                return self._go_on(cpu, regs, self._driving, retry=True)
             if self._request.get(cpu) == "s":
                 return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
             return self._after_own_step(cpu, regs)
@@ -77,12 +92,11 @@ class StopHandling:
             if event is not None:
                 return event
         if rng is not None and (rng.plan is None or rip in rng.plan.step_points):
-            self._drive(self._with(cpu, "s"))
-        elif self.breakpoints.installed_at(rip):
-            self._drive({cpu: "s"})  # continuing from a breakpoint would hit it again at once
-        else:
-            self._drive(self._with(cpu, "c"))
-        return None
+            return self._go_on(cpu, regs, self._with(cpu, "s"))
+        if self.breakpoints.installed_at(rip):
+            # continuing from a breakpoint would hit it again at once
+            return self._go_on(cpu, regs, {cpu: "s"})
+        return self._go_on(cpu, regs, self._with(cpu, "c"))
 
     def _on_trap(self, cpu: int, regs: RegisterFile, signal: int) -> StopEvent | None:
         """A vCPU that was running stopped on a trap: a breakpoint, ours, or unexplained."""
@@ -105,12 +119,11 @@ class StopHandling:
         elif self.breakpoints.internal_at(rip, "range") and rng is not None and rng.owns(cpu, regs):
             if not rng.contains(rip):
                 return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
-            self._drive(self._with(cpu, "s"))  # an instruction whose destination only a step tells
-            return None
+            # an instruction whose destination only a step tells
+            return self._go_on(cpu, regs, self._with(cpu, "s"))
         elif not self.breakpoints.internal_at(rip):
             return self._report(StopEvent(StopReason.SIGNAL, cpu, signal, None, None, regs))
-        self._drive({cpu: "s"})  # not for GDB: step off it, then go on as GDB asked
-        return None
+        return self._go_on(cpu, regs, {cpu: "s"})  # not for GDB: step off it, then go on
 
     def _with(self, cpu: int, action: str) -> dict[int, str]:
         """GDB's requested actions as driver actions, with `cpu` doing `action`."""
@@ -167,6 +180,7 @@ class StopHandling:
             self.breakpoints.release_internal("range")
             self._range = None
         self._request = {}
+        self._interrupt_requested = False
         self.last_stop = event
         return event
 
@@ -200,12 +214,17 @@ class StopHandling:
             code = self.read_memory(cpu, rip, 16)
         except MemoryFault:
             return False
-        if may_stay_put(code, rip):
-            return False
-        self._lost_step_retries += 1
-        log.info("QEMU lost a single-step at %#x on CPU#%d; stepping again", rip, cpu - 1)
-        self._drive(self._driving, retry=True)
-        return True
+        return not may_stay_put(code, rip)
+
+    def _go_on(
+        self, cpu: int, regs: RegisterFile, actions: dict[int, str], *, retry: bool = False
+    ) -> StopEvent | None:
+        """Run on by ourselves, not reporting this stop, unless GDB asked to interrupt meanwhile:
+        then this stop is the interrupt's (a ^C is never lost to a storm of filtered hits)."""
+        if self._interrupt_requested:
+            return self._report(StopEvent(StopReason.INTERRUPT, cpu, SIGINT, None, None, regs))
+        self._drive(actions, retry=retry)
+        return None
 
 
 class ConditionContext:

@@ -167,6 +167,7 @@ class GdbConnection(asyncio.Protocol):
         self.rejected_reply_sent = False
         self.peer = "?"
         self._queued: list[codec.Event] = []
+        self.finished = False  # detached or killed: nothing more from this client is served
 
     # -- asyncio callbacks ------------------------------------------------------------------------
 
@@ -196,6 +197,8 @@ class GdbConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
         for event in self.decoder.events():
+            if self.finished:
+                return  # what a client sends after D or k is not served: the guest is let go
             if self.waiting_for_stop and not isinstance(event, codec.Interrupt):
                 self._queued.append(event)  # all-stop: answered once the machine stops
                 continue
@@ -261,11 +264,13 @@ class GdbConnection(asyncio.Protocol):
             self.waiting_for_stop = True
         elif isinstance(action, Detach):
             log.info("GDB at %s detached", self.peer)
+            self.finished = True
             self.server.active = None
             self._release_machine()
             self.transport.close()
         elif isinstance(action, Kill):
             log.info("GDB at %s killed the machine", self.peer)
+            self.finished = True
             self.server.active = None
             self.debugger.breakpoints.clear()
             self.debugger.driver.kill()
@@ -276,14 +281,17 @@ class GdbConnection(asyncio.Protocol):
         if self.session is None:
             return
         if not self.waiting_for_stop and event.reason is not StopReason.EXITED:
-            log.info("stop while GDB was not waiting (%s); resuming", event.reason.value)
-            self.debugger.resume({cpu: "c" for cpu in self.debugger.cpus()})
+            # GDB believes the machine stopped, and now it is: nothing to tell. Resuming here
+            # would leave GDB's next packets served while the guest runs.
+            log.warning("a stop GDB did not wait for (%s); the guest stays stopped", event.reason)
             return
         self.waiting_for_stop = False
         for reply in self.session.stop_replies(event):
             self._send(reply)
         queued, self._queued = self._queued, []
         for item in queued:
+            if self.finished:
+                return
             if self.waiting_for_stop:
                 self._queued.append(item)
             else:

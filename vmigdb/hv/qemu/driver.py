@@ -20,7 +20,7 @@ from vmigdb.hv.base import (
     MachineGone,
     Mechanism,
 )
-from vmigdb.hv.qemu.gdbstub import GdbstubClient
+from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
 from vmigdb.rsp.codec import decode_hex, encode_hex
@@ -189,13 +189,13 @@ class QemuDriver(Driver):
 
     def __init__(
         self,
-        client: GdbstubClient,
+        channel: QemuChannel,
         memory: PhysicalMemory,
         accel: str,
         time_mode: str,
         time_reason: str = "as asked",
     ) -> None:
-        self._client = client
+        self._channel = channel
         self._memory = memory
         self.accel = accel
         self.time_reason = time_reason  # e.g. "auto: TCG with 1 vCPU"
@@ -207,26 +207,36 @@ class QemuDriver(Driver):
         self._cpus: list[int] = []
         self._patched: set[tuple[int, int]] = set()  # KVM Z0s QEMU serves by patching 0xCC
         self.exit_status: int | None = None
+        # What the last resume asked of each vCPU, and the vCPUs on which QEMU may still have its
+        # single-step armed: QEMU 7.2 disarms only the vCPU its stop reply names
+        # (gdb_vm_state_change), so a vCPU stepped alongside another that stopped first keeps it,
+        # and would stop after one instruction of its next `continue`.
+        self._driven: dict[int, str] = {}
+        self._resume_packet = b""
+        self._armed: set[int] = set()
+        self.leftover_steps = 0  # stops of that kind absorbed (monitor info shows them)
+        self._interrupting = False  # an interrupt was asked: the next stop is reported as it is
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def attach(self) -> DriverStop:
         """Take over QEMU's gdbstub right after connecting (QEMU pauses the VM on connect)."""
+        self._channel.running = True  # connecting stopped the VM: QEMU owes that stop's reply
         stop = self.wait_stop(10.0)
-        features = self._client.request(b"qSupported:swbreak+;hwbreak+;vContSupported+")
+        features = self._channel.request(b"qSupported:swbreak+;hwbreak+;vContSupported+")
         log.debug("QEMU gdbstub features: %s", features)
         # GDB's address in M packets is physical from now on: vmigdb translates virtual addresses itself.
-        if self._client.request(b"Qqemu.PhyMemMode:1") != b"OK":
+        if self._channel.request(b"Qqemu.PhyMemMode:1") != b"OK":
             raise DriverError("QEMU's gdbstub refused physical memory mode (Qqemu.PhyMemMode)")
         self._cpus = self._thread_list()
         return stop
 
     def _thread_list(self) -> list[int]:
         cpus: list[int] = []
-        reply = self._client.request(b"qfThreadInfo")
+        reply = self._channel.request(b"qfThreadInfo")
         while reply.startswith(b"m"):
             cpus += [int(t.split(b".")[-1], 16) for t in reply[1:].split(b",") if t]
-            reply = self._client.request(b"qsThreadInfo")
+            reply = self._channel.request(b"qsThreadInfo")
         if not cpus:
             raise DriverError(f"QEMU listed no vCPUs: {reply!r}")
         return cpus
@@ -245,20 +255,22 @@ class QemuDriver(Driver):
     def write_physical(self, pa: int, data: bytes) -> None:
         for offset in range(0, len(data), _WRITE_CHUNK):
             chunk = data[offset : offset + _WRITE_CHUNK]
-            reply = self._client.request(b"M%x,%x:" % (pa + offset, len(chunk)) + encode_hex(chunk))
+            reply = self._channel.request(
+                b"M%x,%x:" % (pa + offset, len(chunk)) + encode_hex(chunk)
+            )
             if reply != b"OK":
                 raise DriverError(f"QEMU refused a write at {pa + offset:#x}: {reply!r}")
 
     def _select(self, cpu: int) -> None:
         if self._g_cpu != cpu:
-            reply = self._client.request(b"Hg%x" % cpu)
+            reply = self._channel.request(b"Hg%x" % cpu)
             if reply != b"OK":
                 raise DriverError(f"QEMU has no vCPU {cpu}: {reply!r}")
             self._g_cpu = cpu
 
     def read_registers(self, cpu: int) -> RegisterFile:
         self._select(cpu)
-        reply = self._client.request(b"g")
+        reply = self._channel.request(b"g")
         try:
             return RegisterFile.from_qemu_g(decode_hex(reply))
         except ValueError as exc:
@@ -267,7 +279,7 @@ class QemuDriver(Driver):
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
         current = self.read_registers(cpu)
         qemu_regnum, raw = current.qemu_write(regnum, value)
-        reply = self._client.request(b"P%x=" % qemu_regnum + encode_hex(raw))
+        reply = self._channel.request(b"P%x=" % qemu_regnum + encode_hex(raw))
         if reply != b"OK":
             raise DriverError(f"QEMU refused a register write: {reply!r}")
 
@@ -287,7 +299,7 @@ class QemuDriver(Driver):
         if self.accel == "kvm" and type == BreakpointType.SOFTWARE and not patched:
             # QEMU would write 0xCC into guest RAM: use a hardware slot instead.
             type = BreakpointType.HARDWARE
-        reply = self._client.request(b"%s%d,%x,%x" % (verb, int(type), addr, length))
+        reply = self._channel.request(b"%s%d,%x,%x" % (verb, int(type), addr, length))
         if reply != b"OK":
             raise DriverError(f"QEMU refused {verb.decode()}{int(type)} at {addr:#x}: {reply!r}")
 
@@ -296,28 +308,74 @@ class QemuDriver(Driver):
     def resume(self, actions: dict[int, str]) -> None:
         if not actions:
             raise DriverError("resume with no vCPU to run")
-        self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
         if all(actions.get(cpu) == "c" for cpu in self._cpus):
-            self._client.send(b"vCont;c")
-            return
-        parts = [b"%s:%x" % (action.encode(), cpu) for cpu, action in sorted(actions.items())]
-        self._client.send(b"vCont;" + b";".join(parts))
+            packet = b"vCont;c"
+        else:
+            parts = [b"%s:%x" % (action.encode(), cpu) for cpu, action in sorted(actions.items())]
+            packet = b"vCont;" + b";".join(parts)
+        self._send_resume(actions, packet)
+
+    def _send_resume(self, actions: dict[int, str], packet: bytes) -> None:
+        self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
+        self._channel.resume(packet)
+        self._driven = dict(actions)
+        self._resume_packet = packet
+        self._armed |= {cpu for cpu, action in actions.items() if action == "s"}
+
+    def _leftover_step(self, stop: DriverStop) -> bool:
+        """A stop of a vCPU asked to continue that only QEMU's stale single-step explains: absorb
+        it by resuming as asked again (the stop itself has now disarmed it)."""
+        return (
+            stop.cpu in self._armed
+            and self._driven.get(stop.cpu) == "c"
+            and stop.signal == 5
+            and stop.watch is None
+            and stop.exited is None
+        )
 
     def stop_fileno(self) -> int:
-        return self._client.fileno()
+        return self._channel.fileno()
 
     def poll_stop(self) -> DriverStop | None:
         try:
-            while (packet := self._client.poll()) is not None:
-                stop = parse_stop(packet)
+            while (packet := self._channel.poll_stop()) is not None:
+                stop = self._on_stop_reply(packet)
                 if stop is not None:
-                    return self._note(stop)
-                log.debug("ignoring %r from QEMU while running", packet)
+                    return stop
+        except ResumeRefused:
+            self._armed -= {cpu for cpu, action in self._driven.items() if action == "s"}
+            raise
         except MachineGone:
             return self._note(DriverStop(cpu=None, signal=9, exited=self.exit_status or 0))
         return None
 
+    def wait_stop(self, timeout: float) -> DriverStop:
+        try:
+            while True:
+                stop = self._on_stop_reply(self._channel.wait_stop(timeout))
+                if stop is not None:
+                    return stop
+        except MachineGone:
+            return self._note(DriverStop(cpu=None, signal=9, exited=self.exit_status or 0))
+
+    def _on_stop_reply(self, packet: bytes) -> DriverStop | None:
+        """A stop QEMU reported, or None when it was absorbed and the guest runs again."""
+        stop = parse_stop(packet)
+        if stop is None:
+            raise DriverError(f"unexpected stop reply from QEMU: {packet!r}")
+        if stop.cpu is None and stop.exited is None:
+            stop = DriverStop(self._cpus[0] if self._cpus else 1, stop.signal, stop.watch)
+        leftover = self._leftover_step(stop) and not self._interrupting
+        self._armed.discard(stop.cpu)
+        if leftover:
+            self.leftover_steps += 1
+            log.info("CPU#%d stopped on a single-step QEMU had left armed; resuming", stop.cpu - 1)
+            self._send_resume(self._driven, self._resume_packet)
+            return None
+        return self._note(stop)
+
     def _note(self, stop: DriverStop) -> DriverStop:
+        self._interrupting = False
         if stop.exited is not None:
             self.exit_status = stop.exited
         elif stop.cpu is not None:
@@ -326,27 +384,23 @@ class QemuDriver(Driver):
             self._g_cpu = stop.cpu
         return stop
 
-    def wait_stop(self, timeout: float) -> DriverStop:
-        try:
-            while True:
-                stop = parse_stop(self._client.recv(timeout))
-                if stop is not None:
-                    return self._note(stop)
-        except MachineGone:
-            return self._note(DriverStop(cpu=None, signal=9, exited=self.exit_status or 0))
-
     def interrupt(self) -> None:
-        self._client.send_interrupt()
+        if self._channel.running:
+            self._interrupting = True
+            self._channel.interrupt()
 
     def kill(self) -> None:
         """Ask QEMU to quit (vKill: QEMU answers OK, then exits)."""
         try:
-            self._client.send(b"vKill;1")
-        except MachineGone:
+            if self._channel.running:
+                self._channel.interrupt()
+                self._channel.wait_stop(5.0)
+            self._channel.resume(b"vKill;1")  # QEMU answers OK and exits: nothing more is owed
+        except (MachineGone, DriverError, TimeoutError):
             pass
 
     def close(self) -> None:
-        self._client.close()
+        self._channel.close()
 
     def describe(self) -> list[tuple[str, str]]:
         time = self.capabilities.guest_time
@@ -358,5 +412,10 @@ class QemuDriver(Driver):
                 "guest time",
                 f"{time.description if time else 'host time; the TSC runs on while stopped'} "
                 f"({self.time_reason})",
+            ),
+            (
+                "gdbstub channel",
+                f"{self._channel.resyncs} resynchronisation(s), "
+                f"{self.leftover_steps} stale single-step stop(s) absorbed",
             ),
         ]

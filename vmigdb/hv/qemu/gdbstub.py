@@ -56,7 +56,11 @@ class GdbstubClient:
         self._sendall(self._take_acks() + codec.encode_packet(payload))
 
     def send_interrupt(self) -> None:
-        self._sendall(self._take_acks() + b"\x03")
+        self.send_raw(b"\x03")
+
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes outside any packet (0x03, a lone '+'), after the acks we owe."""
+        self._sendall(self._take_acks() + data)
 
     def _take_acks(self) -> bytes:
         acks, self._acks_owed = b"+" * self._acks_owed, 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from vmigdb.errors import SetupError
 from vmigdb.hv.base import DriverStop, MachineGone
+from vmigdb.hv.qemu.channel import QemuChannel
 from vmigdb.hv.qemu.driver import QemuDriver
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
@@ -47,7 +48,7 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
     """Boot the guest and attach; the guest is left stopped (the caller resumes it)."""
     process = QemuProcess.start(config)
     try:
-        client = GdbstubClient.connect(process.gdb_socket)
+        client = QemuChannel(GdbstubClient.connect(process.gdb_socket))
         driver = QemuDriver(
             client, process.memory, process.accel, process.config.time_mode, process.time_reason
         )
