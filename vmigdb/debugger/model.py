@@ -17,6 +17,10 @@ class MemoryFault(Exception):
         self.address = address
 
 
+class RegisterWriteRefused(Exception):
+    """The value asked for is one no x86-64 vCPU can hold; the message says why."""
+
+
 def cr3_base(cr3: int) -> int:
     """The page-table base in CR3, without PCID bits and the PTI user/kernel bit (bit 12)."""
     return cr3 & 0x000F_FFFF_FFFF_E000

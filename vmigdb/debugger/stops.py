@@ -106,6 +106,8 @@ class StopHandling:
             event = self._breakpoint_hit(cpu, regs)
             if event is not None:
                 return event
+        elif (dying := self.health.dying(rip, regs, cpu)) is not None:
+            return self._report(StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, dying))
         elif self._scoped_process_exits(rip, regs):
             scope = self.scope
             assert scope is not None

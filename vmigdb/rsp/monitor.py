@@ -139,6 +139,16 @@ class Monitor:
             "its user memory reads through them, new breakpoints fire only in it"
         )
 
+    def cmd_catch(self, args: list[str]) -> str:
+        """catch [panic on|off] — stop GDB when the guest kernel oopses or panics (on by default)"""
+        health = self._debugger.health
+        if not args:
+            return f"panic: {health.status}"
+        if len(args) != 2 or args[0] != "panic" or args[1] not in ("on", "off"):
+            raise MonitorError("usage: monitor catch [panic on|off]")
+        health.enabled = args[1] == "on"
+        return f"panic: {health.arm()}"
+
     def _guest(self, query):
         """Run a guest-awareness query; an unanalysable guest is a one-line monitor error."""
         try:

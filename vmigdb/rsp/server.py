@@ -191,7 +191,7 @@ class GdbConnection(asyncio.Protocol):
             log.error("could not stop the machine for %s: %s", self.peer, exc)
             transport.close()
             return
-        self.debugger.guest.revalidate()
+        self.debugger.client_attached()
         self.session = Session(self.debugger, host_files=self.server.local)
 
     def data_received(self, data: bytes) -> None:

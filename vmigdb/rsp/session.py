@@ -22,6 +22,7 @@ from vmigdb.debugger.engine import Action as RunAction
 from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
+from vmigdb.debugger.model import RegisterWriteRefused
 from vmigdb.debugger.policy import StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.rsp import codec
@@ -214,6 +215,9 @@ class Session:
             return EINVAL
         if isinstance(exc, MemoryFault):
             return EFAULT
+        if isinstance(exc, RegisterWriteRefused):
+            log.warning("register write %r %s", payload[:64], exc)
+            return b"E." + str(exc).encode()
         if isinstance(exc, StealthRefused):
             log.warning("%s", exc)
             return b"E." + str(exc).encode()
@@ -348,9 +352,13 @@ class Session:
             raise PacketError(f"G needs {G_PACKET_SIZE} bytes, got {len(data)}")
         cpu = self.current_cpu()
         current = self.debugger.registers(cpu)
-        for regnum, value in enumerate(split_g(data)):
-            if value != current.raw(regnum):
-                self.debugger.write_register(cpu, regnum, value)
+        changes = {
+            regnum: value
+            for regnum, value in enumerate(split_g(data))
+            if value != current.raw(regnum)
+        }
+        if changes:
+            self.debugger.write_registers(cpu, changes)
         return b"OK"
 
     def _regnum(self, text: bytes) -> int:

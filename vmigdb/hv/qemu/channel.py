@@ -116,12 +116,17 @@ class QemuChannel:
                 packet = self._client.recv(max(remaining, 0.0))
             except TimeoutError:
                 self.resync("no stop reply after an interrupt")
-                reply = self.request(b"?")
-                return reply if is_stop_reply(reply) else b"T02"
+                return self._ask_stop()
             self._check_owed(packet)
             if is_stop_reply(packet):
                 return packet
         raise DriverError("internal: waiting for a stop while the guest is stopped")
+
+    def _ask_stop(self) -> bytes:
+        """QEMU's account of why the stopped VM is stopped (`?`), as a stop reply."""
+        self._client.send(b"?")
+        reply = self._client.recv(self._timeout)
+        return reply if is_stop_reply(reply) else b"T02"
 
     def _check_owed(self, packet: bytes) -> None:
         if is_stop_reply(packet):

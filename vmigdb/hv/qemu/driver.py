@@ -228,8 +228,21 @@ class QemuDriver(Driver):
         # GDB's address in M packets is physical from now on: vmigdb translates virtual addresses itself.
         if self._channel.request(b"Qqemu.PhyMemMode:1") != b"OK":
             raise DriverError("QEMU's gdbstub refused physical memory mode (Qqemu.PhyMemMode)")
+        self._read_target_xml()
         self._cpus = self._thread_list()
         return stop
+
+    def _read_target_xml(self) -> None:
+        """QEMU serves `P` register writes only to a client that has read its target description
+        (gdbstub.c, handle_set_reg: `if (!gdb_has_xml) put_packet("")`): read it once."""
+        offset = 0
+        while offset < 1 << 20:
+            reply = self._channel.request(b"qXfer:features:read:target.xml:%x,ffb" % offset)
+            if reply[:1] not in (b"m", b"l"):
+                raise DriverError(f"QEMU did not serve its target description: {reply[:40]!r}")
+            offset += len(reply) - 1
+            if reply[:1] == b"l":
+                return
 
     def _thread_list(self) -> list[int]:
         cpus: list[int] = []

@@ -1,0 +1,137 @@
+"""The channel to QEMU's gdbstub against a model of QEMU 7.2's byte handling: never out of step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.unit.qemu_stub_model import QemuStubModel
+from vmigdb.hv.base import DriverError
+from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused, is_stop_reply
+from vmigdb.hv.qemu.driver import QemuDriver
+from vmigdb.hv.qemu.gdbstub import GdbstubClient
+
+
+@pytest.fixture
+def model():
+    stub = QemuStubModel()
+    yield stub
+    stub.close()
+
+
+def channel_for(model: QemuStubModel, timeout: float = 2.0) -> QemuChannel:
+    return QemuChannel(GdbstubClient(model.ours, timeout=timeout), timeout=timeout)
+
+
+def wait_until(predicate, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_stop_replies_are_told_apart_from_answers() -> None:
+    for packet in (b"T05thread:01;", b"T02", b"S05", b"W00", b"X09"):
+        assert is_stop_reply(packet)
+    for packet in (b"OK", b"E22", b"", b"QC01", b"m01", b"l", b"0123ab", b"PacketSize=1000"):
+        assert not is_stop_reply(packet)
+
+
+def test_requests_are_refused_while_qemu_owes_a_stop(model: QemuStubModel) -> None:
+    channel = channel_for(model)
+    channel.resume(b"vCont;c")
+    wait_until(lambda: model.running)
+    with pytest.raises(DriverError, match="while the guest runs"):
+        channel.request(b"Hg1")
+    time.sleep(0.1)
+    assert model.running, "a request reached QEMU and stopped the VM"
+    assert model.received == [b"vCont;c"]
+
+
+def test_a_stop_reply_in_place_of_an_answer_resynchronises(model: QemuStubModel) -> None:
+    channel = channel_for(model)
+    channel.resume(b"vCont;c")
+    wait_until(lambda: model.running)
+    channel.running = False  # the defect this guards against: vmigdb believes QEMU stopped
+    assert channel.request(b"Hg2") == b"OK"  # answered after the resync, not with "T02"
+    assert channel.resyncs == 1
+    assert not model.running
+    # and every later answer is the answer to its own request
+    assert channel.request(b"qC").startswith(b"QC")
+    assert channel.request(b"Hg1") == b"OK"
+    assert channel.request(b"g") == b"00" * 608
+
+
+def test_an_interrupt_qemu_never_answers_ends_in_a_resync(model: QemuStubModel) -> None:
+    channel = channel_for(model)
+    channel.resume(b"vCont;c")
+    wait_until(lambda: model.running)
+    model.silently_stop()  # QEMU stopped and will ignore 0x03: the old dead end
+    channel.interrupt()
+    stop = channel.wait_stop(0.5)
+    assert is_stop_reply(stop)
+    assert not channel.running and channel.resyncs == 1
+    assert channel.request(b"Hg1") == b"OK"
+
+
+def test_a_refused_resume_is_reported_not_waited_for(model: QemuStubModel) -> None:
+    channel = channel_for(model)
+    model.vcont_reply = b"E22"
+    channel.resume(b"vCont;s:9")
+    wait_until(lambda: model.received)
+    time.sleep(0.05)
+    with pytest.raises(ResumeRefused):
+        channel.poll_stop()
+    assert not channel.running
+    assert channel.request(b"Hg1") == b"OK"
+
+
+class _NoMemory:
+    size = 0
+
+    def read(self, pa: int, length: int) -> bytes:
+        raise AssertionError("not used")
+
+
+def test_a_single_step_qemu_left_armed_is_absorbed(model: QemuStubModel) -> None:
+    """`vCont;s:1;c:2` ends with CPU 2's breakpoint: QEMU disarms only CPU 2, so CPU 1 would stop
+    after one instruction of the next `continue`. The driver resumes it again by itself."""
+    driver = QemuDriver(channel_for(model), _NoMemory(), "tcg", "host")
+    driver._cpus = [1, 2]
+    driver.resume({1: "s", 2: "c"})
+    wait_until(lambda: model.running)
+    model.hit(2)
+    wait_until(lambda: (stop := driver.poll_stop()) is not None and remember(stop))
+    assert remembered[-1].cpu == 2
+    assert model.armed == {1}
+    driver.resume({1: "c", 2: "c"})
+    # the stale stop is absorbed: polled, resumed again, nothing for the debugger
+    wait_until(lambda: driver.poll_stop() is None and model.received.count(b"vCont;c") == 2)
+    assert model.running and model.armed == set()
+    assert driver.leftover_steps == 1
+    model.hit(2)
+    wait_until(lambda: (stop := driver.poll_stop()) is not None and remember(stop))
+    assert remembered[-1].cpu == 2 and remembered[-1].signal == 5
+
+
+def test_a_stale_step_is_reported_when_an_interrupt_was_asked(model: QemuStubModel) -> None:
+    driver = QemuDriver(channel_for(model), _NoMemory(), "tcg", "host")
+    driver._cpus = [1, 2]
+    driver.resume({1: "s", 2: "c"})
+    wait_until(lambda: model.running)
+    model.hit(2)
+    wait_until(lambda: driver.poll_stop() is not None)
+    driver.resume({1: "c", 2: "c"})
+    driver.interrupt()
+    stop = driver.wait_stop(2.0)
+    assert stop.cpu == 1  # the stop that came first is the interrupt's answer
+    assert driver.leftover_steps == 0
+
+
+remembered: list = []
+
+
+def remember(stop) -> bool:
+    remembered.append(stop)
+    return True
