@@ -8,14 +8,12 @@ Two sources: boot a kernel under QEMU and read it (`--kernel`), or ask a running
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
 from vmigdb.errors import SetupError
-from vmigdb.hv.base import MachineGone
-from vmigdb.hv.qemu.gdbstub import GdbstubClient
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
+from vmigdb.wire.client import PeerGone, RspClient
 
 log = logging.getLogger("vmigdb")
 
@@ -43,18 +41,15 @@ def symbols_from_boot(
         process.terminate()
 
 
-def _connect(address: str) -> GdbstubClient:
-    """A blocking RSP client to a running vmigdb: the same one vmigdb uses toward QEMU."""
+def _connect(address: str) -> RspClient:
+    """A blocking RSP client to a running vmigdb: the project's own (`vmigdb.wire.client`)."""
     try:
         if address.startswith("unix:"):
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(address[5:])
-        else:
-            host, _, port = address.rpartition(":")
-            sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=60)
+            return RspClient.connect_unix(address[5:], timeout=60)
+        host, _, port = address.rpartition(":")
+        return RspClient.connect_tcp(host or "127.0.0.1", int(port), timeout=60)
     except (OSError, ValueError) as exc:
         raise SetupError(f"cannot reach a vmigdb server at {address}: {exc}") from None
-    return GdbstubClient(sock, timeout=60)
 
 
 def symbols_from_server(address: str) -> bytes:
@@ -79,7 +74,9 @@ def symbols_from_server(address: str) -> bytes:
         client.request(b"vFile:close:" + fd[1:])
         client.request(b"D")  # detach: the guest runs on
         return bytes(data)
-    except MachineGone as exc:
+    except PeerGone as exc:
         raise SetupError(f"the vmigdb server closed the connection: {exc}") from None
+    except TimeoutError:
+        raise SetupError(f"the vmigdb server at {address} did not answer in time") from None
     finally:
         client.close()

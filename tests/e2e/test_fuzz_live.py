@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.conftest import Vm
 from tests.e2e.test_gdb_session import wait_ticker_advances
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
 
 pytestmark = pytest.mark.e2e
 

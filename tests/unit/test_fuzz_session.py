@@ -41,8 +41,8 @@ from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS
 from vmigdb.debugger.engine import Debugger, RangeStep
 from vmigdb.debugger.events import StopReason
 from vmigdb.hv.base import DriverStop
-from vmigdb.rsp import codec
 from vmigdb.rsp.session import MAX_MEMORY_READ, Detach, Kill, Outcome, Resume, Session
+from vmigdb.wire import codec
 
 FUZZ_RAM = 4 << 20
 CPUS = 3

@@ -30,7 +30,6 @@ from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.policy import StealthMode, StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError, DriverStop
-from vmigdb.rsp import codec
 from vmigdb.rsp.session import (
     MAX_MEMORY_READ,
     PACKET_SIZE,
@@ -41,6 +40,7 @@ from vmigdb.rsp.session import (
     Session,
 )
 from vmigdb.rsp.target_xml import target_xml
+from vmigdb.wire import codec
 
 SW, HW = BreakpointType.SOFTWARE, BreakpointType.HARDWARE
 WW, RW, AW = BreakpointType.WRITE_WATCH, BreakpointType.READ_WATCH, BreakpointType.ACCESS_WATCH

@@ -23,8 +23,8 @@ from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.policy import StealthRefused
 from vmigdb.hv.base import DriverError, MachineGone
-from vmigdb.rsp import codec
 from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session
+from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
 

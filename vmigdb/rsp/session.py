@@ -24,11 +24,11 @@ from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
 from vmigdb.debugger.policy import StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError
-from vmigdb.rsp import codec
 from vmigdb.rsp.agent import AgentError, evaluate, parse_conditions
 from vmigdb.rsp.monitor import Monitor, MonitorError
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
+from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
 

@@ -16,7 +16,7 @@ import errno
 import struct
 from collections.abc import Callable
 
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
 
 _number = codec.parse_hex_number
 _STAT = struct.Struct(

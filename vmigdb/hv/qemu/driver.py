@@ -23,7 +23,7 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
-from vmigdb.rsp.codec import decode_hex, encode_hex
+from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
 
