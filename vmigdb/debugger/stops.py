@@ -13,12 +13,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from vmigdb.arch.x86_64.registers import RegisterFile
-from vmigdb.debugger.breakpoints import Breakpoint, BreakpointLimitError
+from vmigdb.debugger.breakpoints import Breakpoint, BreakpointLimitError, ConditionError
 from vmigdb.debugger.events import SIGINT, SIGTRAP, StopEvent, StopReason
 from vmigdb.debugger.model import ActiveRange, MemoryFault, RangeStep, cr3_base
 from vmigdb.debugger.policy import StealthRefused
 from vmigdb.debugger.range_step import plan_range
 from vmigdb.debugger.stepping import may_stay_put
+from vmigdb.errors import log_internal_error
 from vmigdb.hv.base import BreakpointType, DriverError, DriverStop
 
 if TYPE_CHECKING:
@@ -44,6 +45,16 @@ class StopHandling:
             regs = self.registers(cpu)
             return self._report(
                 StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, str(exc))
+            )
+        except DriverError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: GDB gets the stop rather than a hang
+            log_internal_error(log, f"interpreting {stop}", exc)
+            self.running = False
+            cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
+            message = f"vmigdb: internal error ({type(exc).__name__}: {exc}); see vmigdb's log"
+            return self._report(
+                StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, None, message)
             )
 
     def _interpret(self, stop: DriverStop) -> StopEvent | None:
@@ -153,8 +164,11 @@ class StopHandling:
             try:
                 if condition(context):
                     return True
-            except Exception as exc:  # noqa: BLE001 - cannot tell: report, GDB evaluates it again
+            except ConditionError as exc:  # cannot tell: report, GDB evaluates it again
                 log.info("condition at %#x could not be evaluated (%s); stopping", bp.addr, exc)
+                return True
+            except Exception as exc:  # noqa: BLE001 - a bug: report the hit, GDB decides
+                log_internal_error(log, f"evaluating the condition at {bp.addr:#x}", exc)
                 return True
         return False
 

@@ -106,6 +106,11 @@ class MachineGone(DriverError):
     """The VM (or its hypervisor process) no longer exists."""
 
 
+class Unsupported(DriverError):
+    """The driver cannot do this at all (a dump cannot run, a read-only driver cannot write); the
+    message says what. Its capabilities declared it, so the layers above normally ask first."""
+
+
 class Driver(ABC):
     """A hypervisor as the debugger sees it. See the module docstring for the run-control contract."""
 

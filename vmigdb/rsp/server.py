@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
-from vmigdb.debugger.policy import StealthRefused
 from vmigdb.hv.base import DriverError, MachineGone
-from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session
+from vmigdb.rsp.errors import EINVAL
+from vmigdb.rsp.session import Detach, Kill, Outcome, Resume, Session
 from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
@@ -248,17 +248,10 @@ class GdbConnection(asyncio.Protocol):
             self._send(reply)
         action = outcome.action
         if isinstance(action, Resume):
-            try:
-                self.debugger.resume(action.actions)
-            except DriverError as exc:
-                log.warning("resume failed: %s", exc)
-                self._send(EIO)
-                return
-            except StealthRefused as exc:
-                log.warning("%s", exc)
-                self._send(b"E." + str(exc).encode())
-                return
-            self.waiting_for_stop = True
+            refused = self.session.run(action)  # the session maps every failure to its reply
+            for reply in refused:
+                self._send(reply)
+            self.waiting_for_stop = not refused
         elif isinstance(action, Detach):
             log.info("GDB at %s detached", self.peer)
             self.server.active = None

@@ -5,8 +5,9 @@ send, in order, and at most one `Action` the server must carry out (resume the m
 stop, detach, kill). Stop events come back through `stop_reply()`.
 
 Every packet is parsed and validated here, never passed through to the hypervisor. A malformed packet
-gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Errors from
-below are turned into `Exx` in one place (`_error_reply`).
+gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Every other
+failure, from here or below, is turned into a reply in one place (`vmigdb.rsp.errors`), including
+a resume the server carries out (`run`).
 """
 
 from __future__ import annotations
@@ -14,18 +15,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
-from vmigdb.debugger.breakpoints import BreakpointLimitError, UnsupportedBreakpoint
+from vmigdb.debugger.breakpoints import Condition, ConditionError
 from vmigdb.debugger.engine import Action as RunAction
-from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
+from vmigdb.debugger.engine import Debugger, RangeStep
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
-from vmigdb.debugger.policy import StealthRefused
-from vmigdb.hv.base import BreakpointType, DriverError
-from vmigdb.rsp.agent import AgentError, evaluate, parse_conditions
+from vmigdb.hv.base import BreakpointType
+from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate, parse_conditions
+from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
 from vmigdb.rsp.monitor import Monitor, MonitorError
+from vmigdb.rsp.parse import addr_len, binary_data, hex_data, hex_number, thread_id
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
 from vmigdb.wire import codec
@@ -34,12 +35,6 @@ log = logging.getLogger("vmigdb.rsp")
 
 PACKET_SIZE = 0x20000  # advertised; GDB then reads up to PACKET_SIZE/2 bytes per `m`
 MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
-
-EINVAL = b"E16"
-EFAULT = b"E0e"
-EIO = b"E05"
-ENOSPC = b"E1c"
-ESRCH = b"E03"
 
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
 
@@ -50,10 +45,6 @@ def console_output(text: str) -> list[bytes]:
         return []
     data = (text if text.endswith("\n") else text + "\n").encode()
     return [b"O" + codec.encode_hex(data[i : i + 0x4000]) for i in range(0, len(data), 0x4000)]
-
-
-class PacketError(Exception):
-    """The packet is malformed or its arguments are out of range."""
 
 
 # -- actions the server carries out ---------------------------------------------------------------
@@ -83,32 +74,16 @@ class Outcome:
     action: Action | None = None
 
 
-# -- argument parsing helpers ---------------------------------------------------------------------
+def _condition(expr: AgentExpr) -> Condition:
+    """A target-side condition for the debugger: GDB's bytecode, evaluated by vmigdb."""
 
+    def holds(context: EvalContext) -> int:
+        try:
+            return evaluate(expr, context)
+        except AgentError as exc:
+            raise ConditionError(str(exc)) from exc
 
-def _hex(text: bytes) -> int:
-    try:
-        return codec.parse_hex_number(text)
-    except ValueError as exc:
-        raise PacketError(str(exc)) from None
-
-
-def _addr_len(text: bytes) -> tuple[int, int]:
-    addr, sep, length = text.partition(b",")
-    if not sep:
-        raise PacketError("expected ADDR,LENGTH")
-    return _hex(addr), _hex(length)
-
-
-def _thread_id(text: bytes) -> int:
-    """GDB thread ids: -1 all, 0 any, N; the multiprocess form pP.T is accepted too."""
-    if text.startswith(b"p"):
-        _, _, text = text[1:].partition(b".")
-        if not text:
-            return -1
-    if text == b"-1":
-        return -1
-    return _hex(text)
+    return holds
 
 
 class Session:
@@ -173,13 +148,25 @@ class Session:
                 try:
                     result = handler(payload[len(prefix) :])
                 except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
-                    return Outcome([self._error_reply(payload, exc)])
+                    return Outcome([error_reply(exc, payload)])
                 if isinstance(result, Outcome):
                     return result
                 if isinstance(result, bytes):
                     return Outcome([result])
                 return Outcome(list(result))
         return Outcome([b""])
+
+    def run(self, resume: Resume) -> list[bytes]:
+        """Start the machine as `resume` asks (the server calls this for a Resume outcome).
+
+        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else the error
+        reply GDB gets instead of a stop reply.
+        """
+        try:
+            self.debugger.resume(resume.actions)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
+            return [error_reply(exc, b"resume %r" % sorted(resume.actions.items()))]
+        return []
 
     def stop_replies(self, event: StopEvent) -> list[bytes]:
         """What GDB gets for a stop: the console message if any, then the stop reply."""
@@ -206,28 +193,6 @@ class Session:
         self._g_thread = 0
         return b"".join(parts)
 
-    # -- errors -----------------------------------------------------------------------------------
-
-    def _error_reply(self, payload: bytes, exc: Exception) -> bytes:
-        if isinstance(exc, PacketError | ValueError | KeyError | IndexError):
-            log.info("malformed packet %r: %s", payload[:64], exc)
-            return EINVAL
-        if isinstance(exc, MemoryFault):
-            return EFAULT
-        if isinstance(exc, StealthRefused):
-            log.warning("%s", exc)
-            return b"E." + str(exc).encode()
-        if isinstance(exc, BreakpointLimitError):
-            log.warning("%s", exc)
-            return ENOSPC
-        if isinstance(exc, UnsupportedBreakpoint):
-            return b""
-        if isinstance(exc, DriverError):
-            log.warning("hypervisor refused %r: %s", payload[:64], exc)
-            return EIO
-        log.exception("internal error on %r", payload[:64])
-        return EIO
-
     # -- threads ----------------------------------------------------------------------------------
 
     def current_cpu(self) -> int:
@@ -240,7 +205,7 @@ class Session:
         return self.debugger.cpus()[0]
 
     def _set_thread(self, args: bytes) -> bytes:
-        which, tid = args[:1], _thread_id(args[1:])
+        which, tid = args[:1], thread_id(args[1:])
         if tid > 0 and tid not in self.debugger.cpus():
             return ESRCH
         if which == b"g":
@@ -254,13 +219,13 @@ class Session:
         return b"OK"
 
     def _thread_alive(self, args: bytes) -> bytes:
-        return b"OK" if _thread_id(args) in self.debugger.cpus() else ESRCH
+        return b"OK" if thread_id(args) in self.debugger.cpus() else ESRCH
 
     def _q_thread_first(self, _: bytes) -> bytes:
         return b"m" + b",".join(b"%x" % cpu for cpu in self.debugger.cpus())
 
     def _q_thread_extra(self, args: bytes) -> bytes:
-        cpu = _thread_id(args)
+        cpu = thread_id(args)
         if cpu not in self.debugger.cpus():
             return ESRCH
         return codec.encode_hex(f"CPU#{cpu - 1}".encode())
@@ -271,7 +236,7 @@ class Session:
         return b"QC%x" % self.current_cpu()
 
     def _q_xfer_threads(self, args: bytes) -> bytes:
-        offset, length = _addr_len(args)
+        offset, length = addr_len(args)
         body = "".join(
             f'<thread id="{cpu:x}" core="{cpu - 1}" name="CPU#{cpu - 1}"/>'
             for cpu in self.debugger.cpus()
@@ -300,7 +265,7 @@ class Session:
         annex, sep, span = args.partition(b":")
         if not sep:
             raise PacketError("expected ANNEX:OFFSET,LENGTH")
-        offset, length = _addr_len(span)
+        offset, length = addr_len(span)
         try:
             name = self.debugger.guest.linux().exec_file_name
         except GuestUnavailable:
@@ -323,13 +288,13 @@ class Session:
         annex, sep, span = args.partition(b":")
         if not sep:
             raise PacketError("expected ANNEX:OFFSET,LENGTH")
-        offset, length = _addr_len(span)
+        offset, length = addr_len(span)
         if annex != b"target.xml":
             return b"E00"
         return codec.escape_binary(xfer_slice(self._target_xml, offset, length))
 
     def _q_rcmd(self, args: bytes) -> list[bytes]:
-        command = codec.decode_hex(args).decode("utf-8", "replace")
+        command = hex_data(args).decode("utf-8", "replace")
         try:
             return [*console_output(self._monitor.run(command)), b"OK"]
         except MonitorError as exc:
@@ -343,7 +308,7 @@ class Session:
         return codec.encode_hex(self.debugger.registers(self.current_cpu()).to_g())
 
     def _write_registers(self, args: bytes) -> bytes:
-        data = codec.decode_hex(args)
+        data = hex_data(args)
         if len(data) != G_PACKET_SIZE:
             raise PacketError(f"G needs {G_PACKET_SIZE} bytes, got {len(data)}")
         cpu = self.current_cpu()
@@ -354,7 +319,7 @@ class Session:
         return b"OK"
 
     def _regnum(self, text: bytes) -> int:
-        regnum = _hex(text)
+        regnum = hex_number(text)
         if regnum >= len(REGISTERS):
             raise PacketError(f"no register {regnum}")
         return regnum
@@ -368,7 +333,7 @@ class Session:
         if not sep:
             raise PacketError("expected N=VALUE")
         regnum = self._regnum(num)
-        raw = codec.decode_hex(value)
+        raw = hex_data(value)
         if len(raw) * 8 != REGISTERS[regnum].bitsize:
             raise PacketError(f"register {regnum} takes {REGISTERS[regnum].bitsize // 8} bytes")
         self.debugger.write_register(self.current_cpu(), regnum, raw)
@@ -377,7 +342,7 @@ class Session:
     # -- memory -----------------------------------------------------------------------------------
 
     def _read_memory(self, args: bytes) -> bytes:
-        addr, length = _addr_len(args)
+        addr, length = addr_len(args)
         if addr + length > 1 << 64:
             raise PacketError("range wraps")
         length = min(length, MAX_MEMORY_READ)
@@ -398,13 +363,13 @@ class Session:
         head, sep, body = args.partition(b":")
         if not sep:
             raise PacketError("expected ADDR,LENGTH:DATA")
-        return self._write_memory(*_addr_len(head), codec.decode_hex(body))
+        return self._write_memory(*addr_len(head), hex_data(body))
 
     def _write_memory_binary(self, args: bytes) -> bytes:
         head, sep, body = args.partition(b":")
         if not sep:
             raise PacketError("expected ADDR,LENGTH:DATA")
-        return self._write_memory(*_addr_len(head), codec.unescape_binary(body))
+        return self._write_memory(*addr_len(head), binary_data(body))
 
     # -- breakpoints ------------------------------------------------------------------------------
 
@@ -414,7 +379,7 @@ class Session:
         kind, sep, span = head.partition(b",")
         if not sep or len(kind) != 1 or kind not in b"01234":
             raise PacketError(f"bad breakpoint type {kind!r}")
-        addr, length = _addr_len(span)
+        addr, length = addr_len(span)
         if addr >= 1 << 64 or not 0 < length <= 16:
             raise PacketError("bad breakpoint address or kind")
         type = BreakpointType(int(kind))
@@ -422,13 +387,16 @@ class Session:
         if sep_cond:
             if type.is_watchpoint:
                 raise PacketError("conditions are for breakpoints")
-            exprs = parse_conditions(rest)
+            try:
+                exprs = parse_conditions(rest)
+            except (ValueError, AgentError) as exc:
+                raise PacketError(f"bad condition: {exc}") from None
             for expr in exprs:
                 try:
                     expr.validate()
                 except AgentError as exc:
                     raise PacketError(f"bad condition bytecode: {exc}") from None
-            conditions = tuple(partial(evaluate, expr) for expr in exprs)
+            conditions = tuple(_condition(expr) for expr in exprs)
         return type, addr, length, conditions
 
     def _insert_breakpoint(self, args: bytes) -> bytes:
@@ -453,7 +421,7 @@ class Session:
             verb, _, tid = item.partition(b":")
             action = self._v_cont_action(verb)
             if tid:
-                cpu = _thread_id(tid)
+                cpu = thread_id(tid)
                 if cpu != -1 and cpu not in cpus:
                     raise PacketError(f"no thread {cpu}")
                 for target in cpus if cpu == -1 else [cpu]:
@@ -479,10 +447,10 @@ class Session:
         if verb in (b"c", b"s", b"t"):
             return verb.decode()
         if verb[:1] in (b"C", b"S") and len(verb) > 1:
-            _hex(verb[1:])
+            hex_number(verb[1:])
             return verb[:1].lower().decode()
         if verb[:1] == b"r":
-            start, end = _addr_len(verb[1:])
+            start, end = addr_len(verb[1:])
             if end <= start:
                 raise PacketError("empty range")
             return RangeStep(start, end)
@@ -499,7 +467,7 @@ class Session:
                 raise PacketError("c/s with an address is not supported")
             return
         sig, _, addr = args.partition(b";")
-        _hex(sig)  # a signal number: meaningless for a whole VM, checked and ignored
+        hex_number(sig)  # a signal number: meaningless for a whole VM, checked and ignored
         if addr:
             raise PacketError("C/S with an address is not supported")
 
