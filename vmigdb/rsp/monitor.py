@@ -8,16 +8,13 @@ GDB prints the message and scripts see the command fail.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
+from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable
-
-if TYPE_CHECKING:
-    from vmigdb.debugger.engine import Debugger
-    from vmigdb.rsp.session import Session
 
 
 class MonitorError(Exception):
@@ -35,9 +32,11 @@ def _parse_addr(text: str) -> int:
 
 
 class Monitor:
-    def __init__(self, debugger: Debugger, session: Session, *, host_files: bool = True) -> None:
+    def __init__(
+        self, debugger: Debugger, current_cpu: Callable[[], int], *, host_files: bool = True
+    ) -> None:
         self._debugger = debugger
-        self._session = session
+        self._current_cpu = current_cpu  # the vCPU GDB's requests are about (the session knows)
         self._host_files = host_files  # may commands write files on vmigdb's host?
 
     def run(self, line: str) -> str:
@@ -66,7 +65,7 @@ class Monitor:
         dbg = self._debugger
         lines = [f"{label}: {value}" for label, value in dbg.driver.describe()]
         lines.append(f"state: {'running' if dbg.running else 'stopped'}")
-        lines.append(f"current vCPU: CPU#{self._session.current_cpu() - 1}")
+        lines.append(f"current vCPU: CPU#{self._current_cpu() - 1}")
         lines.append(
             "addresses: " + ("guest-physical (phys on)" if dbg.physical_addresses else "virtual")
         )
@@ -156,7 +155,7 @@ class Monitor:
         if len(args) != 1:
             raise MonitorError("usage: monitor vtop ADDR")
         va = _parse_addr(args[0])
-        where = self._debugger.translate(self._session.current_cpu(), va)
+        where = self._debugger.translate(self._current_cpu(), va)
         if isinstance(where, Fault):
             return f"{va:#x}: not mapped ({where.reason} at level {where.level})"
         flags = [
@@ -184,9 +183,7 @@ class Monitor:
         start = time.perf_counter()
         try:
             with open(path, "wb") as out:
-                unmapped = self._debugger.dump_memory(
-                    self._session.current_cpu(), addr, length, out
-                )
+                unmapped = self._debugger.dump_memory(self._current_cpu(), addr, length, out)
         except OSError as exc:
             raise MonitorError(f"cannot write {path}: {exc.strerror or exc}") from None
         seconds = max(time.perf_counter() - start, 1e-9)
@@ -198,7 +195,7 @@ class Monitor:
 
     def cmd_regs(self, args: list[str]) -> str:
         """regs — the current vCPU's general and system registers"""
-        regs = self._debugger.registers(self._session.current_cpu())
+        regs = self._debugger.registers(self._current_cpu())
         names = [r.name for r in REGISTERS if r.bitsize <= 64 and not r.name.startswith("f")]
         names = [n for n in names if not n.startswith("st")]
         rows = [f"{name:>9} {regs[name]:#018x}" for name in names]

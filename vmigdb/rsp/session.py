@@ -95,7 +95,7 @@ class Session:
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
-        self._monitor = Monitor(debugger, self, host_files=host_files)
+        self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
         self._vfile = VFileServer(self._guest_files)
         self._handlers: list[tuple[bytes, Callable[[bytes], Outcome | list[bytes] | bytes]]] = [
             (b"qSupported", self._q_supported),
