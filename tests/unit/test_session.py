@@ -909,7 +909,9 @@ def test_unsupported_breakpoint_type_is_refused_with_the_reason() -> None:
     fake.capabilities = dataclasses.replace(tcg_capabilities("icount"), watchpoint=None)
     dbg = Debugger(fake)
     session = Session(dbg)
-    assert session.handle(b"Z2,1000,4").replies == [b"E.vmigdb: the fake driver has no watchpoints"]
+    assert session.handle(b"Z2,1000,4").replies == [
+        b"E.vmigdb: the fake driver cannot set watchpoints"
+    ]
     assert session.handle(b"Z0,1000,1").replies == [b"OK"]
 
 

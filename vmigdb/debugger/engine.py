@@ -150,5 +150,5 @@ class Debugger:
         self.set_scope(None)
         self.breakpoints.clear()
         self.run_control.forget_range()
-        if not self.running:
+        if not self.running and self.driver.capabilities.run_control:
             self.resume({cpu: "c" for cpu in self.cpus()})

@@ -23,7 +23,7 @@ from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.model import MemoryFault
 from vmigdb.debugger.policy import StealthPolicy
 from vmigdb.debugger.scope import ScopeWatch
-from vmigdb.hv.base import Driver
+from vmigdb.hv.base import Driver, Unsupported
 
 PAGE = 0x1000
 
@@ -56,6 +56,9 @@ class MachineState:
         return regs
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
+        """:raises Unsupported: if the driver cannot write registers (a dump)."""
+        if not self._driver.capabilities.register_write:
+            raise Unsupported(f"the {self._driver.name} driver cannot write registers")
         self._driver.write_register(cpu, regnum, value)
         self._regs.pop(cpu, None)
         self.translator.flush()  # cr3/cr4/efer may have changed
@@ -127,8 +130,14 @@ class MachineState:
         return unmapped
 
     def write_memory(self, cpu: int, addr: int, data: bytes) -> None:
-        """Write through the hypervisor, page by page; all or nothing per page."""
-        self._policy.record("memory write", self._driver.capabilities.memory_write)
+        """Write through the hypervisor, page by page; all or nothing per page.
+
+        :raises Unsupported: if the driver cannot write guest memory (a dump).
+        """
+        mechanism = self._driver.capabilities.memory_write
+        if mechanism is None:
+            raise Unsupported(f"the {self._driver.name} driver cannot write guest memory")
+        self._policy.record("memory write", mechanism)
         done = 0
         while done < len(data):
             va = addr + done

@@ -34,7 +34,7 @@ from vmigdb.debugger.scope import ScopeWatch
 from vmigdb.debugger.state import MachineState
 from vmigdb.debugger.stepping import may_stay_put
 from vmigdb.errors import log_internal_error
-from vmigdb.hv.base import BreakpointType, Driver, DriverError, DriverStop
+from vmigdb.hv.base import BreakpointType, Driver, DriverError, DriverStop, Unsupported
 
 log = logging.getLogger("vmigdb.debugger")
 
@@ -72,7 +72,12 @@ class RunControl:
     # -- requests ---------------------------------------------------------------------------------
 
     def resume(self, actions: dict[int, Action]) -> None:
-        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped."""
+        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped.
+
+        :raises Unsupported: if the driver has no run control (or cannot step, for 's').
+        """
+        if not self._driver.capabilities.run_control:
+            raise Unsupported(f"the {self._driver.name} driver cannot run the guest")
         if self.running:
             raise DriverError("the machine is already running")
         if any(action != "c" for action in actions.values()):
@@ -95,9 +100,16 @@ class RunControl:
         return None if stop is None else self._handle(stop)
 
     def halt(self, timeout: float = 10.0) -> StopEvent:
-        """Stop a running machine now (at attach). Returns the stop, whatever caused it."""
+        """Stop a running machine now (at attach). Returns the stop, whatever caused it.
+
+        A machine that never ran (a dump, or a driver that hands over a stopped guest) has not
+        stopped anywhere yet: its stop is the first vCPU, where it stands.
+        """
         if not self.running:
-            assert self.last_stop is not None
+            if self.last_stop is None:
+                cpu = self._cpus[0]
+                regs = self._state.registers(cpu)
+                self.last_stop = StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs)
             return self.last_stop
         self._driver.interrupt()
         while True:
@@ -129,7 +141,7 @@ class RunControl:
         """Ask the stealth policy before any step (raises StealthRefused in strict mode)."""
         mechanism = self._driver.capabilities.single_step
         if mechanism is None:
-            raise DriverError(f"the {self._driver.name} driver cannot single-step")
+            raise Unsupported(f"the {self._driver.name} driver cannot single-step")
         self._policy.use("single-step", mechanism)
 
     def _drive(self, actions: dict[int, str], *, retry: bool = False) -> None:
@@ -158,8 +170,9 @@ class RunControl:
         """Interpret one hypervisor stop: report it to GDB, or go on by ourselves (None)."""
         try:
             return self._interpret(stop)
-        except StealthRefused as exc:
-            # Going on by ourselves needed a mechanism the policy refuses: let GDB see this stop.
+        except (StealthRefused, Unsupported) as exc:
+            # Going on by ourselves needed a mechanism the policy refuses, or the driver lacks
+            # (e.g. a step off a filtered hit without single-step): let GDB see this stop.
             cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
             regs = self._state.registers(cpu)
             return self._report(

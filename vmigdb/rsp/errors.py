@@ -6,6 +6,12 @@ text (resume packets, register writes, Z), else an errno-style `Exx`. Anything e
 vmigdb: it is logged with its traceback as an internal error (`vmigdb.errors.log_internal_error`)
 and answered `Eff` (no errno means it), so a bug never passes for a malformed packet.
 
+What GDB 13 prints for an `E.text` reply (tests/e2e/test_no_run_control.py): to a resume,
+"warning: Remote failure reply: E.text", then the stop where the machine stands; to `P`/`G`,
+'Could not write register "rax"; remote failure reply 'E.text''; to `Z`, only "Cannot insert
+breakpoint N." (the text is dropped); to `M`/`X`, "Cannot access memory at address ...". An
+`E.text` reply to `m`, `g` or `p` would be decoded as hex, so those get `Exx` only.
+
 | exception | reply |
 |---|---|
 | `PacketError`: the packet does not parse, or its arguments are out of range | `E16` (EINVAL) |

@@ -6,7 +6,8 @@ no task or queue hop on the way (the per-packet path is what scattered reads and
 
 While the machine runs, the hypervisor's stop channel is watched with `loop.add_reader`, and 0x03 from
 GDB interrupts it. A client that vanishes (or detaches) leaves the machine running, with no breakpoint
-left, and the server ready for the next one.
+left, and the server ready for the next one. A driver without run control (a dump) has no stop
+channel and none is watched: its machine stays as it is, and detaching leaves it so.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class RspServer:
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unix_path: str | None = None
+        self._stop_fd: int | None = None  # the driver's stop channel, while watched
 
     async def start(self, listener: socket.socket) -> None:
         """Serve on a socket made by `bind_listener` (bound early, so a taken port fails fast)."""
@@ -108,14 +110,22 @@ class RspServer:
             self._server = await self._loop.create_unix_server(factory, sock=listener)
         else:
             self._server = await self._loop.create_server(factory, sock=listener)
-        self._loop.add_reader(self.debugger.driver.stop_fileno(), self._on_driver_readable)
+        driver = self.debugger.driver
+        if driver.capabilities.run_control:
+            self._stop_fd = driver.stop_fileno()
+        if self._stop_fd is not None:
+            self._loop.add_reader(self._stop_fd, self._on_driver_readable)
 
-    async def close(self) -> None:
-        if self._loop is not None:
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._stop_fd is not None:
             try:
-                self._loop.remove_reader(self.debugger.driver.stop_fileno())
+                self._loop.remove_reader(self._stop_fd)
             except (ValueError, OSError):
                 pass
+        self._stop_fd = None
+
+    async def close(self) -> None:
+        self._unwatch()
         if self._server is not None:
             self._server.close()
         if self._unix_path and os.path.exists(self._unix_path):
@@ -125,11 +135,7 @@ class RspServer:
 
     def finish(self, event: StopEvent | None) -> None:
         """The machine is gone (or killed): stop serving."""
-        if self._loop is not None:
-            try:
-                self._loop.remove_reader(self.debugger.driver.stop_fileno())
-            except (ValueError, OSError):
-                pass
+        self._unwatch()
         if self.finished is not None and not self.finished.done():
             self.finished.set_result(event)
 

@@ -25,6 +25,7 @@ from vmigdb.debugger.guest_view import GuestUnavailable
 from vmigdb.hv.base import BreakpointType
 from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate, parse_conditions
 from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
+from vmigdb.rsp.features import PACKET_SIZE, Features
 from vmigdb.rsp.monitor import Monitor, MonitorError
 from vmigdb.rsp.parse import addr_len, binary_data, hex_data, hex_number, thread_id
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
@@ -33,7 +34,6 @@ from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
 
-PACKET_SIZE = 0x20000  # advertised; GDB then reads up to PACKET_SIZE/2 bytes per `m`
 MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
 
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
@@ -74,6 +74,9 @@ class Outcome:
     action: Action | None = None
 
 
+Handler = Callable[[bytes], "Outcome | list[bytes] | bytes"]
+
+
 def _condition(expr: AgentExpr) -> Condition:
     """A target-side condition for the debugger: GDB's bytecode, evaluated by vmigdb."""
 
@@ -97,46 +100,52 @@ class Session:
         self._target_xml = target_xml().encode()
         self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
         self._vfile = VFileServer(self._guest_files)
-        self._handlers: list[tuple[bytes, Callable[[bytes], Outcome | list[bytes] | bytes]]] = [
-            (b"qSupported", self._q_supported),
-            (b"QStartNoAckMode", self._start_no_ack),
-            (b"qXfer:features:read:", self._q_xfer_features),
-            (b"qXfer:threads:read::", self._q_xfer_threads),
-            (b"qXfer:exec-file:read:", self._q_xfer_exec_file),
-            (b"vFile:", self._vfile.handle),
-            (b"qfThreadInfo", self._q_thread_first),
-            (b"qsThreadInfo", lambda _: b"l"),
-            (b"qThreadExtraInfo,", self._q_thread_extra),
-            (b"qC", self._q_current),
-            (b"qAttached", lambda _: b"1"),
-            (b"qSymbol:", lambda _: b"OK"),
-            (b"qRcmd,", self._q_rcmd),
-            (b"vCont?", lambda _: b"vCont;c;C;s;S;t;r"),
-            (b"vCont;", self._v_cont),
-            (b"vKill", self._kill),
-            (b"vMustReplyEmpty", lambda _: b""),
-            (b"?", lambda _: self.stop_reply(self.debugger.last_stop)),
-            (b"g", self._read_registers),
-            (b"G", self._write_registers),
-            (b"p", self._read_register),
-            (b"P", self._write_register),
-            (b"m", self._read_memory),
-            (b"M", self._write_memory_hex),
-            (b"X", self._write_memory_binary),
-            (b"Z", self._insert_breakpoint),
-            (b"z", self._remove_breakpoint),
-            (b"H", self._set_thread),
-            (b"T", self._thread_alive),
-            (b"c", self._continue),
-            (b"C", lambda args: self._continue(args, with_signal=True)),
-            (b"s", self._step),
-            (b"S", lambda args: self._step(args, with_signal=True)),
-            (b"D", self._detach),
-            (b"k", self._kill),
+        driver = debugger.driver
+        self.features = Features.probe(driver.name, driver.capabilities)
+        # (prefix, handler, the feature it needs): tried in this order, the first prefix wins.
+        table: list[tuple[bytes, Handler, str | None]] = [
+            (b"qSupported", lambda _: self.features.q_supported(), None),
+            (b"QStartNoAckMode", self._start_no_ack, None),
+            (b"qXfer:features:read:", self._q_xfer_features, None),
+            (b"qXfer:threads:read::", self._q_xfer_threads, None),
+            (b"qXfer:exec-file:read:", self._q_xfer_exec_file, None),
+            (b"vFile:", self._vfile.handle, None),
+            (b"qfThreadInfo", self._q_thread_first, None),
+            (b"qsThreadInfo", lambda _: b"l", None),
+            (b"qThreadExtraInfo,", self._q_thread_extra, None),
+            (b"qC", self._q_current, None),
+            (b"qAttached", lambda _: b"1", None),
+            (b"qSymbol:", lambda _: b"OK", None),
+            (b"qRcmd,", self._q_rcmd, None),
+            (b"vCont?", lambda _: self.features.v_cont(), None),
+            (b"vCont;", self._v_cont, "run_control"),
+            (b"vKill", self._kill, None),
+            (b"vMustReplyEmpty", lambda _: b"", None),
+            (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
+            (b"g", self._read_registers, None),
+            (b"G", self._write_registers, "register_write"),
+            (b"p", self._read_register, None),
+            (b"P", self._write_register, "register_write"),
+            (b"m", self._read_memory, None),
+            (b"M", self._write_memory_hex, "memory_write"),
+            (b"X", self._write_memory_binary, "memory_write"),
+            (b"Z", self._insert_breakpoint, None),  # per type, once parsed
+            (b"z", self._remove_breakpoint, None),  # removing is always harmless
+            (b"H", self._set_thread, None),
+            (b"T", self._thread_alive, None),
+            (b"c", self._continue, "run_control"),
+            (b"C", lambda args: self._continue(args, with_signal=True), "run_control"),
+            (b"s", self._step, "single_step"),
+            (b"S", lambda args: self._step(args, with_signal=True), "single_step"),
+            (b"D", self._detach, None),
+            (b"k", self._kill, None),
         ]
+        # A packet whose feature the driver lacks is not parsed: it gets the refusal at once.
         # Only the handlers that can match are tried: the per-packet path stays short.
-        self._by_first_byte: dict[bytes, list[tuple[bytes, Callable]]] = {}
-        for prefix, handler in self._handlers:
+        self._by_first_byte: dict[bytes, list[tuple[bytes, Handler]]] = {}
+        for prefix, handler, feature in table:
+            if feature is not None and not self.features.serves(feature):
+                handler = self._refuse(feature)
             self._by_first_byte.setdefault(prefix[:1], []).append((prefix, handler))
 
     # -- entry points -----------------------------------------------------------------------------
@@ -193,6 +202,10 @@ class Session:
         self._g_thread = 0
         return b"".join(parts)
 
+    def _refuse(self, feature: str) -> Handler:
+        reply = self.features.refusal(feature)
+        return lambda _: reply
+
     # -- threads ----------------------------------------------------------------------------------
 
     def current_cpu(self) -> int:
@@ -245,20 +258,6 @@ class Session:
         return codec.escape_binary(xfer_slice(document, offset, length))
 
     # -- features ---------------------------------------------------------------------------------
-
-    def _q_supported(self, _: bytes) -> bytes:
-        features = [
-            b"PacketSize=%x" % PACKET_SIZE,
-            b"QStartNoAckMode+",
-            b"qXfer:features:read+",
-            b"qXfer:threads:read+",
-            b"qXfer:exec-file:read+",
-            b"swbreak+",
-            b"hwbreak+",
-            b"vContSupported+",
-            b"ConditionalBreakpoints+",
-        ]
-        return b";".join(features)
 
     def _q_xfer_exec_file(self, args: bytes) -> bytes:
         """The guest kernel's symbol file, by a name only vFile knows (GDB then fetches it)."""
@@ -401,6 +400,9 @@ class Session:
 
     def _insert_breakpoint(self, args: bytes) -> bytes:
         type, addr, length, conditions = self._z_args(args)
+        feature = self.features.breakpoint_feature(type)
+        if not self.features.serves(feature):
+            return self.features.refusal(feature)
         self.debugger.add_breakpoint(type, addr, length, conditions)
         return b"OK"
 
@@ -439,6 +441,8 @@ class Session:
         runnable = {cpu: act for cpu, act in actions.items() if act != "t"}
         if not runnable:
             raise PacketError("vCont with nothing to run")
+        if not self.features.single_step and any(a != "c" for a in runnable.values()):
+            return Outcome([self.features.refusal("single_step")])
         return Outcome(action=Resume(runnable))
 
     @staticmethod

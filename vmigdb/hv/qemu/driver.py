@@ -45,6 +45,8 @@ def _m(key: str, description: str, visible: bool, why: str, limit: int | None = 
 
 
 _SHARED = dict(
+    run_control=True,
+    register_write=True,
     registers=_m(
         "qemu-vcpu-state",
         "vCPU state read through QEMU's gdbstub",
