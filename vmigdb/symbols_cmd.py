@@ -22,8 +22,9 @@ def symbols_from_boot(
     kernel: Path, initrd: Path | None, append: str, timeout: float = 120
 ) -> bytes:
     """Boot the kernel (KASLR as configured), wait until it can be analysed, build the ELF."""
-    from vmigdb.debugger.guest_view import ANALYSIS_ERRORS
-    from vmigdb.guest.linux.guest import LinuxGuest
+    from vmigdb.arch.x86_64.paging import PhysicalMemoryError
+    from vmigdb.guest import registry
+    from vmigdb.guest.base import GuestError
     from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 
     process = QemuProcess.start(QemuConfig(kernel=kernel, initrd=initrd, append=append))
@@ -31,9 +32,9 @@ def symbols_from_boot(
         deadline = time.monotonic() + timeout
         while True:
             try:
-                guest = LinuxGuest.attach(process.memory.read, process.memory.ranges())
+                guest = registry.attach(process.memory.read, process.memory.ranges())
                 return guest.symbol_elf
-            except ANALYSIS_ERRORS as exc:
+            except (GuestError, PhysicalMemoryError) as exc:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise SetupError(f"the booted kernel could not be analysed: {exc}") from None
                 time.sleep(0.5)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
 from vmigdb.debugger.engine import Debugger
-from vmigdb.debugger.guest_view import GuestUnavailable
+from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
+from vmigdb.guest.base import GuestError
+
+T = TypeVar("T")
 
 
 class MonitorError(Exception):
@@ -74,25 +78,16 @@ class Monitor:
             f"{len(dbg.breakpoints.installed)} held by the hypervisor"
         )
         try:
-            linux = dbg.guest.linux()
+            lines += [f"{label}: {value}" for label, value in dbg.guest.os().describe()]
         except GuestUnavailable as exc:
             lines.append(f"guest: {exc}")
-        else:
-            kernel = linux.kernel
-            lines.append(f"guest: Linux {kernel.release}")
-            text = linux.symbols.address("_text")
-            lines.append(
-                f"KASLR offset: {kernel.kaslr_offset:#x} (virtual); kernel image at physical "
-                f"{kernel.kernel_image_pa(text):#x}"
-            )
-            lines.append(f"symbols: {len(linux.symbols)} (kallsyms, read from guest memory)")
         return "\n".join(lines)
 
     def cmd_sym(self, args: list[str]) -> str:
         """sym NAME — the address of a kernel symbol (from the guest's own kallsyms)"""
         if len(args) != 1:
             raise MonitorError("usage: monitor sym NAME")
-        symbol = self._guest(lambda dbg: dbg.guest.linux()).symbols.lookup(args[0])
+        symbol = self._guest(lambda guest: guest.os().lookup_symbol(args[0]))
         if symbol is None:
             raise MonitorError(f"no kernel symbol named {args[0]!r}")
         return f"{symbol.name} {symbol.address:#x}"
@@ -129,7 +124,7 @@ class Monitor:
                 else "scope: the kernel; memory through the current vCPU's page tables"
             )
         try:
-            scope = self._guest(lambda dbg: processes.scope_for(dbg, which))
+            scope = self._guest(lambda guest: processes.scope_for(guest, which))
         except processes.ProcessNotFound as exc:
             raise MonitorError(str(exc)) from None
         self._debugger.set_scope(scope)
@@ -138,12 +133,15 @@ class Monitor:
             "its user memory reads through them, new breakpoints fire only in it"
         )
 
-    def _guest(self, query):
-        """Run a guest-awareness query; an unanalysable guest is a one-line monitor error."""
+    def _guest(self, query: Callable[[GuestView], T]) -> T:
+        """Run a guest-awareness query; an unanalysable guest, or OS data that cannot be read
+        (a list changing under the walk, a structure the kernel lacks), is a one-line error."""
         try:
-            return query(self._debugger)
+            return query(self._debugger.guest)
         except GuestUnavailable as exc:
             raise MonitorError(str(exc)) from None
+        except GuestError as exc:
+            raise MonitorError(f"cannot read it from the guest: {exc}") from None
 
     def cmd_stealth(self, args: list[str]) -> str:
         """stealth — the stealth mode, every mechanism the driver declares, its visibility, its use"""

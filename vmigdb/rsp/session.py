@@ -266,7 +266,7 @@ class Session:
             raise PacketError("expected ANNEX:OFFSET,LENGTH")
         offset, length = addr_len(span)
         try:
-            name = self.debugger.guest.linux().exec_file_name
+            name = self.debugger.guest.os().exec_file_name
         except GuestUnavailable:
             return b"E01"
         return codec.escape_binary(xfer_slice(name.encode(), offset, length))
@@ -274,10 +274,10 @@ class Session:
     def _guest_files(self) -> dict[str, bytes]:
         """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood."""
         try:
-            linux = self.debugger.guest.linux()
+            guest_os = self.debugger.guest.os()
         except GuestUnavailable:
             return {}
-        return {linux.exec_file_name: linux.symbol_elf}
+        return {guest_os.exec_file_name: guest_os.symbol_elf}
 
     def _start_no_ack(self, _: bytes) -> bytes:
         self.no_ack = True
