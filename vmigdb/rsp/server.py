@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
+from vmigdb.errors import log_internal_error
 from vmigdb.hv.base import DriverError, MachineGone
 from vmigdb.rsp.errors import EINVAL
 from vmigdb.rsp.session import Detach, Kill, Outcome, Resume, Session
@@ -146,6 +147,9 @@ class RspServer:
             event = StopEvent(StopReason.EXITED, None, exit_code=0)
         except DriverError as exc:
             log.error("hypervisor error while running: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug: logged where the fuzz tests look
+            log_internal_error(log, "polling the hypervisor for a stop", exc)
             return
         if event is None:
             return

@@ -19,15 +19,24 @@ from dataclasses import dataclass, field
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
 from vmigdb.debugger.breakpoints import Condition, ConditionError
 from vmigdb.debugger.engine import Action as RunAction
-from vmigdb.debugger.engine import Debugger, RangeStep
+from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
 from vmigdb.hv.base import BreakpointType
-from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate, parse_conditions
+from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate
 from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
 from vmigdb.rsp.features import PACKET_SIZE, Features
 from vmigdb.rsp.monitor import Monitor, MonitorError
-from vmigdb.rsp.parse import addr_len, binary_data, hex_data, hex_number, thread_id
+from vmigdb.rsp.parse import (
+    addr_len,
+    binary_data,
+    breakpoint_args,
+    hex_data,
+    hex_number,
+    legacy_resume_args,
+    thread_id,
+    v_cont_actions,
+)
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
 from vmigdb.wire import codec
@@ -372,43 +381,17 @@ class Session:
 
     # -- breakpoints ------------------------------------------------------------------------------
 
-    def _z_args(self, args: bytes) -> tuple[BreakpointType, int, int, tuple]:
-        """Z/z arguments; Z0/Z1 may carry target-side conditions (;X...), evaluated by vmigdb."""
-        head, sep_cond, rest = args.partition(b";")
-        kind, sep, span = head.partition(b",")
-        if not sep or len(kind) != 1 or kind not in b"01234":
-            raise PacketError(f"bad breakpoint type {kind!r}")
-        addr, length = addr_len(span)
-        if addr >= 1 << 64 or not 0 < length <= 16:
-            raise PacketError("bad breakpoint address or kind")
-        type = BreakpointType(int(kind))
-        conditions: tuple = ()
-        if sep_cond:
-            if type.is_watchpoint:
-                raise PacketError("conditions are for breakpoints")
-            try:
-                exprs = parse_conditions(rest)
-            except (ValueError, AgentError) as exc:
-                raise PacketError(f"bad condition: {exc}") from None
-            for expr in exprs:
-                try:
-                    expr.validate()
-                except AgentError as exc:
-                    raise PacketError(f"bad condition bytecode: {exc}") from None
-            conditions = tuple(_condition(expr) for expr in exprs)
-        return type, addr, length, conditions
-
     def _insert_breakpoint(self, args: bytes) -> bytes:
-        type, addr, length, conditions = self._z_args(args)
+        type, addr, length, exprs = breakpoint_args(args)
         feature = self.features.breakpoint_feature(type)
         if not self.features.serves(feature):
             return self.features.refusal(feature)
-        self.debugger.add_breakpoint(type, addr, length, conditions)
+        self.debugger.add_breakpoint(type, addr, length, tuple(_condition(e) for e in exprs))
         return b"OK"
 
     def _remove_breakpoint(self, args: bytes) -> bytes:
-        type, addr, length, conditions = self._z_args(args)
-        if conditions:
+        type, addr, length, exprs = breakpoint_args(args)
+        if exprs:
             raise PacketError("z takes no conditions")
         self.debugger.remove_breakpoint(type, addr, length)
         return b"OK"
@@ -416,73 +399,22 @@ class Session:
     # -- run control ------------------------------------------------------------------------------
 
     def _v_cont(self, args: bytes) -> Outcome:
-        cpus = self.debugger.cpus()
-        actions: dict[int, RunAction] = {}
-        default: RunAction | None = None
-        for item in args.split(b";"):
-            verb, _, tid = item.partition(b":")
-            action = self._v_cont_action(verb)
-            if tid:
-                cpu = thread_id(tid)
-                if cpu != -1 and cpu not in cpus:
-                    raise PacketError(f"no thread {cpu}")
-                for target in cpus if cpu == -1 else [cpu]:
-                    actions.setdefault(target, action)  # the leftmost action applies
-            elif default is None:
-                default = action
-        if (
-            isinstance(default, RangeStep)
-            or sum(isinstance(a, RangeStep) for a in actions.values()) > 1
-        ):
-            raise PacketError("a range step is for one thread, named")
-        if default is not None:
-            for cpu in cpus:
-                actions.setdefault(cpu, default)
-        runnable = {cpu: act for cpu, act in actions.items() if act != "t"}
-        if not runnable:
-            raise PacketError("vCont with nothing to run")
+        runnable = v_cont_actions(args, self.debugger.cpus())
         if not self.features.single_step and any(a != "c" for a in runnable.values()):
             return Outcome([self.features.refusal("single_step")])
         return Outcome(action=Resume(runnable))
 
-    @staticmethod
-    def _v_cont_action(verb: bytes) -> RunAction:
-        """c, s, t, CSIG, SSIG (a signal means nothing to a whole VM: checked, ignored), rSTART,END."""
-        if verb in (b"c", b"s", b"t"):
-            return verb.decode()
-        if verb[:1] in (b"C", b"S") and len(verb) > 1:
-            hex_number(verb[1:])
-            return verb[:1].lower().decode()
-        if verb[:1] == b"r":
-            start, end = addr_len(verb[1:])
-            if end <= start:
-                raise PacketError("empty range")
-            return RangeStep(start, end)
-        raise PacketError(f"unsupported vCont action {verb!r}")
-
     def _resume_thread(self) -> int:
         return self._c_thread if self._c_thread > 0 else self.current_cpu()
 
-    @staticmethod
-    def _check_legacy_resume(args: bytes, with_signal: bool) -> None:
-        """`c`/`s` take only an address (deprecated, never sent by GDB: refused); `C`/`S` a signal."""
-        if not with_signal:
-            if args:
-                raise PacketError("c/s with an address is not supported")
-            return
-        sig, _, addr = args.partition(b";")
-        hex_number(sig)  # a signal number: meaningless for a whole VM, checked and ignored
-        if addr:
-            raise PacketError("C/S with an address is not supported")
-
     def _continue(self, args: bytes, *, with_signal: bool = False) -> Outcome:
-        self._check_legacy_resume(args, with_signal)
+        legacy_resume_args(args, with_signal)
         if self._c_thread > 0:
             return Outcome(action=Resume({self._c_thread: "c"}))
         return Outcome(action=Resume({cpu: "c" for cpu in self.debugger.cpus()}))
 
     def _step(self, args: bytes, *, with_signal: bool = False) -> Outcome:
-        self._check_legacy_resume(args, with_signal)
+        legacy_resume_args(args, with_signal)
         return Outcome(action=Resume({self._resume_thread(): "s"}))
 
     def _detach(self, args: bytes) -> Outcome:
