@@ -8,14 +8,12 @@ Two sources: boot a kernel under QEMU and read it (`--kernel`), or ask a running
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 
 from vmigdb.errors import SetupError
-from vmigdb.hv.base import MachineGone
-from vmigdb.hv.qemu.gdbstub import GdbstubClient
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
+from vmigdb.wire.client import PeerGone, RspClient
 
 log = logging.getLogger("vmigdb")
 
@@ -24,8 +22,9 @@ def symbols_from_boot(
     kernel: Path, initrd: Path | None, append: str, timeout: float = 120
 ) -> bytes:
     """Boot the kernel (KASLR as configured), wait until it can be analysed, build the ELF."""
-    from vmigdb.debugger.guest_view import ANALYSIS_ERRORS
-    from vmigdb.guest.linux.guest import LinuxGuest
+    from vmigdb.arch.x86_64.paging import PhysicalMemoryError
+    from vmigdb.guest import registry
+    from vmigdb.guest.base import GuestError
     from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 
     process = QemuProcess.start(QemuConfig(kernel=kernel, initrd=initrd, append=append))
@@ -33,9 +32,9 @@ def symbols_from_boot(
         deadline = time.monotonic() + timeout
         while True:
             try:
-                guest = LinuxGuest.attach(process.memory.read, process.memory.ranges())
+                guest = registry.attach(process.memory.read, process.memory.ranges())
                 return guest.symbol_elf
-            except ANALYSIS_ERRORS as exc:
+            except (GuestError, PhysicalMemoryError) as exc:
                 if time.monotonic() > deadline or process.poll() is not None:
                     raise SetupError(f"the booted kernel could not be analysed: {exc}") from None
                 time.sleep(0.5)
@@ -43,18 +42,15 @@ def symbols_from_boot(
         process.terminate()
 
 
-def _connect(address: str) -> GdbstubClient:
-    """A blocking RSP client to a running vmigdb: the same one vmigdb uses toward QEMU."""
+def _connect(address: str) -> RspClient:
+    """A blocking RSP client to a running vmigdb: the project's own (`vmigdb.wire.client`)."""
     try:
         if address.startswith("unix:"):
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(address[5:])
-        else:
-            host, _, port = address.rpartition(":")
-            sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=60)
+            return RspClient.connect_unix(address[5:], timeout=60)
+        host, _, port = address.rpartition(":")
+        return RspClient.connect_tcp(host or "127.0.0.1", int(port), timeout=60)
     except (OSError, ValueError) as exc:
         raise SetupError(f"cannot reach a vmigdb server at {address}: {exc}") from None
-    return GdbstubClient(sock, timeout=60)
 
 
 def symbols_from_server(address: str) -> bytes:
@@ -79,7 +75,9 @@ def symbols_from_server(address: str) -> bytes:
         client.request(b"vFile:close:" + fd[1:])
         client.request(b"D")  # detach: the guest runs on
         return bytes(data)
-    except MachineGone as exc:
+    except PeerGone as exc:
         raise SetupError(f"the vmigdb server closed the connection: {exc}") from None
+    except TimeoutError:
+        raise SetupError(f"the vmigdb server at {address} did not answer in time") from None
     finally:
         client.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ROOT, Vm, free_port
+from tests.e2e.test_gdb_session import ticker_rounds
 from vmigdb.hv.qemu import workdir
 
 pytestmark = pytest.mark.e2e
@@ -97,7 +98,12 @@ def test_qemu_dying_ends_the_gdb_session_and_vmigdb_with_its_last_words(tmp_path
         stderr=subprocess.STDOUT,
         text=True,
     )
-    time.sleep(3)
+    # Kill QEMU only once GDB waits in `continue`: it has connected (the guest halted) and the
+    # guest runs again. Two more ticker rounds: one could slip out before the halt. (A fixed
+    # sleep was not enough on a loaded machine, where reading the symbol file takes longer.)
+    vm.wait_for(lambda: "GDB connected" in vm.stderr(), 60, "GDB to connect")
+    start = ticker_rounds(vm)
+    vm.wait_for(lambda: ticker_rounds(vm) >= start + 2, 120, "the guest to run again")
     os.kill(qemu, signal.SIGTERM)
     out, _ = gdb.communicate(timeout=60)
     assert re.search(r"exited (normally|with code)", out), out

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from vmigdb.guest.linux.identify import find_kernel
 from vmigdb.guest.linux.kallsyms import SymbolTable, locate_kallsyms, read_kallsyms
-from vmigdb.guest.linux.kernel import KernelMemory, LinuxKernel, find_kernel
+from vmigdb.guest.linux.kernel import KernelMemory, LinuxKernel
 from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 
 pytestmark = pytest.mark.e2e

@@ -33,7 +33,7 @@ from vmigdb.guest.linux.tasks import (
 )
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
-from vmigdb.rsp.codec import decode_hex
+from vmigdb.wire.codec import decode_hex
 
 pytestmark = pytest.mark.e2e
 

@@ -1,6 +1,6 @@
 """Capture the agent-expression bytecode GDB itself compiles for breakpoint conditions.
 
-A tiny fake RSP stub (one thread, plain sockets, `vmigdb.rsp.codec` framing) advertises
+A tiny fake RSP stub (one thread, plain sockets, `vmigdb.wire.codec` framing) advertises
 ``ConditionalBreakpoints+``, serves vmigdb's own target.xml, answers ``g``/``m`` with zeros and
 records every ``Z`` packet. Real GDB, in batch mode with a small Python script, connects to it,
 sets ``break *ADDR if EXPR`` for each expression at its own address (plus a few shared-address
@@ -29,8 +29,8 @@ import threading
 from pathlib import Path
 
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE
-from vmigdb.rsp import codec
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
+from vmigdb.wire import codec
 
 CAPTURE_PATH = Path(__file__).parent / "data" / "agent" / "gdb13_conditions.json"
 GDB = os.environ.get("VMIGDB_TEST_GDB", "/usr/bin/gdb")

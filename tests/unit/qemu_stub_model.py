@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
 
 
 class QemuStubModel:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmigdb.rsp.codec import (
+from vmigdb.wire.codec import (
     ACK,
     INTERRUPT,
     NACK,

@@ -5,6 +5,8 @@ server feeds it); the actions it returns are carried out the way the server does
 
 - `handle` never raises; every reply is bytes: empty, OK, `E` + 2 hex digits, or a data reply of
   the shape its packet calls for, with no raw `$`, `#` or `*` in it;
+- no packet makes vmigdb log an internal error (a bug answered `Eff`, wherever it is caught), and
+  no reply is `Eff`: a bug is never passed off as a malformed packet;
 - only resume, detach and kill packets produce an action;
 - guest RAM only changes through the driver, only for an `M`/`X` packet, and only with that
   packet's data (all of it when the reply is OK; GDB allows a partial write with an error reply);
@@ -17,6 +19,7 @@ Deterministic (derandomize=True, no example database), at least 10,000 packets i
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -40,9 +43,11 @@ from tests.unit.fakes import (
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS
 from vmigdb.debugger.engine import Debugger, RangeStep
 from vmigdb.debugger.events import StopReason
+from vmigdb.errors import INTERNAL_ERROR
 from vmigdb.hv.base import DriverStop
-from vmigdb.rsp import codec
+from vmigdb.rsp.errors import INTERNAL
 from vmigdb.rsp.session import MAX_MEMORY_READ, Detach, Kill, Outcome, Resume, Session
+from vmigdb.wire import codec
 
 FUZZ_RAM = 4 << 20
 CPUS = 3
@@ -132,6 +137,8 @@ def check_data_reply(kind: str, reply: bytes) -> None:
         assert HEX.fullmatch(reply)
     elif kind == "qXfer":
         assert reply[:1] in (b"m", b"l")
+    elif kind == "vFile":
+        assert re.fullmatch(rb"F(?:-1,[0-9a-f]+|[0-9a-f]+(?:;.*)?)", reply, re.DOTALL), reply
     elif kind == "qfThreadInfo":
         assert reply == b"m" + b",".join(b"%x" % c for c in range(1, CPUS + 1))
     elif kind == "qsThreadInfo":
@@ -161,11 +168,38 @@ def packet_data(payload: bytes) -> bytes | None:
         return None
 
 
+class InternalErrors(logging.Handler):
+    """Collects every internal error vmigdb logs (any logger under "vmigdb") while installed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("vmigdb")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(INTERNAL_ERROR):
+            self.records.append(record)
+
+    def __enter__(self) -> InternalErrors:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+
+    def check(self, payload: bytes) -> None:
+        if self.records:
+            record = self.records[0]
+            trace = self.format(record) if record.exc_info else record.getMessage()
+            raise AssertionError(f"{payload[:80]!r} made vmigdb log:\n{trace}")
+
+
 class Harness:
     """One machine (3 vCPUs), one session; `send` checks every property after each packet."""
 
     def __init__(self, test: str, *, kvm: bool = False) -> None:
         self.test = test
+        self.bugs = InternalErrors()
         self.fake = FakeDriver(CPUS, kvm=kvm, ram_size=FUZZ_RAM)
         self.dbg = Debugger(self.fake)
         self.dbg.resume({cpu: "c" for cpu in self.dbg.cpus()})
@@ -182,7 +216,9 @@ class Harness:
         writes, bp_calls = len(fake.writes), len(fake.bp_calls)
         violations = len(fake.violations)
 
-        outcome = self.session.handle(payload)  # must not raise
+        with self.bugs:
+            outcome = self.session.handle(payload)  # must not raise
+        self.bugs.check(payload)
 
         kind = kind_of(payload)
         assert isinstance(outcome, Outcome)
@@ -190,6 +226,7 @@ class Harness:
         for reply in outcome.replies:
             assert type(reply) is bytes
             assert not set(reply) & set(b"$#*"), reply[:80]
+            assert reply != INTERNAL, payload
         replies = outcome.replies
         action = outcome.action
         # Actions only for resume, detach and kill packets.
@@ -238,7 +275,13 @@ class Harness:
         assert fake.violations[violations:] == [], payload
 
         if isinstance(action, Resume):
-            self._run(action.actions)
+            with self.bugs:
+                refused = self.session.run(action)  # as the server carries out a Resume
+            self.bugs.check(payload)
+            assert refused == [], (payload, refused)
+            with self.bugs:
+                self._stop(action.actions)
+            self.bugs.check(payload)
         elif isinstance(action, Detach):
             self.dbg.detach()
             assert fake.installed == set() and fake.running
@@ -247,11 +290,11 @@ class Harness:
             self.done = True
         return outcome
 
-    def _run(self, actions: dict[int, object]) -> None:
+    def _stop(self, actions: dict[int, object]) -> None:
+        """The machine runs as `actions` asked: end the step, or interrupt it as GDB would."""
         stepping = [cpu for cpu, act in sorted(actions.items()) if act != "c"]  # s or a range
         if stepping:
             self.fake.queue_stop(DriverStop(cpu=stepping[0], signal=5))
-        self.dbg.resume(actions)
         wanted = set(self.dbg.breakpoints.desired) | set(self.dbg.breakpoints.internal)
         assert self.fake.installed == wanted  # stale ones are gone
         if not stepping:
@@ -367,7 +410,8 @@ VERBS = [
     b"qXfer:features:read:", b"qXfer:threads:read::", b"qXfer:", b"qSupported",
     b"qSupported:", b"qThreadExtraInfo,", b"qC", b"qCRC:", b"qfThreadInfo", b"qsThreadInfo",
     b"qAttached", b"qSymbol:", b"QStartNoAckMode", b"vMustReplyEmpty", b"vKill;", b"c", b"s",
-    b"C", b"S", b"D", b"D;", b"k", b"?", b"q", b"Q", b"v",
+    b"C", b"S", b"D", b"D;", b"k", b"?", b"q", b"Q", b"v", b"qXfer:exec-file:read:",
+    b"vFile:open:", b"vFile:pread:", b"vFile:fstat:", b"vFile:close:", b"vFile:setfs:",
 ]  # fmt: skip
 verb_packets = st.builds(lambda v, a: v + a, st.sampled_from(VERBS), arguments)
 
@@ -595,3 +639,20 @@ def test_qemu_72_crashers_through_the_decoder(payload: bytes, kvm: bool) -> None
 def test_enough_packets_overall() -> None:
     """The fuzz tests add up to at least 10,000 packets (each checks its own minimum)."""
     assert sum(MINIMUM.values()) >= 10_000
+
+
+def test_the_harness_fails_on_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fuzz tests can fail: a bug anywhere below a packet (here a KeyError in the engine,
+    which used to pass for a malformed packet) stops them with its traceback."""
+    harness = Harness("bug")
+
+    def broken(*_: object) -> bytes:
+        raise KeyError("cr3")
+
+    monkeypatch.setattr(harness.dbg, "read_memory", broken)
+    with pytest.raises(AssertionError, match="(?s)internal error.*KeyError"):
+        harness.send(b"m%x,4" % KERNEL_VA)
+    harness = Harness("bug in a resume")
+    monkeypatch.setattr(harness.dbg, "resume", lambda actions: {}["x"])
+    with pytest.raises(AssertionError, match="internal error"):
+        harness.send(b"c")

@@ -464,3 +464,32 @@ def test_an_unmapped_entry_is_a_fault() -> None:
     guest.memory.write(addr[2] + T["tasks"], q(DIRECT + 0x7770000))
     with pytest.raises(FaultError):
         list(for_each_task(guest))
+
+
+def test_linux_behind_the_os_interface(fake) -> None:
+    """`LinuxOS` answers the OS-awareness interface with the helpers above."""
+    from tests.unit.fakes import default_registers, qemu_g
+    from vmigdb.arch.x86_64.registers import RegisterFile
+    from vmigdb.guest.base import Module as AnyModule
+    from vmigdb.guest.base import Process
+    from vmigdb.guest.linux.linux_os import LinuxOS
+
+    guest, addr = fake
+    linux = LinuxOS(guest)  # type: ignore[arg-type]
+    assert [p.pid for p in linux.processes()] == [1, 2, 3, 4, 100, 200, 300]
+    cr3 = 0x4000000 + 100 * 0x2000
+    assert linux.find_process(100) == Process(100, 1, "app", cr3, "R", True)
+    assert linux.find_process(101) == Process(101, 1, "app-worker", cr3, "D", False)
+    assert linux.find_process(4242) is None
+    kthreadd = linux.find_process(2)
+    assert kthreadd is not None and kthreadd.cr3 is None
+    assert [p.pid for p in linux.find_processes("app")] == [100]
+    assert linux.find_processes("app-worker") == []  # a thread, not a process
+    kernel_base = DIRECT + 0x1F000000
+    guest.memory.write(kernel_base + PCPU_CURRENT, q(addr[101]))
+    values = default_registers(1) | {"gs_base": kernel_base, "k_gs_base": 0, "cs": 0x10}
+    regs = RegisterFile.from_qemu_g(qemu_g(values))
+    assert linux.current_process(regs) == linux.find_process(101)
+    assert linux.process_exit_hook() is None  # this kernel has no do_exit symbol
+    assert linux.modules()[0] == AnyModule("virtio_net", MOD_BASE + 0x10000, 0x3000)
+    assert linux.lookup_symbol("init_task") == Symbol("init_task", INIT_TASK, "D")

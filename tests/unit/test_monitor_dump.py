@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tests.unit.fakes import KERNEL_VA, FakeDriver
 from vmigdb.debugger.engine import Debugger
-from vmigdb.rsp import codec
 from vmigdb.rsp.session import Session
+from vmigdb.wire import codec
 
 
 def rcmd(session: Session, line: str) -> tuple[str, bytes]:

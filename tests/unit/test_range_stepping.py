@@ -24,7 +24,7 @@ def machine(code: bytes) -> tuple[FakeDriver, Debugger]:
     dbg.resume({1: "c"})
     dbg.halt()
     fake.set_reg(1, "rip", KERNEL_VA)
-    dbg._regs.clear()  # the fake's registers changed behind the debugger's cache
+    dbg.state.forget()  # the fake's registers changed behind the debugger's cache
     return fake, dbg
 
 

@@ -7,7 +7,7 @@ import pytest
 from tests.unit.test_session import machine
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTER_INDEX, RegisterFile, split_g
 from vmigdb.arch.x86_64.validate import check_register_write
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
 
 
 def long_mode_regs(**values: int) -> RegisterFile:

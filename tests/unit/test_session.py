@@ -30,7 +30,6 @@ from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.policy import StealthMode, StealthRefused
 from vmigdb.hv.base import BreakpointType, DriverError, DriverStop
-from vmigdb.rsp import codec
 from vmigdb.rsp.session import (
     MAX_MEMORY_READ,
     PACKET_SIZE,
@@ -41,6 +40,7 @@ from vmigdb.rsp.session import (
     Session,
 )
 from vmigdb.rsp.target_xml import target_xml
+from vmigdb.wire import codec
 
 SW, HW = BreakpointType.SOFTWARE, BreakpointType.HARDWARE
 WW, RW, AW = BreakpointType.WRITE_WATCH, BreakpointType.READ_WATCH, BreakpointType.ACCESS_WATCH
@@ -899,7 +899,8 @@ def test_kvm_single_step_is_refused_in_strict_mode() -> None:
     assert not dbg.running
 
 
-def test_unsupported_breakpoint_type_gets_the_empty_reply() -> None:
+def test_unsupported_breakpoint_type_is_refused_with_the_reason() -> None:
+    """Not the empty reply: for Z0 GDB would fall back to writing 0xCC into guest memory."""
     import dataclasses
 
     from vmigdb.hv.qemu.driver import tcg_capabilities
@@ -908,7 +909,9 @@ def test_unsupported_breakpoint_type_gets_the_empty_reply() -> None:
     fake.capabilities = dataclasses.replace(tcg_capabilities("icount"), watchpoint=None)
     dbg = Debugger(fake)
     session = Session(dbg)
-    assert session.handle(b"Z2,1000,4").replies == [b""]
+    assert session.handle(b"Z2,1000,4").replies == [
+        b"E.vmigdb: the fake driver cannot set watchpoints"
+    ]
     assert session.handle(b"Z0,1000,1").replies == [b"OK"]
 
 

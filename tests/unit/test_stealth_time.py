@@ -14,8 +14,8 @@ from tests.unit.fakes import KERNEL_VA, FakeDriver
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.policy import StealthMode, StealthPolicy, StealthRefused
 from vmigdb.hv.qemu.driver import kvm_capabilities, tcg_capabilities
-from vmigdb.rsp import codec
 from vmigdb.rsp.session import Session
+from vmigdb.wire import codec
 
 
 def stopped(time_mode: str, mode: StealthMode) -> tuple[FakeDriver, Debugger, Session]:

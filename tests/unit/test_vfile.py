@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from vmigdb.rsp import codec
 from vmigdb.rsp.vfile import VFileServer
+from vmigdb.wire import codec
 
 ELF = bytes(range(256)) * 40  # has '#', '$', '}' and '*' bytes: pread data must be escaped
 

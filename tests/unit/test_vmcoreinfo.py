@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 
 from vmigdb.arch.x86_64.paging import PhysicalMemoryError
+from vmigdb.guest.linux.identify import KernelNotFound, find_kernel
 from vmigdb.guest.linux.kernel import (
     START_KERNEL_MAP,
     FaultError,
     KernelMemory,
-    KernelNotFound,
     LinuxKernel,
-    find_kernel,
 )
 from vmigdb.guest.linux.vmcoreinfo import (
     find_vmcoreinfo_text,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vmigdb.debugger.policy import StealthMode, StealthPolicy
-from vmigdb.hv.base import BreakpointType, Capabilities, Driver, Mechanism
+from vmigdb.hv.base import BreakpointType, Capabilities, Driver, Mechanism, Unsupported
 
 _JOBS = {
     BreakpointType.SOFTWARE: "software breakpoint",
@@ -26,8 +26,13 @@ _JOBS = {
 }
 
 # A target-side condition: called with an evaluation context (registers, memory) of the vCPU that
-# hit; non-zero means stop. Raising means "cannot tell": the stop is reported and GDB decides.
+# hit; non-zero means stop. Raising `ConditionError` means "cannot tell": the stop is reported and
+# GDB decides. Any other exception is a bug (logged as an internal error; the stop is reported too).
 Condition = Callable[[Any], int]
+
+
+class ConditionError(Exception):
+    """A condition could not be evaluated (unreadable memory, malformed bytecode...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +57,12 @@ class BreakpointLimitError(Exception):
     """The mechanism serving this request has no free slot (e.g. 4 debug registers under KVM)."""
 
 
-class UnsupportedBreakpoint(Exception):
+class UnsupportedBreakpoint(Unsupported):
     """The driver offers no mechanism for this breakpoint type."""
+
+    def __init__(self, driver: str, type: BreakpointType) -> None:
+        super().__init__(f"the {driver} driver has no {_JOBS[type]}s")
+        self.type = type
 
 
 class BreakpointTable:
@@ -102,7 +111,7 @@ class BreakpointTable:
         """The invisible mechanism if it has room, else the fallback the policy allows."""
         mechanism = self.mechanism(bp.type)
         if mechanism is None:
-            raise UnsupportedBreakpoint(bp.type)
+            raise UnsupportedBreakpoint(self._driver.name, bp.type)
         if mechanism.limit is not None and self._slots_used(mechanism, bp) > mechanism.limit:
             self.sync()  # lazily removed breakpoints still hold slots: give them back first
             if self._slots_used(mechanism, bp) > mechanism.limit:
@@ -133,7 +142,7 @@ class BreakpointTable:
             return
         mechanism = self.mechanism(bp.type)
         if mechanism is None:
-            raise UnsupportedBreakpoint(bp.type)
+            raise UnsupportedBreakpoint(self._driver.name, bp.type)
         if mechanism.limit is not None and self._slots_used(mechanism, bp) > mechanism.limit:
             raise BreakpointLimitError(f"all {mechanism.limit} slots of {mechanism.key} are in use")
         self._install(bp)

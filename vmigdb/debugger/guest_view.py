@@ -1,32 +1,26 @@
 """The debugger's handle on guest awareness: attaches on first use, remembers why it could not.
 
-Analysing the kernel (VMCOREINFO scan, kallsyms decode) takes a fraction of a second, so it happens
-once, when something first needs it, and is kept across GDB connections. A reboot moves the kernel
-(KASLR): each new connection checks the banner is still where it was, and analyses again if not.
-When the guest cannot be analysed, plain debugging goes on and the reason is one line.
+Analysing the guest's OS (for Linux: VMCOREINFO scan, kallsyms decode) takes a fraction of a second,
+so it happens once, when something first needs it, and is kept across GDB connections. A reboot
+moves the kernel (KASLR): each new connection checks the OS's fingerprint is still what it was, and
+analyses again if not. When the guest cannot be analysed, plain debugging goes on and the reason is
+one line. Which OS it is, and how it is read, is `vmigdb.guest`'s business (`registry.attach`).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 from vmigdb.arch.x86_64.paging import PhysicalMemoryError
-from vmigdb.guest.linux.btf import BtfError
-from vmigdb.guest.linux.guest import LinuxGuest
-from vmigdb.guest.linux.kallsyms import KallsymsNotFound
-from vmigdb.guest.linux.kernel import FaultError, KernelNotFound
+from vmigdb.guest import registry
+from vmigdb.guest.base import GuestError, GuestOS
 from vmigdb.hv.base import Driver, DriverError
 
 log = logging.getLogger("vmigdb.debugger")
 
-ANALYSIS_ERRORS = (
-    KernelNotFound,
-    KallsymsNotFound,
-    BtfError,
-    FaultError,
-    PhysicalMemoryError,
-    DriverError,
-)
+# What reading the guest's OS can fail with: its own errors, and the driver's reads.
+ANALYSIS_ERRORS = (GuestError, PhysicalMemoryError, DriverError)
 
 
 class GuestUnavailable(Exception):
@@ -36,51 +30,52 @@ class GuestUnavailable(Exception):
 class GuestView:
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
-        self._linux: LinuxGuest | None = None
+        self._os: GuestOS | None = None
         self._error: str | None = None
-        self._banner: tuple[int, bytes] | None = None
+        self._fingerprint: object = None
 
-    def linux(self) -> LinuxGuest:
-        """:raises GuestUnavailable:"""
-        if self._linux is None:
+    def os(self) -> GuestOS:
+        """The guest's OS, analysed on first use. :raises GuestUnavailable:"""
+        if self._os is None:
             if self._error is not None:
                 raise GuestUnavailable(self._error)
             try:
-                self._linux = LinuxGuest.attach(
-                    self._driver.read_physical, self._driver.physical_ranges()
-                )
-                self._banner = self._read_banner(self._linux)
+                ranges = self._driver.physical_ranges()
+            except DriverError as exc:
+                self._fail(f"no guest OS vmigdb can analyse: {exc}")
+            try:
+                self._os = registry.attach(self._driver.read_physical, ranges)
+                self._fingerprint = self._os.fingerprint()
             except ANALYSIS_ERRORS as exc:
-                self._error = f"no Linux kernel vmigdb can analyse: {exc}"
-                log.warning("%s (plain debugging goes on)", self._error)
-                raise GuestUnavailable(self._error) from None
-        return self._linux
+                self._os = None
+                self._fail(str(exc))
+        return self._os
+
+    def _fail(self, reason: str) -> NoReturn:
+        self._error = reason
+        log.warning("%s (plain debugging goes on)", reason)
+        raise GuestUnavailable(reason) from None
 
     def available(self) -> bool:
         try:
-            self.linux()
+            self.os()
         except GuestUnavailable:
             return False
         return True
 
     def ran(self) -> None:
         """The guest ran: cached reads of its memory are stale."""
-        if self._linux is not None:
-            self._linux.refresh()
+        if self._os is not None:
+            self._os.refresh()
 
     def revalidate(self) -> None:
-        """At a new connection: if the guest rebooted (banner moved), analyse it again."""
-        if self._linux is not None:
+        """At a new connection: if the guest rebooted (fingerprint changed), analyse it again."""
+        if self._os is not None:
             try:
-                same = self._read_banner(self._linux) == self._banner
+                same = self._os.fingerprint() == self._fingerprint
             except ANALYSIS_ERRORS:
                 same = False
             if not same:
                 log.info("the guest kernel changed; analysing it again")
-                self._linux = None
+                self._os = None
         self._error = None
-
-    @staticmethod
-    def _read_banner(linux: LinuxGuest) -> tuple[int, bytes]:
-        address = linux.symbols.address("linux_banner")
-        return address, linux.memory.read(address, 64)

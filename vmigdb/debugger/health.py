@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from vmigdb.debugger.breakpoints import BreakpointLimitError
 from vmigdb.debugger.guest_view import GuestUnavailable
-from vmigdb.guest.linux.dying import DeathHook, death_hooks, describe_death
+from vmigdb.guest.base import DeathHook
 from vmigdb.hv.base import BreakpointType, DriverError
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class HealthWatch:
             self.status = "off"
             return self.status
         try:
-            hooks = death_hooks(self._guest.linux())
+            hooks = self._guest.os().death_hooks()
         except GuestUnavailable as exc:
             self.status = f"on, but not armed: {exc}"
             return self.status
@@ -69,9 +69,8 @@ class HealthWatch:
         hook = self.hooks.get(rip)
         if hook is None or not self._breakpoints.internal_at(rip, OWNER):
             return None
-        values = {name: regs[name] for name in ("rdi", "rsi", "gs_base", "k_gs_base", "cs")}
         try:
-            what = describe_death(self._guest.linux(), hook, values, f"CPU#{cpu - 1}")
+            what = self._guest.os().describe_death(hook, regs, f"CPU#{cpu - 1}")
         except Exception as exc:  # noqa: BLE001 - the stop matters more than its description
             log.info("could not describe the guest's death: %s", exc)
             what = f"the guest kernel is dying ({hook.symbol}) on CPU#{cpu - 1}"

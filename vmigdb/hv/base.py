@@ -1,16 +1,24 @@
 """The hypervisor driver interface: what the debugger may ask of a hypervisor, and how honestly it answers.
 
-A driver is small. It declares its mechanisms up front (`Capabilities`), each with whether the guest
-could observe it, so the debugger can choose a mechanism per request and `monitor stealth` can say the
-truth. Everything else is plain verbs on a stopped machine, plus a file descriptor to watch while the
-guest runs.
+A driver is small. It declares what it can do and its mechanisms up front (`Capabilities`), each
+mechanism with whether the guest could observe it, so the debugger can choose a mechanism per
+request, the session can advertise and serve exactly what the driver can do, and `monitor stealth`
+can say the truth. Everything else is plain verbs on a stopped machine, plus a file descriptor to
+watch while the guest runs.
 
-Theory of operation (all-stop):
+Only reading is required of every driver (`cpus`, `read_physical`, `read_registers`, `close`). The
+rest is optional, and a driver without it is first-class: a memory dump has no run control and
+writes nothing, and says so in its capabilities (`run_control=False`, `memory_write=None`,
+`register_write=False`); the base class answers the verbs it does not override with `Unsupported`.
+
+Theory of operation (all-stop), for a driver with `run_control`:
 - While stopped, every call is synchronous and answered at once.
 - `resume(actions)` starts the vCPUs named in `actions` ('c' continue, 's' step one instruction); vCPUs
   not named stay stopped. The call returns at once.
 - While running, the owner watches `stop_fileno()`; when it is readable, `poll_stop()` returns a
-  `DriverStop` (every vCPU is stopped again) or `None` (nothing complete yet).
+  `DriverStop` (every vCPU is stopped again) or `None` (nothing complete yet). A driver whose
+  hypervisor reports stops on a thread or event loop of its own (libvmi's `events_listen`) makes
+  that readable itself, e.g. with a pipe it writes to when a stop is ready.
 - `interrupt()` asks a running machine to stop; the stop arrives through `poll_stop()` like any other.
 """
 
@@ -50,7 +58,12 @@ class Mechanism:
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """The mechanisms a driver offers for each debugger job. `None` means the job is unsupported."""
+    """What a driver can do, declared once: the mechanism for each debugger job (`None`: the job
+    is unsupported), and whether it has run control and register writes at all.
+
+    The session derives what it advertises and serves from this (`qSupported`, `vCont?`, which
+    packets get an answer and which a refusal), and the debugger picks its mechanisms from it.
+    """
 
     registers: Mechanism
     memory_read: Mechanism
@@ -59,6 +72,9 @@ class Capabilities:
     hw_breakpoint: Mechanism | None  # what serves GDB's Z1
     watchpoint: Mechanism | None  # Z2/Z3/Z4
     single_step: Mechanism | None
+    # resume, interrupt and stops (`Driver.resume`...): False for a memory dump, which never runs
+    run_control: bool
+    register_write: bool  # `Driver.write_register`
     extra: tuple[Mechanism, ...] = field(default=())  # anything else the driver does to the VM
     # A visible way to serve Z0 once the invisible one is exhausted (e.g. 0xCC patched into RAM
     # under KVM after the 4 debug registers); used only if the stealth policy allows it.
@@ -66,6 +82,14 @@ class Capabilities:
     # What the guest's clocks show of the debugger's work (stops, retranslation): every job that
     # stops the guest or changes its code's translation is only as invisible as this.
     guest_time: Mechanism | None = None
+
+    def __post_init__(self) -> None:
+        stopping = ("sw_breakpoint", "hw_breakpoint", "watchpoint", "single_step")
+        for job in (*stopping, "sw_breakpoint_fallback"):
+            if not self.run_control and getattr(self, job) is not None:
+                raise ValueError(
+                    f"{job} needs run control: a machine that never runs stops nowhere"
+                )
 
     def all(self) -> list[tuple[str, Mechanism]]:
         jobs = [
@@ -106,11 +130,22 @@ class MachineGone(DriverError):
     """The VM (or its hypervisor process) no longer exists."""
 
 
+class Unsupported(DriverError):
+    """The driver cannot do this at all (a dump cannot run, a read-only driver cannot write); the
+    message says what. Its capabilities declared it, so the layers above normally ask first."""
+
+
 class Driver(ABC):
-    """A hypervisor as the debugger sees it. See the module docstring for the run-control contract."""
+    """A hypervisor as the debugger sees it. See the module docstring for the run-control contract.
+
+    Subclasses override what their `capabilities` declare; every optional verb left alone raises
+    `Unsupported`.
+    """
 
     name: str
     capabilities: Capabilities
+
+    # -- required: reading a stopped machine ------------------------------------------------------
 
     @abstractmethod
     def cpus(self) -> list[int]:
@@ -120,53 +155,61 @@ class Driver(ABC):
     def read_physical(self, pa: int, length: int) -> bytes:
         """Guest-physical read; raises PhysicalMemoryError outside RAM."""
 
-    def physical_ranges(self) -> list[tuple[int, int]]:
-        """Guest-physical RAM as (start, end) ranges, for scans (e.g. finding the guest kernel)."""
-        raise DriverError(f"the {self.name} driver does not list guest RAM")
-
-    @abstractmethod
-    def write_physical(self, pa: int, data: bytes) -> None:
-        """Guest-physical write, through the hypervisor so translated code and views stay coherent."""
-
     @abstractmethod
     def read_registers(self, cpu: int) -> RegisterFile: ...
-
-    @abstractmethod
-    def write_register(self, cpu: int, regnum: int, value: bytes) -> None: ...
-
-    @abstractmethod
-    def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
-    ) -> None:
-        """`mechanism`: a declared mechanism's key to use instead of the type's default one."""
-
-    @abstractmethod
-    def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None: ...
-
-    @abstractmethod
-    def resume(self, actions: dict[int, str]) -> None: ...
-
-    @abstractmethod
-    def stop_fileno(self) -> int: ...
-
-    @abstractmethod
-    def poll_stop(self) -> DriverStop | None: ...
-
-    @abstractmethod
-    def interrupt(self) -> None: ...
-
-    @abstractmethod
-    def wait_stop(self, timeout: float) -> DriverStop:
-        """Block until the running machine stops (after `interrupt`, or a step)."""
-
-    @abstractmethod
-    def kill(self) -> None:
-        """Power the VM off and end the hypervisor process."""
 
     @abstractmethod
     def close(self) -> None:
         """Release everything; the VM is left as it is."""
 
+    def physical_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical RAM as (start, end) ranges, for scans (e.g. finding the guest kernel)."""
+        raise Unsupported(f"the {self.name} driver does not list guest RAM")
+
     def describe(self) -> list[tuple[str, str]]:
         """(label, value) lines for `monitor info`."""
         return [("driver", self.name)]
+
+    # -- optional: writes (capabilities.memory_write, capabilities.register_write) ----------------
+
+    def write_physical(self, pa: int, data: bytes) -> None:
+        """Guest-physical write, through the hypervisor so translated code and views stay coherent."""
+        raise Unsupported(f"the {self.name} driver cannot write guest memory")
+
+    def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
+        raise Unsupported(f"the {self.name} driver cannot write registers")
+
+    # -- optional: breakpoints (capabilities.sw_breakpoint, hw_breakpoint, watchpoint) ------------
+
+    def insert_breakpoint(
+        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+    ) -> None:
+        """`mechanism`: a declared mechanism's key to use instead of the type's default one."""
+        raise Unsupported(f"the {self.name} driver has no breakpoints")
+
+    def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
+        raise Unsupported(f"the {self.name} driver has no breakpoints")
+
+    # -- optional: run control (capabilities.run_control) -----------------------------------------
+
+    def resume(self, actions: dict[int, str]) -> None:
+        raise Unsupported(f"the {self.name} driver cannot run the guest")
+
+    def stop_fileno(self) -> int | None:
+        """The descriptor that becomes readable when a stop may be ready; None without one."""
+        return None
+
+    def poll_stop(self) -> DriverStop | None:
+        raise Unsupported(f"the {self.name} driver cannot run the guest")
+
+    def interrupt(self) -> None:
+        raise Unsupported(f"the {self.name} driver cannot run the guest")
+
+    def wait_stop(self, timeout: float) -> DriverStop:
+        """Block until the running machine stops (after `interrupt`, or a step)."""
+        raise Unsupported(f"the {self.name} driver cannot run the guest")
+
+    def kill(self) -> None:
+        """Power the VM off and end the hypervisor process. A driver with no process (a dump)
+        has nothing to power off: the session just ends."""
+        return None

@@ -38,7 +38,7 @@ from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
 
 __all__ = [
     "MAX_EXPR_LENGTH",

@@ -8,16 +8,17 @@ GDB prints the message and scripts see the command fail.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TypeVar
 
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
-from vmigdb.debugger.guest_view import GuestUnavailable
+from vmigdb.debugger.engine import Debugger
+from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
+from vmigdb.guest.base import GuestError
 
-if TYPE_CHECKING:
-    from vmigdb.debugger.engine import Debugger
-    from vmigdb.rsp.session import Session
+T = TypeVar("T")
 
 
 class MonitorError(Exception):
@@ -35,9 +36,11 @@ def _parse_addr(text: str) -> int:
 
 
 class Monitor:
-    def __init__(self, debugger: Debugger, session: Session, *, host_files: bool = True) -> None:
+    def __init__(
+        self, debugger: Debugger, current_cpu: Callable[[], int], *, host_files: bool = True
+    ) -> None:
         self._debugger = debugger
-        self._session = session
+        self._current_cpu = current_cpu  # the vCPU GDB's requests are about (the session knows)
         self._host_files = host_files  # may commands write files on vmigdb's host?
 
     def run(self, line: str) -> str:
@@ -66,7 +69,7 @@ class Monitor:
         dbg = self._debugger
         lines = [f"{label}: {value}" for label, value in dbg.driver.describe()]
         lines.append(f"state: {'running' if dbg.running else 'stopped'}")
-        lines.append(f"current vCPU: CPU#{self._session.current_cpu() - 1}")
+        lines.append(f"current vCPU: CPU#{self._current_cpu() - 1}")
         lines.append(
             "addresses: " + ("guest-physical (phys on)" if dbg.physical_addresses else "virtual")
         )
@@ -75,25 +78,16 @@ class Monitor:
             f"{len(dbg.breakpoints.installed)} held by the hypervisor"
         )
         try:
-            linux = dbg.guest.linux()
+            lines += [f"{label}: {value}" for label, value in dbg.guest.os().describe()]
         except GuestUnavailable as exc:
             lines.append(f"guest: {exc}")
-        else:
-            kernel = linux.kernel
-            lines.append(f"guest: Linux {kernel.release}")
-            text = linux.symbols.address("_text")
-            lines.append(
-                f"KASLR offset: {kernel.kaslr_offset:#x} (virtual); kernel image at physical "
-                f"{kernel.kernel_image_pa(text):#x}"
-            )
-            lines.append(f"symbols: {len(linux.symbols)} (kallsyms, read from guest memory)")
         return "\n".join(lines)
 
     def cmd_sym(self, args: list[str]) -> str:
         """sym NAME — the address of a kernel symbol (from the guest's own kallsyms)"""
         if len(args) != 1:
             raise MonitorError("usage: monitor sym NAME")
-        symbol = self._guest(lambda dbg: dbg.guest.linux()).symbols.lookup(args[0])
+        symbol = self._guest(lambda guest: guest.os().lookup_symbol(args[0]))
         if symbol is None:
             raise MonitorError(f"no kernel symbol named {args[0]!r}")
         return f"{symbol.name} {symbol.address:#x}"
@@ -130,7 +124,7 @@ class Monitor:
                 else "scope: the kernel; memory through the current vCPU's page tables"
             )
         try:
-            scope = self._guest(lambda dbg: processes.scope_for(dbg, which))
+            scope = self._guest(lambda guest: processes.scope_for(guest, which))
         except processes.ProcessNotFound as exc:
             raise MonitorError(str(exc)) from None
         self._debugger.set_scope(scope)
@@ -149,12 +143,15 @@ class Monitor:
         health.enabled = args[1] == "on"
         return f"panic: {health.arm()}"
 
-    def _guest(self, query):
-        """Run a guest-awareness query; an unanalysable guest is a one-line monitor error."""
+    def _guest(self, query: Callable[[GuestView], T]) -> T:
+        """Run a guest-awareness query; an unanalysable guest, or OS data that cannot be read
+        (a list changing under the walk, a structure the kernel lacks), is a one-line error."""
         try:
-            return query(self._debugger)
+            return query(self._debugger.guest)
         except GuestUnavailable as exc:
             raise MonitorError(str(exc)) from None
+        except GuestError as exc:
+            raise MonitorError(f"cannot read it from the guest: {exc}") from None
 
     def cmd_stealth(self, args: list[str]) -> str:
         """stealth — the stealth mode, every mechanism the driver declares, its visibility, its use"""
@@ -166,7 +163,7 @@ class Monitor:
         if len(args) != 1:
             raise MonitorError("usage: monitor vtop ADDR")
         va = _parse_addr(args[0])
-        where = self._debugger.translate(self._session.current_cpu(), va)
+        where = self._debugger.translate(self._current_cpu(), va)
         if isinstance(where, Fault):
             return f"{va:#x}: not mapped ({where.reason} at level {where.level})"
         flags = [
@@ -194,9 +191,7 @@ class Monitor:
         start = time.perf_counter()
         try:
             with open(path, "wb") as out:
-                unmapped = self._debugger.dump_memory(
-                    self._session.current_cpu(), addr, length, out
-                )
+                unmapped = self._debugger.dump_memory(self._current_cpu(), addr, length, out)
         except OSError as exc:
             raise MonitorError(f"cannot write {path}: {exc.strerror or exc}") from None
         seconds = max(time.perf_counter() - start, 1e-9)
@@ -208,7 +203,7 @@ class Monitor:
 
     def cmd_regs(self, args: list[str]) -> str:
         """regs — the current vCPU's general and system registers"""
-        regs = self._debugger.registers(self._session.current_cpu())
+        regs = self._debugger.registers(self._current_cpu())
         names = [r.name for r in REGISTERS if r.bitsize <= 64 and not r.name.startswith("f")]
         names = [n for n in names if not n.startswith("st")]
         rows = [f"{name:>9} {regs[name]:#018x}" for name in names]

@@ -6,7 +6,8 @@ no task or queue hop on the way (the per-packet path is what scattered reads and
 
 While the machine runs, the hypervisor's stop channel is watched with `loop.add_reader`, and 0x03 from
 GDB interrupts it. A client that vanishes (or detaches) leaves the machine running, with no breakpoint
-left, and the server ready for the next one.
+left, and the server ready for the next one. A driver without run control (a dump) has no stop
+channel and none is watched: its machine stays as it is, and detaching leaves it so.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
-from vmigdb.debugger.policy import StealthRefused
+from vmigdb.errors import log_internal_error
 from vmigdb.hv.base import DriverError, MachineGone
-from vmigdb.rsp import codec
-from vmigdb.rsp.session import EINVAL, EIO, Detach, Kill, Outcome, Resume, Session
+from vmigdb.rsp.errors import EINVAL
+from vmigdb.rsp.session import Detach, Kill, Outcome, Resume, Session
+from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
 
@@ -97,6 +99,7 @@ class RspServer:
         self._server: asyncio.base_events.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unix_path: str | None = None
+        self._stop_fd: int | None = None  # the driver's stop channel, while watched
 
     async def start(self, listener: socket.socket) -> None:
         """Serve on a socket made by `bind_listener` (bound early, so a taken port fails fast)."""
@@ -108,14 +111,22 @@ class RspServer:
             self._server = await self._loop.create_unix_server(factory, sock=listener)
         else:
             self._server = await self._loop.create_server(factory, sock=listener)
-        self._loop.add_reader(self.debugger.driver.stop_fileno(), self._on_driver_readable)
+        driver = self.debugger.driver
+        if driver.capabilities.run_control:
+            self._stop_fd = driver.stop_fileno()
+        if self._stop_fd is not None:
+            self._loop.add_reader(self._stop_fd, self._on_driver_readable)
 
-    async def close(self) -> None:
-        if self._loop is not None:
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._stop_fd is not None:
             try:
-                self._loop.remove_reader(self.debugger.driver.stop_fileno())
+                self._loop.remove_reader(self._stop_fd)
             except (ValueError, OSError):
                 pass
+        self._stop_fd = None
+
+    async def close(self) -> None:
+        self._unwatch()
         if self._server is not None:
             self._server.close()
         if self._unix_path and os.path.exists(self._unix_path):
@@ -125,11 +136,7 @@ class RspServer:
 
     def finish(self, event: StopEvent | None) -> None:
         """The machine is gone (or killed): stop serving."""
-        if self._loop is not None:
-            try:
-                self._loop.remove_reader(self.debugger.driver.stop_fileno())
-            except (ValueError, OSError):
-                pass
+        self._unwatch()
         if self.finished is not None and not self.finished.done():
             self.finished.set_result(event)
 
@@ -140,6 +147,9 @@ class RspServer:
             event = StopEvent(StopReason.EXITED, None, exit_code=0)
         except DriverError as exc:
             log.error("hypervisor error while running: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug: logged where the fuzz tests look
+            log_internal_error(log, "polling the hypervisor for a stop", exc)
             return
         if event is None:
             return
@@ -167,7 +177,7 @@ class GdbConnection(asyncio.Protocol):
         self.rejected_reply_sent = False
         self.peer = "?"
         self._queued: list[codec.Event] = []
-        self.finished = False  # detached or killed: nothing more from this client is served
+        self.done = False  # detached or killed: nothing more from this client is served
 
     # -- asyncio callbacks ------------------------------------------------------------------------
 
@@ -197,7 +207,7 @@ class GdbConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
         for event in self.decoder.events():
-            if self.finished:
+            if self.done:
                 return  # what a client sends after D or k is not served: the guest is let go
             if self.waiting_for_stop and not isinstance(event, codec.Interrupt):
                 self._queued.append(event)  # all-stop: answered once the machine stops
@@ -251,26 +261,19 @@ class GdbConnection(asyncio.Protocol):
             self._send(reply)
         action = outcome.action
         if isinstance(action, Resume):
-            try:
-                self.debugger.resume(action.actions)
-            except DriverError as exc:
-                log.warning("resume failed: %s", exc)
-                self._send(EIO)
-                return
-            except StealthRefused as exc:
-                log.warning("%s", exc)
-                self._send(b"E." + str(exc).encode())
-                return
-            self.waiting_for_stop = True
+            refused = self.session.run(action)  # the session maps every failure to its reply
+            for reply in refused:
+                self._send(reply)
+            self.waiting_for_stop = not refused
         elif isinstance(action, Detach):
             log.info("GDB at %s detached", self.peer)
-            self.finished = True
+            self.done = True
             self.server.active = None
             self._release_machine()
             self.transport.close()
         elif isinstance(action, Kill):
             log.info("GDB at %s killed the machine", self.peer)
-            self.finished = True
+            self.done = True
             self.server.active = None
             self.debugger.breakpoints.clear()
             self.debugger.driver.kill()
@@ -290,7 +293,7 @@ class GdbConnection(asyncio.Protocol):
             self._send(reply)
         queued, self._queued = self._queued, []
         for item in queued:
-            if self.finished:
+            if self.done:
                 return
             if self.waiting_for_stop:
                 self._queued.append(item)

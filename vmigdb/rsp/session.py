@@ -5,8 +5,9 @@ send, in order, and at most one `Action` the server must carry out (resume the m
 stop, detach, kill). Stop events come back through `stop_reply()`.
 
 Every packet is parsed and validated here, never passed through to the hypervisor. A malformed packet
-gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Errors from
-below are turned into `Exx` in one place (`_error_reply`).
+gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Every other
+failure, from here or below, is turned into a reply in one place (`vmigdb.rsp.errors`), including
+a resume the server carries out (`run`).
 """
 
 from __future__ import annotations
@@ -14,33 +15,35 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
-from vmigdb.debugger.breakpoints import BreakpointLimitError, UnsupportedBreakpoint
+from vmigdb.debugger.breakpoints import Condition, ConditionError
 from vmigdb.debugger.engine import Action as RunAction
-from vmigdb.debugger.engine import Debugger, MemoryFault, RangeStep
+from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
-from vmigdb.debugger.model import RegisterWriteRefused
-from vmigdb.debugger.policy import StealthRefused
-from vmigdb.hv.base import BreakpointType, DriverError
-from vmigdb.rsp import codec
-from vmigdb.rsp.agent import AgentError, evaluate, parse_conditions
+from vmigdb.hv.base import BreakpointType
+from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate
+from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
+from vmigdb.rsp.features import PACKET_SIZE, Features
 from vmigdb.rsp.monitor import Monitor, MonitorError
+from vmigdb.rsp.parse import (
+    addr_len,
+    binary_data,
+    breakpoint_args,
+    hex_data,
+    hex_number,
+    legacy_resume_args,
+    thread_id,
+    v_cont_actions,
+)
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
+from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
 
-PACKET_SIZE = 0x20000  # advertised; GDB then reads up to PACKET_SIZE/2 bytes per `m`
 MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
-
-EINVAL = b"E16"
-EFAULT = b"E0e"
-EIO = b"E05"
-ENOSPC = b"E1c"
-ESRCH = b"E03"
 
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
 
@@ -51,10 +54,6 @@ def console_output(text: str) -> list[bytes]:
         return []
     data = (text if text.endswith("\n") else text + "\n").encode()
     return [b"O" + codec.encode_hex(data[i : i + 0x4000]) for i in range(0, len(data), 0x4000)]
-
-
-class PacketError(Exception):
-    """The packet is malformed or its arguments are out of range."""
 
 
 # -- actions the server carries out ---------------------------------------------------------------
@@ -84,32 +83,19 @@ class Outcome:
     action: Action | None = None
 
 
-# -- argument parsing helpers ---------------------------------------------------------------------
+Handler = Callable[[bytes], "Outcome | list[bytes] | bytes"]
 
 
-def _hex(text: bytes) -> int:
-    try:
-        return codec.parse_hex_number(text)
-    except ValueError as exc:
-        raise PacketError(str(exc)) from None
+def _condition(expr: AgentExpr) -> Condition:
+    """A target-side condition for the debugger: GDB's bytecode, evaluated by vmigdb."""
 
+    def holds(context: EvalContext) -> int:
+        try:
+            return evaluate(expr, context)
+        except AgentError as exc:
+            raise ConditionError(str(exc)) from exc
 
-def _addr_len(text: bytes) -> tuple[int, int]:
-    addr, sep, length = text.partition(b",")
-    if not sep:
-        raise PacketError("expected ADDR,LENGTH")
-    return _hex(addr), _hex(length)
-
-
-def _thread_id(text: bytes) -> int:
-    """GDB thread ids: -1 all, 0 any, N; the multiprocess form pP.T is accepted too."""
-    if text.startswith(b"p"):
-        _, _, text = text[1:].partition(b".")
-        if not text:
-            return -1
-    if text == b"-1":
-        return -1
-    return _hex(text)
+    return holds
 
 
 class Session:
@@ -121,48 +107,54 @@ class Session:
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
-        self._monitor = Monitor(debugger, self, host_files=host_files)
+        self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
         self._vfile = VFileServer(self._guest_files)
-        self._handlers: list[tuple[bytes, Callable[[bytes], Outcome | list[bytes] | bytes]]] = [
-            (b"qSupported", self._q_supported),
-            (b"QStartNoAckMode", self._start_no_ack),
-            (b"qXfer:features:read:", self._q_xfer_features),
-            (b"qXfer:threads:read::", self._q_xfer_threads),
-            (b"qXfer:exec-file:read:", self._q_xfer_exec_file),
-            (b"vFile:", self._vfile.handle),
-            (b"qfThreadInfo", self._q_thread_first),
-            (b"qsThreadInfo", lambda _: b"l"),
-            (b"qThreadExtraInfo,", self._q_thread_extra),
-            (b"qC", self._q_current),
-            (b"qAttached", lambda _: b"1"),
-            (b"qSymbol:", lambda _: b"OK"),
-            (b"qRcmd,", self._q_rcmd),
-            (b"vCont?", lambda _: b"vCont;c;C;s;S;t;r"),
-            (b"vCont;", self._v_cont),
-            (b"vKill", self._kill),
-            (b"vMustReplyEmpty", lambda _: b""),
-            (b"?", lambda _: self.stop_reply(self.debugger.last_stop)),
-            (b"g", self._read_registers),
-            (b"G", self._write_registers),
-            (b"p", self._read_register),
-            (b"P", self._write_register),
-            (b"m", self._read_memory),
-            (b"M", self._write_memory_hex),
-            (b"X", self._write_memory_binary),
-            (b"Z", self._insert_breakpoint),
-            (b"z", self._remove_breakpoint),
-            (b"H", self._set_thread),
-            (b"T", self._thread_alive),
-            (b"c", self._continue),
-            (b"C", lambda args: self._continue(args, with_signal=True)),
-            (b"s", self._step),
-            (b"S", lambda args: self._step(args, with_signal=True)),
-            (b"D", self._detach),
-            (b"k", self._kill),
+        driver = debugger.driver
+        self.features = Features.probe(driver.name, driver.capabilities)
+        # (prefix, handler, the feature it needs): tried in this order, the first prefix wins.
+        table: list[tuple[bytes, Handler, str | None]] = [
+            (b"qSupported", lambda _: self.features.q_supported(), None),
+            (b"QStartNoAckMode", self._start_no_ack, None),
+            (b"qXfer:features:read:", self._q_xfer_features, None),
+            (b"qXfer:threads:read::", self._q_xfer_threads, None),
+            (b"qXfer:exec-file:read:", self._q_xfer_exec_file, None),
+            (b"vFile:", self._vfile.handle, None),
+            (b"qfThreadInfo", self._q_thread_first, None),
+            (b"qsThreadInfo", lambda _: b"l", None),
+            (b"qThreadExtraInfo,", self._q_thread_extra, None),
+            (b"qC", self._q_current, None),
+            (b"qAttached", lambda _: b"1", None),
+            (b"qSymbol:", lambda _: b"OK", None),
+            (b"qRcmd,", self._q_rcmd, None),
+            (b"vCont?", lambda _: self.features.v_cont(), None),
+            (b"vCont;", self._v_cont, "run_control"),
+            (b"vKill", self._kill, None),
+            (b"vMustReplyEmpty", lambda _: b"", None),
+            (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
+            (b"g", self._read_registers, None),
+            (b"G", self._write_registers, "register_write"),
+            (b"p", self._read_register, None),
+            (b"P", self._write_register, "register_write"),
+            (b"m", self._read_memory, None),
+            (b"M", self._write_memory_hex, "memory_write"),
+            (b"X", self._write_memory_binary, "memory_write"),
+            (b"Z", self._insert_breakpoint, None),  # per type, once parsed
+            (b"z", self._remove_breakpoint, None),  # removing is always harmless
+            (b"H", self._set_thread, None),
+            (b"T", self._thread_alive, None),
+            (b"c", self._continue, "run_control"),
+            (b"C", lambda args: self._continue(args, with_signal=True), "run_control"),
+            (b"s", self._step, "single_step"),
+            (b"S", lambda args: self._step(args, with_signal=True), "single_step"),
+            (b"D", self._detach, None),
+            (b"k", self._kill, None),
         ]
+        # A packet whose feature the driver lacks is not parsed: it gets the refusal at once.
         # Only the handlers that can match are tried: the per-packet path stays short.
-        self._by_first_byte: dict[bytes, list[tuple[bytes, Callable]]] = {}
-        for prefix, handler in self._handlers:
+        self._by_first_byte: dict[bytes, list[tuple[bytes, Handler]]] = {}
+        for prefix, handler, feature in table:
+            if feature is not None and not self.features.serves(feature):
+                handler = self._refuse(feature)
             self._by_first_byte.setdefault(prefix[:1], []).append((prefix, handler))
 
     # -- entry points -----------------------------------------------------------------------------
@@ -174,13 +166,25 @@ class Session:
                 try:
                     result = handler(payload[len(prefix) :])
                 except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
-                    return Outcome([self._error_reply(payload, exc)])
+                    return Outcome([error_reply(exc, payload)])
                 if isinstance(result, Outcome):
                     return result
                 if isinstance(result, bytes):
                     return Outcome([result])
                 return Outcome(list(result))
         return Outcome([b""])
+
+    def run(self, resume: Resume) -> list[bytes]:
+        """Start the machine as `resume` asks (the server calls this for a Resume outcome).
+
+        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else the error
+        reply GDB gets instead of a stop reply.
+        """
+        try:
+            self.debugger.resume(resume.actions)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
+            return [error_reply(exc, b"resume %r" % sorted(resume.actions.items()))]
+        return []
 
     def stop_replies(self, event: StopEvent) -> list[bytes]:
         """What GDB gets for a stop: the console message if any, then the stop reply."""
@@ -207,30 +211,9 @@ class Session:
         self._g_thread = 0
         return b"".join(parts)
 
-    # -- errors -----------------------------------------------------------------------------------
-
-    def _error_reply(self, payload: bytes, exc: Exception) -> bytes:
-        if isinstance(exc, PacketError | ValueError | KeyError | IndexError):
-            log.info("malformed packet %r: %s", payload[:64], exc)
-            return EINVAL
-        if isinstance(exc, MemoryFault):
-            return EFAULT
-        if isinstance(exc, RegisterWriteRefused):
-            log.warning("register write %r %s", payload[:64], exc)
-            return b"E." + str(exc).encode()
-        if isinstance(exc, StealthRefused):
-            log.warning("%s", exc)
-            return b"E." + str(exc).encode()
-        if isinstance(exc, BreakpointLimitError):
-            log.warning("%s", exc)
-            return ENOSPC
-        if isinstance(exc, UnsupportedBreakpoint):
-            return b""
-        if isinstance(exc, DriverError):
-            log.warning("hypervisor refused %r: %s", payload[:64], exc)
-            return EIO
-        log.exception("internal error on %r", payload[:64])
-        return EIO
+    def _refuse(self, feature: str) -> Handler:
+        reply = self.features.refusal(feature)
+        return lambda _: reply
 
     # -- threads ----------------------------------------------------------------------------------
 
@@ -244,7 +227,7 @@ class Session:
         return self.debugger.cpus()[0]
 
     def _set_thread(self, args: bytes) -> bytes:
-        which, tid = args[:1], _thread_id(args[1:])
+        which, tid = args[:1], thread_id(args[1:])
         if tid > 0 and tid not in self.debugger.cpus():
             return ESRCH
         if which == b"g":
@@ -258,13 +241,13 @@ class Session:
         return b"OK"
 
     def _thread_alive(self, args: bytes) -> bytes:
-        return b"OK" if _thread_id(args) in self.debugger.cpus() else ESRCH
+        return b"OK" if thread_id(args) in self.debugger.cpus() else ESRCH
 
     def _q_thread_first(self, _: bytes) -> bytes:
         return b"m" + b",".join(b"%x" % cpu for cpu in self.debugger.cpus())
 
     def _q_thread_extra(self, args: bytes) -> bytes:
-        cpu = _thread_id(args)
+        cpu = thread_id(args)
         if cpu not in self.debugger.cpus():
             return ESRCH
         return codec.encode_hex(f"CPU#{cpu - 1}".encode())
@@ -275,7 +258,7 @@ class Session:
         return b"QC%x" % self.current_cpu()
 
     def _q_xfer_threads(self, args: bytes) -> bytes:
-        offset, length = _addr_len(args)
+        offset, length = addr_len(args)
         body = "".join(
             f'<thread id="{cpu:x}" core="{cpu - 1}" name="CPU#{cpu - 1}"/>'
             for cpu in self.debugger.cpus()
@@ -285,28 +268,14 @@ class Session:
 
     # -- features ---------------------------------------------------------------------------------
 
-    def _q_supported(self, _: bytes) -> bytes:
-        features = [
-            b"PacketSize=%x" % PACKET_SIZE,
-            b"QStartNoAckMode+",
-            b"qXfer:features:read+",
-            b"qXfer:threads:read+",
-            b"qXfer:exec-file:read+",
-            b"swbreak+",
-            b"hwbreak+",
-            b"vContSupported+",
-            b"ConditionalBreakpoints+",
-        ]
-        return b";".join(features)
-
     def _q_xfer_exec_file(self, args: bytes) -> bytes:
         """The guest kernel's symbol file, by a name only vFile knows (GDB then fetches it)."""
         annex, sep, span = args.partition(b":")
         if not sep:
             raise PacketError("expected ANNEX:OFFSET,LENGTH")
-        offset, length = _addr_len(span)
+        offset, length = addr_len(span)
         try:
-            name = self.debugger.guest.linux().exec_file_name
+            name = self.debugger.guest.os().exec_file_name
         except GuestUnavailable:
             return b"E01"
         return codec.escape_binary(xfer_slice(name.encode(), offset, length))
@@ -314,10 +283,10 @@ class Session:
     def _guest_files(self) -> dict[str, bytes]:
         """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood."""
         try:
-            linux = self.debugger.guest.linux()
+            guest_os = self.debugger.guest.os()
         except GuestUnavailable:
             return {}
-        return {linux.exec_file_name: linux.symbol_elf}
+        return {guest_os.exec_file_name: guest_os.symbol_elf}
 
     def _start_no_ack(self, _: bytes) -> bytes:
         self.no_ack = True
@@ -327,13 +296,13 @@ class Session:
         annex, sep, span = args.partition(b":")
         if not sep:
             raise PacketError("expected ANNEX:OFFSET,LENGTH")
-        offset, length = _addr_len(span)
+        offset, length = addr_len(span)
         if annex != b"target.xml":
             return b"E00"
         return codec.escape_binary(xfer_slice(self._target_xml, offset, length))
 
     def _q_rcmd(self, args: bytes) -> list[bytes]:
-        command = codec.decode_hex(args).decode("utf-8", "replace")
+        command = hex_data(args).decode("utf-8", "replace")
         try:
             return [*console_output(self._monitor.run(command)), b"OK"]
         except MonitorError as exc:
@@ -347,7 +316,7 @@ class Session:
         return codec.encode_hex(self.debugger.registers(self.current_cpu()).to_g())
 
     def _write_registers(self, args: bytes) -> bytes:
-        data = codec.decode_hex(args)
+        data = hex_data(args)
         if len(data) != G_PACKET_SIZE:
             raise PacketError(f"G needs {G_PACKET_SIZE} bytes, got {len(data)}")
         cpu = self.current_cpu()
@@ -362,7 +331,7 @@ class Session:
         return b"OK"
 
     def _regnum(self, text: bytes) -> int:
-        regnum = _hex(text)
+        regnum = hex_number(text)
         if regnum >= len(REGISTERS):
             raise PacketError(f"no register {regnum}")
         return regnum
@@ -376,7 +345,7 @@ class Session:
         if not sep:
             raise PacketError("expected N=VALUE")
         regnum = self._regnum(num)
-        raw = codec.decode_hex(value)
+        raw = hex_data(value)
         if len(raw) * 8 != REGISTERS[regnum].bitsize:
             raise PacketError(f"register {regnum} takes {REGISTERS[regnum].bitsize // 8} bytes")
         self.debugger.write_register(self.current_cpu(), regnum, raw)
@@ -385,7 +354,7 @@ class Session:
     # -- memory -----------------------------------------------------------------------------------
 
     def _read_memory(self, args: bytes) -> bytes:
-        addr, length = _addr_len(args)
+        addr, length = addr_len(args)
         if addr + length > 1 << 64:
             raise PacketError("range wraps")
         length = min(length, MAX_MEMORY_READ)
@@ -406,47 +375,27 @@ class Session:
         head, sep, body = args.partition(b":")
         if not sep:
             raise PacketError("expected ADDR,LENGTH:DATA")
-        return self._write_memory(*_addr_len(head), codec.decode_hex(body))
+        return self._write_memory(*addr_len(head), hex_data(body))
 
     def _write_memory_binary(self, args: bytes) -> bytes:
         head, sep, body = args.partition(b":")
         if not sep:
             raise PacketError("expected ADDR,LENGTH:DATA")
-        return self._write_memory(*_addr_len(head), codec.unescape_binary(body))
+        return self._write_memory(*addr_len(head), binary_data(body))
 
     # -- breakpoints ------------------------------------------------------------------------------
 
-    def _z_args(self, args: bytes) -> tuple[BreakpointType, int, int, tuple]:
-        """Z/z arguments; Z0/Z1 may carry target-side conditions (;X...), evaluated by vmigdb."""
-        head, sep_cond, rest = args.partition(b";")
-        kind, sep, span = head.partition(b",")
-        if not sep or len(kind) != 1 or kind not in b"01234":
-            raise PacketError(f"bad breakpoint type {kind!r}")
-        addr, length = _addr_len(span)
-        if addr >= 1 << 64 or not 0 < length <= 16:
-            raise PacketError("bad breakpoint address or kind")
-        type = BreakpointType(int(kind))
-        conditions: tuple = ()
-        if sep_cond:
-            if type.is_watchpoint:
-                raise PacketError("conditions are for breakpoints")
-            exprs = parse_conditions(rest)
-            for expr in exprs:
-                try:
-                    expr.validate()
-                except AgentError as exc:
-                    raise PacketError(f"bad condition bytecode: {exc}") from None
-            conditions = tuple(partial(evaluate, expr) for expr in exprs)
-        return type, addr, length, conditions
-
     def _insert_breakpoint(self, args: bytes) -> bytes:
-        type, addr, length, conditions = self._z_args(args)
-        self.debugger.add_breakpoint(type, addr, length, conditions)
+        type, addr, length, exprs = breakpoint_args(args)
+        feature = self.features.breakpoint_feature(type)
+        if not self.features.serves(feature):
+            return self.features.refusal(feature)
+        self.debugger.add_breakpoint(type, addr, length, tuple(_condition(e) for e in exprs))
         return b"OK"
 
     def _remove_breakpoint(self, args: bytes) -> bytes:
-        type, addr, length, conditions = self._z_args(args)
-        if conditions:
+        type, addr, length, exprs = breakpoint_args(args)
+        if exprs:
             raise PacketError("z takes no conditions")
         self.debugger.remove_breakpoint(type, addr, length)
         return b"OK"
@@ -454,71 +403,22 @@ class Session:
     # -- run control ------------------------------------------------------------------------------
 
     def _v_cont(self, args: bytes) -> Outcome:
-        cpus = self.debugger.cpus()
-        actions: dict[int, RunAction] = {}
-        default: RunAction | None = None
-        for item in args.split(b";"):
-            verb, _, tid = item.partition(b":")
-            action = self._v_cont_action(verb)
-            if tid:
-                cpu = _thread_id(tid)
-                if cpu != -1 and cpu not in cpus:
-                    raise PacketError(f"no thread {cpu}")
-                for target in cpus if cpu == -1 else [cpu]:
-                    actions.setdefault(target, action)  # the leftmost action applies
-            elif default is None:
-                default = action
-        if (
-            isinstance(default, RangeStep)
-            or sum(isinstance(a, RangeStep) for a in actions.values()) > 1
-        ):
-            raise PacketError("a range step is for one thread, named")
-        if default is not None:
-            for cpu in cpus:
-                actions.setdefault(cpu, default)
-        runnable = {cpu: act for cpu, act in actions.items() if act != "t"}
-        if not runnable:
-            raise PacketError("vCont with nothing to run")
+        runnable = v_cont_actions(args, self.debugger.cpus())
+        if not self.features.single_step and any(a != "c" for a in runnable.values()):
+            return Outcome([self.features.refusal("single_step")])
         return Outcome(action=Resume(runnable))
-
-    @staticmethod
-    def _v_cont_action(verb: bytes) -> RunAction:
-        """c, s, t, CSIG, SSIG (a signal means nothing to a whole VM: checked, ignored), rSTART,END."""
-        if verb in (b"c", b"s", b"t"):
-            return verb.decode()
-        if verb[:1] in (b"C", b"S") and len(verb) > 1:
-            _hex(verb[1:])
-            return verb[:1].lower().decode()
-        if verb[:1] == b"r":
-            start, end = _addr_len(verb[1:])
-            if end <= start:
-                raise PacketError("empty range")
-            return RangeStep(start, end)
-        raise PacketError(f"unsupported vCont action {verb!r}")
 
     def _resume_thread(self) -> int:
         return self._c_thread if self._c_thread > 0 else self.current_cpu()
 
-    @staticmethod
-    def _check_legacy_resume(args: bytes, with_signal: bool) -> None:
-        """`c`/`s` take only an address (deprecated, never sent by GDB: refused); `C`/`S` a signal."""
-        if not with_signal:
-            if args:
-                raise PacketError("c/s with an address is not supported")
-            return
-        sig, _, addr = args.partition(b";")
-        _hex(sig)  # a signal number: meaningless for a whole VM, checked and ignored
-        if addr:
-            raise PacketError("C/S with an address is not supported")
-
     def _continue(self, args: bytes, *, with_signal: bool = False) -> Outcome:
-        self._check_legacy_resume(args, with_signal)
+        legacy_resume_args(args, with_signal)
         if self._c_thread > 0:
             return Outcome(action=Resume({self._c_thread: "c"}))
         return Outcome(action=Resume({cpu: "c" for cpu in self.debugger.cpus()}))
 
     def _step(self, args: bytes, *, with_signal: bool = False) -> Outcome:
-        self._check_legacy_resume(args, with_signal)
+        legacy_resume_args(args, with_signal)
         return Outcome(action=Resume({self._resume_thread(): "s"}))
 
     def _detach(self, args: bytes) -> Outcome:

@@ -16,9 +16,10 @@ import errno
 import struct
 from collections.abc import Callable
 
-from vmigdb.rsp import codec
+from vmigdb.rsp.errors import PacketError
+from vmigdb.rsp.parse import hex_data, hex_number
+from vmigdb.wire import codec
 
-_number = codec.parse_hex_number
 _STAT = struct.Struct(
     ">IIIIIIIQQQIII"
 )  # dev ino mode nlink uid gid rdev size blksize blocks a/m/ctime
@@ -52,20 +53,20 @@ class VFileServer:
                 return self._fstat(params)
             if op == b"close":
                 if len(params) != 1:
-                    raise ValueError("close takes fd")
-                found = self._open.pop(_number(params[0]), None) is not None
+                    raise PacketError("close takes fd")
+                found = self._open.pop(hex_number(params[0]), None) is not None
                 return b"F0" if found else _error(errno.EBADF)
             if op in (b"pwrite", b"unlink", b"readlink"):
                 return _error(errno.EROFS if op != b"readlink" else errno.ENOENT)
-        except ValueError:
+        except PacketError:
             return _error(errno.EINVAL)
         return b""  # unknown vFile operation: unsupported
 
     def _open_file(self, params: list[bytes]) -> bytes:
         if len(params) != 3:
-            raise ValueError("open takes pathname,flags,mode")
-        path = codec.decode_hex(params[0]).decode("utf-8", "replace")
-        flags = _number(params[1])
+            raise PacketError("open takes pathname,flags,mode")
+        path = hex_data(params[0]).decode("utf-8", "replace")
+        flags = hex_number(params[1])
         if flags & 0x3:  # O_WRONLY / O_RDWR in GDB's fileio flags
             return _error(errno.EROFS)
         data = self._files().get(path)
@@ -79,8 +80,8 @@ class VFileServer:
 
     def _pread(self, params: list[bytes]) -> bytes:
         if len(params) != 3:
-            raise ValueError("pread takes fd,count,offset")
-        fd, count, offset = (_number(p) for p in params)
+            raise PacketError("pread takes fd,count,offset")
+        fd, count, offset = (hex_number(p) for p in params)
         data = self._open.get(fd)
         if data is None:
             return _error(errno.EBADF)
@@ -89,8 +90,8 @@ class VFileServer:
 
     def _fstat(self, params: list[bytes]) -> bytes:
         if len(params) != 1:
-            raise ValueError("fstat takes fd")
-        data = self._open.get(_number(params[0]))
+            raise PacketError("fstat takes fd")
+        data = self._open.get(hex_number(params[0]))
         if data is None:
             return _error(errno.EBADF)
         blocks = (len(data) + 511) // 512

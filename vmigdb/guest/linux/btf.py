@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vmigdb.errors import VmigdbError
+from vmigdb.guest.base import GuestError
 
 __all__ = ["Btf", "BtfError", "Member", "btf_from_memory"]
 
@@ -82,7 +82,7 @@ _FIND_ORDER = (
 )
 
 
-class BtfError(VmigdbError):
+class BtfError(GuestError):
     """The BTF blob is malformed, or it has no type / member by the name asked for."""
 
 

@@ -10,24 +10,17 @@ registers: the oops message and the faulting instruction are read from the argum
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from vmigdb.guest.linux.btf import BtfError
+from vmigdb.arch.x86_64.registers import RegisterFile
+from vmigdb.guest.base import DeathHook, GuestError
 from vmigdb.guest.linux.guest import LinuxGuest
-from vmigdb.guest.linux.kernel import FaultError
-from vmigdb.guest.linux.tasks import current_task, field_offset
+from vmigdb.guest.linux.structs import field_offset
+from vmigdb.guest.linux.tasks import current_task
 
 log = logging.getLogger("vmigdb.guest.linux")
 
 # (symbol, kind), most specific first; `oops_enter` stands in for `__die` where it is missing.
 _HOOKS = (("__die", "oops"), ("oops_enter", "oops"), ("panic", "panic"))
-
-
-@dataclass(frozen=True, slots=True)
-class DeathHook:
-    address: int
-    symbol: str
-    kind: str  # "oops" or "panic"
 
 
 def death_hooks(guest: LinuxGuest) -> list[DeathHook]:
@@ -47,7 +40,7 @@ def death_hooks(guest: LinuxGuest) -> list[DeathHook]:
 def _string(guest: LinuxGuest, address: int, limit: int = 120) -> str:
     try:
         data = guest.memory.read(address, limit)
-    except FaultError:
+    except GuestError:
         return "?"
     return data.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
 
@@ -60,14 +53,14 @@ def _where(guest: LinuxGuest, address: int) -> str:
     return f"{symbol.name}+{offset:#x}"
 
 
-def describe_death(guest: LinuxGuest, hook: DeathHook, regs: dict[str, int], cpu_name: str) -> str:
+def describe_death(guest: LinuxGuest, hook: DeathHook, regs: RegisterFile, cpu_name: str) -> str:
     """One line naming what is happening, from the hook's arguments (rdi, rsi)."""
     who = ""
     try:
         task = current_task(guest, regs["gs_base"], regs["k_gs_base"], regs["cs"])
         if task is not None:
             who = f", pid {task.pid} ({task.comm})"
-    except (FaultError, BtfError, KeyError) as exc:
+    except GuestError as exc:
         log.debug("no current task at the death hook: %s", exc)
     if hook.kind == "panic":
         message = _string(guest, regs["rdi"]) if hook.symbol == "panic" else ""
@@ -79,6 +72,6 @@ def describe_death(guest: LinuxGuest, hook: DeathHook, regs: dict[str, int], cpu
             ip_offset = field_offset(guest.btf, "pt_regs", "ip")
             ip = int.from_bytes(guest.memory.read(regs["rsi"] + ip_offset, 8), "little")
             at = f" at {_where(guest, ip)}"
-        except (FaultError, BtfError, KeyError) as exc:
+        except GuestError as exc:
             log.debug("no faulting ip at __die: %s", exc)
     return f"the guest kernel oopses: {text or 'oops'}{at} on {cpu_name}{who}"

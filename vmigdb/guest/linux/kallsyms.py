@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import le
 
+from vmigdb.guest.base import GuestError, Symbol
 from vmigdb.guest.linux.kernel import FaultError, KernelMemory, LinuxKernel
 
 __all__ = [
@@ -70,22 +71,7 @@ _CACHE_KEY = "kallsyms"
 _TYPE_ORDER = "TtDdRrBbAaWwVvGgSsUu"  # to find an anchor symbol whatever its type letter
 
 
-@dataclass(frozen=True, slots=True)
-class Symbol:
-    """One kallsyms entry.
-
-    :ivar name: ``"default_idle"``.
-    :ivar address: Its runtime (KASLR-slid) address; small values are per-CPU offsets.
-    :ivar type: The ``nm`` type letter: ``T``/``t`` text, ``D``/``d`` data, ``R``/``r``
-        read-only, ``B``/``b`` bss, ``A`` absolute (per-CPU); upper case is global.
-    """
-
-    name: str
-    address: int
-    type: str
-
-
-class KallsymsNotFound(Exception):
+class KallsymsNotFound(GuestError):
     """The kernel's kallsyms tables could not be found or did not validate (message says why)."""
 
 

@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from vmigdb.guest.base import GuestError
 from vmigdb.guest.linux.btf import BtfError
+from vmigdb.guest.linux.guest import LinuxGuest
 from vmigdb.guest.linux.kernel import FaultError
-from vmigdb.guest.linux.tasks import (
+from vmigdb.guest.linux.structs import (
     MAX_LIST_ENTRIES,
-    GuestError,
     field_offset,
     field_size,
     guest_btf,
     symbol_address,
 )
-
-if TYPE_CHECKING:
-    from vmigdb.guest.linux.guest import LinuxGuest
 
 __all__ = ["Module", "find_module", "module_symbols", "modules"]
 

@@ -25,14 +25,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from vmigdb.errors import VmigdbError
-from vmigdb.guest.linux.btf import Btf, BtfError
+from vmigdb.guest.base import GuestError
+from vmigdb.guest.linux.guest import LinuxGuest
 from vmigdb.guest.linux.kernel import FaultError
-
-if TYPE_CHECKING:
-    from vmigdb.guest.linux.guest import LinuxGuest
+from vmigdb.guest.linux.structs import (
+    MAX_LIST_ENTRIES,
+    field_offset,
+    field_size,
+    guest_btf,
+    symbol_address,
+)
 
 __all__ = [
     "MAX_LIST_ENTRIES",
@@ -47,10 +50,6 @@ __all__ = [
     "task_pgd",
 ]
 
-MAX_LIST_ENTRIES = 100_000
-"""Longest kernel list a walk follows before calling it corrupted (PID_MAX_LIMIT is 4M, but a
-VM with more than 100k live tasks is not what vmigdb debugs)."""
-
 _U64 = (1 << 64) - 1
 _KERNEL_HALF = 1 << 63
 # CR3 bits that are not the page-table base: PCID (bits 0-11) and, with page-table isolation,
@@ -63,11 +62,6 @@ _CACHE_KEY = "tasks.layout"
 _STATE_CHARS = "RSDTtXZPI"
 _TASK_NOLOAD = 0x400  # include/linux/sched.h; TASK_IDLE = TASK_UNINTERRUPTIBLE | TASK_NOLOAD
 _STATE_ENTRY = re.compile(r"([A-Za-z]) \(")  # "R (running)", "S (sleeping)", ...
-
-
-class GuestError(VmigdbError):
-    """The guest kernel lacks something a helper needs (a BTF struct or field, a symbol), or one
-    of its lists is corrupted. The message names what is missing or where the walk broke."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,41 +116,6 @@ class _Layout:
     thread_group_abs: int | None
     mm_pgd: int  # mm_struct.pgd
     state_chars: str
-
-
-def guest_btf(guest: LinuxGuest) -> Btf:
-    """``guest.btf``. :raises GuestError: if the kernel has none (CONFIG_DEBUG_INFO_BTF=n)."""
-    try:
-        return guest.btf
-    except BtfError as e:
-        raise GuestError(f"kernel has no usable BTF: {e}") from None
-
-
-def field_offset(btf: Btf, struct: str, path: str) -> int:
-    """``offsetof(struct <struct>, <path>)`` from BTF.
-
-    :raises GuestError: ``"BTF has no field task_struct.tasks"`` if the struct or field is absent.
-    """
-    try:
-        return btf.offset_of(struct, path)
-    except BtfError:
-        raise GuestError(f"BTF has no field {struct}.{path}") from None
-
-
-def field_size(btf: Btf, struct: str, path: str) -> int:
-    """``sizeof(((struct <struct> *)0)-><path>)`` from BTF. :raises GuestError: if absent."""
-    try:
-        return btf.size_of(btf.member_type(struct, path))
-    except BtfError:
-        raise GuestError(f"BTF has no field {struct}.{path} (or it has no size)") from None
-
-
-def symbol_address(guest: LinuxGuest, name: str) -> int:
-    """Address of kernel symbol *name*. :raises GuestError: if kallsyms has no such symbol."""
-    sym = guest.symbols.lookup(name)
-    if sym is None:
-        raise GuestError(f"kernel has no symbol {name!r}")
-    return sym.address
 
 
 def _state_chars(guest: LinuxGuest) -> str:

@@ -23,7 +23,7 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
-from vmigdb.rsp.codec import decode_hex, encode_hex
+from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
 
@@ -45,6 +45,8 @@ def _m(key: str, description: str, visible: bool, why: str, limit: int | None = 
 
 
 _SHARED = dict(
+    run_control=True,
+    register_write=True,
     registers=_m(
         "qemu-vcpu-state",
         "vCPU state read through QEMU's gdbstub",

@@ -1,0 +1,169 @@
+"""The stopped machine as GDB addresses it: vCPU registers and guest memory.
+
+Registers are read once per vCPU per stop and cached; virtual addresses are translated with vmigdb's
+own page walk over guest-physical memory (through the scoped process's page tables when a process
+is in scope), translations cached. `forget` drops both when the guest runs. This object is the only
+owner of those caches and of the address mode (`physical_addresses`).
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from vmigdb.arch.x86_64.paging import (
+    Fault,
+    PagingMode,
+    PhysicalMemoryError,
+    Translation,
+    Translator,
+    paging_mode,
+    translate_range,
+)
+from vmigdb.arch.x86_64.registers import RegisterFile
+from vmigdb.arch.x86_64.validate import check_register_write
+from vmigdb.debugger.model import MemoryFault, RegisterWriteRefused
+from vmigdb.debugger.policy import StealthPolicy
+from vmigdb.debugger.scope import ScopeWatch
+from vmigdb.hv.base import Driver, Unsupported
+
+PAGE = 0x1000
+
+
+class MachineState:
+    def __init__(self, driver: Driver, policy: StealthPolicy, scope: ScopeWatch) -> None:
+        self._driver = driver
+        self._policy = policy
+        self._scope = scope
+        self._cpus = driver.cpus()
+        self._regs: dict[int, RegisterFile] = {}
+        self.translator = Translator(driver.read_physical)
+        self.physical_addresses = False  # `monitor phys on`: GDB's addresses are guest-physical
+
+    def cpus(self) -> list[int]:
+        return list(self._cpus)
+
+    def forget(self) -> None:
+        """The guest runs (or ran): cached registers and translations are stale."""
+        self._regs.clear()
+        self.translator.flush()
+
+    # -- registers --------------------------------------------------------------------------------
+
+    def registers(self, cpu: int) -> RegisterFile:
+        regs = self._regs.get(cpu)
+        if regs is None:
+            regs = self._regs[cpu] = self._driver.read_registers(cpu)
+            self._policy.record("registers", self._driver.capabilities.registers)
+        return regs
+
+    def write_registers(self, cpu: int, values: dict[int, bytes]) -> None:
+        """Write registers; all are checked first, so a refusal writes none of them.
+
+        :raises Unsupported: if the driver cannot write registers (a dump).
+        :raises RegisterWriteRefused: if a value is one no vCPU could hold.
+        """
+        if not self._driver.capabilities.register_write:
+            raise Unsupported(f"the {self._driver.name} driver cannot write registers")
+        current = self.registers(cpu)
+        for regnum, value in values.items():
+            reason = check_register_write(regnum, value, current)
+            if reason is not None:
+                raise RegisterWriteRefused(f"refused: {reason}")
+        for regnum, value in values.items():
+            self._driver.write_register(cpu, regnum, value)
+            self._regs.pop(cpu, None)
+        self.translator.flush()  # cr3/cr4/efer may have changed
+
+    def cached_registers(self, cpu: int) -> RegisterFile | None:
+        """The registers this stop has already read for `cpu`, without a hypervisor round trip."""
+        return self._regs.get(cpu)
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def _space(self, cpu: int) -> tuple[int, PagingMode]:
+        """The page tables GDB's addresses go through: the scoped process's, else the vCPU's."""
+        regs = self.registers(cpu)
+        cr3 = self._scope.cr3
+        return regs["cr3"] if cr3 is None else cr3, paging_mode(
+            regs["cr0"], regs["cr4"], regs["efer"]
+        )
+
+    def translate(self, cpu: int, addr: int) -> Translation | Fault:
+        cr3, mode = self._space(cpu)
+        return self.translator.translate(cr3, addr, mode)
+
+    def read_memory(self, cpu: int, addr: int, length: int) -> bytes:
+        """Read up to `length` bytes; stops at the first unreadable byte (GDB's `m` semantics)."""
+        self._policy.record("memory read", self._driver.capabilities.memory_read)
+        if self.physical_addresses:
+            data = self._read_physical_partial(addr, length)
+        else:
+            cr3, mode = self._space(cpu)
+            data = self.translator.read_virtual(cr3, addr, length, mode)
+        if length and not data:
+            raise MemoryFault(addr, "not mapped" if not self.physical_addresses else "not RAM")
+        return data
+
+    def _read_physical_partial(self, pa: int, length: int) -> bytes:
+        out = bytearray()
+        while len(out) < length:
+            chunk = min(length - len(out), PAGE - ((pa + len(out)) & (PAGE - 1)))
+            try:
+                out += self._driver.read_physical(pa + len(out), chunk)
+            except PhysicalMemoryError:
+                break
+        return bytes(out)
+
+    def dump_memory(self, cpu: int, addr: int, length: int, out: BinaryIO) -> int:
+        """Write [addr, addr+length) to `out`, unmapped bytes as zeros; returns how many were unmapped.
+
+        Virtual (or physical with `phys on`) chunks are translated once per contiguous run and
+        copied straight from guest RAM: no packet, no hex.
+        """
+        self._policy.record("memory read", self._driver.capabilities.memory_read)
+        if self.physical_addresses:
+            chunks = [(addr, addr, length)]
+        else:
+            cr3, mode = self._space(cpu)
+            chunks = translate_range(self._driver.read_physical, cr3, addr, length, mode)
+        unmapped = 0
+        for _va, pa, size in chunks:
+            if pa is not None:
+                done = 0
+                while done < size:
+                    step = min(size - done, 1 << 24)
+                    try:
+                        out.write(self._driver.read_physical(pa + done, step))
+                    except PhysicalMemoryError:
+                        data = self._read_physical_partial(pa + done, step)
+                        out.write(data + bytes(step - len(data)))
+                        unmapped += step - len(data)
+                    done += step
+            else:
+                out.write(bytes(size))
+                unmapped += size
+        return unmapped
+
+    def write_memory(self, cpu: int, addr: int, data: bytes) -> None:
+        """Write through the hypervisor, page by page; all or nothing per page.
+
+        :raises Unsupported: if the driver cannot write guest memory (a dump).
+        """
+        mechanism = self._driver.capabilities.memory_write
+        if mechanism is None:
+            raise Unsupported(f"the {self._driver.name} driver cannot write guest memory")
+        self._policy.record("memory write", mechanism)
+        done = 0
+        while done < len(data):
+            va = addr + done
+            chunk = min(len(data) - done, PAGE - (va & (PAGE - 1)))
+            if self.physical_addresses:
+                pa = va
+            else:
+                where = self.translate(cpu, va)
+                if isinstance(where, Fault):
+                    raise MemoryFault(va, where.reason)
+                pa = where.pa
+            self._driver.write_physical(pa, data[done : done + chunk])
+            done += chunk
+        self.translator.flush()  # the write may have been to a page table

@@ -1,0 +1,87 @@
+"""`vmigdb qemu` and `vmigdb demo`: boot a Linux guest under QEMU and serve it (`vmigdb.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vmigdb.hv.qemu.process import DEFAULT_TIME_MODE, TIME_MODE_CHOICES
+from vmigdb.serve import ServeCommand, Target
+
+
+def _add_machine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smp", type=int, default=1, help="number of vCPUs")
+    parser.add_argument("--memory", type=int, default=512, metavar="MIB", help="guest RAM")
+    parser.add_argument("--serial", type=Path, help="file that receives the guest console")
+    parser.add_argument("--accel", choices=["auto", "tcg", "kvm"], default="auto")
+    parser.add_argument("--append", default="", help="added to the kernel command line")
+    parser.add_argument(
+        "--time",
+        choices=TIME_MODE_CHOICES,
+        default=DEFAULT_TIME_MODE,
+        help="guest clocks while the guest runs (all stop while GDB holds it stopped). "
+        "icount (TCG only): guest time counts instructions, so the debugger leaves no timing "
+        "trace; all vCPUs share one host thread, at most 125 M instructions/s (a busy guest ran "
+        "6-8x slower here). host: host time; breakpoints and steps make QEMU retranslate code, "
+        "which RDTSC can time. auto (default): icount under TCG with 1 vCPU, else host",
+    )
+
+
+def _add_qemu_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel", type=Path, required=True)
+    parser.add_argument("--initrd", type=Path)
+    _add_machine_options(parser)
+    parser.add_argument("qemu_args", nargs="*", help="after --: extra QEMU arguments")
+
+
+async def _boot(
+    args: argparse.Namespace, kernel: Path, initrd: Path | None, extra: tuple[str, ...], demo: bool
+) -> Target:
+    from vmigdb.hv.qemu.launch import launch_qemu
+    from vmigdb.hv.qemu.process import QemuConfig
+
+    config = QemuConfig(
+        kernel=kernel,
+        initrd=initrd,
+        append=args.append,
+        smp=args.smp,
+        memory_mib=args.memory,
+        accel=args.accel,
+        serial=args.serial,
+        extra_args=extra,
+        time_mode=args.time,
+    )
+    machine = await launch_qemu(config)
+
+    def gone() -> str:
+        words = machine.process.last_words()
+        status = machine.process.poll()
+        return f"QEMU exited (status {status})" + (f"; its last words:\n{words}" if words else "")
+
+    return Target(
+        driver=machine.driver,
+        close=machine.shutdown,
+        run_at_start=True,  # the guest boots running
+        console=machine.process.console_log if args.serial is None else None,
+        show_console=demo,
+        gone=gone,
+    )
+
+
+async def _open_qemu(args: argparse.Namespace) -> Target:
+    return await _boot(args, args.kernel, args.initrd, tuple(args.qemu_args), demo=False)
+
+
+async def _open_demo(args: argparse.Namespace) -> Target:
+    from vmigdb.images.build import build_guest
+
+    image = build_guest()
+    return await _boot(args, image.kernel, image.initrd, (), demo=True)
+
+
+QEMU = ServeCommand(
+    "qemu", "boot a kernel under QEMU and serve it to GDB", _add_qemu_arguments, _open_qemu
+)
+DEMO = ServeCommand(
+    "demo", "build (once) and serve the demo Linux guest", _add_machine_options, _open_demo
+)
