@@ -45,6 +45,7 @@ class Debugger:
         self._scope = ScopeWatch(self.breakpoints)
         self.state = MachineState(driver, self.policy, self._scope)
         self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
+        self._arm_health = False  # arm it at the next resume (a client attached)
         self.run_control = RunControl(
             driver,
             self.state,
@@ -144,6 +145,9 @@ class Debugger:
 
     def resume(self, actions: dict[int, Action]) -> None:
         """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped."""
+        if self._arm_health and not self.running:
+            self._arm_health = False
+            self.health.arm()
         self.run_control.resume(actions)
 
     def interrupt(self) -> None:
@@ -158,14 +162,16 @@ class Debugger:
         return self.run_control.halt(timeout)
 
     def client_attached(self) -> None:
-        """A GDB client has taken the (stopped) machine: re-check the guest, arm the health watch."""
+        """A GDB client has taken the (stopped) machine: re-check the guest. The health watch is
+        armed when the guest is first resumed: analysing the guest here would delay the answer
+        to GDB's first packet past its 2 s timeout on a loaded host."""
         self.guest.revalidate()
-        if self.driver.capabilities.run_control:
-            self.health.arm()
+        self._arm_health = self.driver.capabilities.run_control
 
     def detach(self) -> None:
         """Remove every breakpoint (GDB's and vmigdb's own), drop the process scope, and let the
         whole machine run: a detached guest carries nothing of the debugger."""
+        self._arm_health = False
         self.health.disarm()
         self.set_scope(None)
         self.breakpoints.clear()

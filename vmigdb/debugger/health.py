@@ -35,7 +35,7 @@ class HealthWatch:
         mechanism = breakpoints.mechanism(BreakpointType.SOFTWARE)
         self.enabled = mechanism is not None and mechanism.limit is None
         self.hooks: dict[int, DeathHook] = {}
-        self.status = "off"
+        self.status = "on: armed when the guest next runs" if self.enabled else "off"
 
     def arm(self) -> str:
         """(Re)place the hooks if enabled; returns a one-line status for `monitor catch`."""
