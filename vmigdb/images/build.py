@@ -3,6 +3,8 @@
 Cache layout under the cache dir (default $XDG_CACHE_HOME/vmigdb, else ~/.cache/vmigdb):
     kernels/vmlinuz-<release>, kernels/config-<release>
     kernels/btf-<release>.bin      the kernel's .BTF section (struct layouts), if it could be extracted
+    kernels/modules-<release>/     the few modules of the kernel's package the guest carries
+    libc/<version>/                Debian's dynamic loader and libc (libc6)
     busybox/busybox-<debian version>
     programs/<key>/<name>          unstripped static test programs (GDB symbol files)
     initrd/initrd-<key>.cpio.gz
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmigdb.images import btf_extract, busybox, debian, initramfs, kernel, programs
+from vmigdb.images import btf_extract, busybox, debian, initramfs, kernel, programs, userland
 
 LOG = logging.getLogger("vmigdb.images")
 
@@ -58,12 +60,23 @@ def build_guest(
     with open(cache_dir / "lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two builds at once would download the same files
         debian.forget()
-        debian.prefetch([kernel_package, busybox.PACKAGE])
+        debian.prefetch([kernel_package, busybox.PACKAGE, userland.LIBC_PACKAGE])
         vmlinuz, release = kernel.fetch_kernel(cache_dir, log, kernel_package)
         btf = btf_extract.cached_btf(vmlinuz, release, log)
         busybox_path = busybox.fetch_busybox(cache_dir, log)
         programs_dir, programs_key = programs.build_programs(cache_dir, log=log)
-        initrd = initramfs.build_initrd(cache_dir, busybox_path, programs_dir, programs_key, log)
+        libc, _ = userland.fetch_libc(cache_dir, log)
+        modules = userland.fetch_modules(cache_dir, release, log)
+        extra = userland.initrd_members(libc, modules)
+        initrd = initramfs.build_initrd(
+            cache_dir,
+            busybox_path,
+            programs_dir,
+            programs_key,
+            log,
+            extra=extra,
+            extra_key=userland.members_key(extra),
+        )
     log.info("demo guest ready in %.1fs: kernel %s", time.monotonic() - start, release)
     return GuestImage(
         kernel=vmlinuz, initrd=initrd, release=release, programs=programs_dir, btf=btf

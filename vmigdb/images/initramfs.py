@@ -25,22 +25,27 @@ ETC_FILES = {
 }
 
 
-def initrd_key(busybox: bytes, init_script: bytes, programs_key: str) -> str:
-    """Hash of every input: busybox, /init and the programs (keyed by sources, flags, gcc)."""
+def initrd_key(busybox: bytes, init_script: bytes, programs_key: str, extra_key: str = "") -> str:
+    """Hash of every input: busybox, /init, the programs (keyed by sources, flags, gcc) and the
+    extra members (the C library, kernel modules: `userland.members_key`)."""
     h = hashlib.sha256(FORMAT)
     for part in (
         hashlib.sha256(busybox).digest(),
         hashlib.sha256(init_script).digest(),
         programs_key.encode(),
+        extra_key.encode(),
     ):
         h.update(part)
     return h.hexdigest()
 
 
 def initrd_entries(
-    busybox: bytes, init_script: bytes, programs: dict[str, bytes]
+    busybox: bytes,
+    init_script: bytes,
+    programs: dict[str, bytes],
+    extra: list[cpio.CpioEntry] | None = None,
 ) -> list[cpio.CpioEntry]:
-    """The archive's members, parents first, programs sorted by name."""
+    """The archive's members, parents first, programs sorted by name, then `extra` (in order)."""
     entries = [cpio.directory(d) for d in DIRS]
     entries.append(cpio.directory("tmp", 0o1777))
     # The kernel opens /dev/console for init's stdio before /init can mount devtmpfs.
@@ -49,22 +54,30 @@ def initrd_entries(
     entries.append(cpio.regular("bin/busybox", busybox, 0o755))
     entries.append(cpio.regular("init", init_script, 0o755))
     entries += [cpio.regular(f"bin/{name}", programs[name], 0o755) for name in sorted(programs)]
+    entries += extra or []
     return entries
 
 
 def build_initrd(
-    cache_dir: Path, busybox: Path, programs_dir: Path, programs_key: str, log: logging.Logger = LOG
+    cache_dir: Path,
+    busybox: Path,
+    programs_dir: Path,
+    programs_key: str,
+    log: logging.Logger = LOG,
+    extra: list[cpio.CpioEntry] | None = None,
+    extra_key: str = "",
 ) -> Path:
-    """Return the cached initrd for these inputs, writing it first if needed."""
+    """Return the cached initrd for these inputs, writing it first if needed. `extra` members
+    (hashed as `extra_key`) go in after the programs."""
     busybox_bytes = busybox.read_bytes()
     init_bytes = INIT_SCRIPT.read_bytes()
-    key = initrd_key(busybox_bytes, init_bytes, programs_key)
+    key = initrd_key(busybox_bytes, init_bytes, programs_key, extra_key)
     path = cache_dir / "initrd" / f"initrd-{key[:16]}.cpio.gz"
     if path.is_file():
         log.info("initrd: cached %s", path)
         return path
     programs = {p.name: p.read_bytes() for p in sorted(programs_dir.iterdir()) if p.is_file()}
-    archive = cpio.newc_archive(initrd_entries(busybox_bytes, init_bytes, programs))
+    archive = cpio.newc_archive(initrd_entries(busybox_bytes, init_bytes, programs, extra))
     debian.write_atomic(path, gzip.compress(archive, compresslevel=6, mtime=0))
     log.info("initrd: wrote %s (%d programs)", path, len(programs))
     return path

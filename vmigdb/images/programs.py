@@ -2,7 +2,10 @@
 
 Each `programs/NAME.c` (or `.S`) is one program, installed in the guest as /bin/NAME. They are built
 static and non-PIE so that two copies run at the same virtual addresses, and keep their debug info
-so the host copy can serve as GDB's symbol file.
+so the host copy can serve as GDB's symbol file. A source that says `vmigdb-build: dynamic` is
+built the way a distribution builds a program instead (dynamically linked against the guest's
+Debian libc, position-independent), with `-rdynamic` so its own functions are in its dynamic
+symbol table, the one a debugger can read back out of guest memory.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ LOG = logging.getLogger("vmigdb.images")
 
 SOURCE_DIR = Path(__file__).parent / "programs"
 CFLAGS = ("-static", "-no-pie", "-O1", "-g", "-Wall", "-Werror")
+DYNAMIC_CFLAGS = ("-pie", "-fPIE", "-rdynamic", "-O1", "-g", "-Wall", "-Werror")
+DYNAMIC_MARKER = b"vmigdb-build: dynamic"
 INSTALL_FIX = "apt-get install gcc libc6-dev"
 
 
@@ -29,6 +34,14 @@ INSTALL_FIX = "apt-get install gcc libc6-dev"
 class Program:
     name: str
     source: Path
+
+    @property
+    def dynamic(self) -> bool:
+        return DYNAMIC_MARKER in self.source.read_bytes()
+
+    @property
+    def cflags(self) -> tuple[str, ...]:
+        return DYNAMIC_CFLAGS if self.dynamic else CFLAGS
 
 
 def list_programs(source_dir: Path = SOURCE_DIR) -> list[Program]:
@@ -54,7 +67,7 @@ def programs_key(
 ) -> str:
     """A hash of everything that goes into the compiled programs."""
     h = hashlib.sha256(b"vmigdb-programs-v1\0")
-    h.update(repr((toolchain, cflags)).encode() + b"\0")
+    h.update(repr((toolchain, cflags, DYNAMIC_CFLAGS)).encode() + b"\0")
     for name in sorted(sources):
         h.update(name.encode() + b"\0" + len(sources[name]).to_bytes(8, "little") + sources[name])
     return h.hexdigest()
@@ -63,7 +76,7 @@ def programs_key(
 def compile_program(program: Program, output: Path, gcc: str = "gcc") -> None:
     """Compile one program; a missing static libc becomes a SetupError naming the package."""
     res = debian.run(
-        [gcc, *CFLAGS, "-o", str(output), program.source.name],
+        [gcc, *program.cflags, "-o", str(output), program.source.name],
         cwd=program.source.parent,
         timeout=300,
     )
