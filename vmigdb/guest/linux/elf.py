@@ -62,6 +62,7 @@ _EV_CURRENT = 1
 _PT_LOAD = 1
 _PF_X, _PF_W, _PF_R = 1, 2, 4
 
+_SHT_PROGBITS = 1
 _SHT_SYMTAB = 2
 _SHT_STRTAB = 3
 _SHT_NOBITS = 8
@@ -100,12 +101,18 @@ class ElfSymbol:
 
 @dataclass(frozen=True, slots=True)
 class ElfSection:
-    """One kernel section, described but not contained. ``flags``: letters of ``"awx"``."""
+    """One section, described but not contained. ``flags``: letters of ``"awx"``.
+
+    ``data``: contents to carry after all (``SHT_PROGBITS``), for the few sections a debugger
+    reads from the file rather than the target, such as ``.eh_frame`` (call-frame information:
+    GDB unwinds with it); None for the usual ``SHT_NOBITS`` description.
+    """
 
     name: str
     address: int
     size: int
     flags: str
+    data: bytes | None = None
 
 
 def kind_for_type(type_letter: str) -> tuple[str, str]:
@@ -266,12 +273,22 @@ def build_symbol_elf(
         key=lambda s: s.address,
     )
 
-    # Layout: ELF header, program headers, .symtab, .strtab, .shstrtab, section headers.
+    # Layout: ELF header, program headers, .symtab, .strtab, .shstrtab, the sections carrying
+    # data, section headers.
     phoff = _EHDR.size if loadable else 0
     symtab_off = _align(_EHDR.size + len(loadable) * _PHDR.size)
     strtab_off = symtab_off + len(symtab)
     shstrtab_off = strtab_off + len(strtab)
-    shoff = _align(shstrtab_off + len(shstrtab))
+    data_offsets: list[int] = []
+    end = shstrtab_off + len(shstrtab)
+    for section in sections:
+        if section.data is not None:
+            end = _align(end)
+            data_offsets.append(end)
+            end += len(section.data)
+        else:
+            data_offsets.append(symtab_off)
+    shoff = _align(end)
     shnum = len(sections) + 4
 
     out = bytearray(
@@ -280,20 +297,27 @@ def build_symbol_elf(
             _PHDR.size if loadable else 0, len(loadable), _SHDR.size, shnum, shnum - 1,
         )
     )  # fmt: skip
+    file_offsets = {id(s): o for s, o in zip(sections, data_offsets, strict=True) if s.data}
     for s in loadable:
         f = _section_flags(s.flags)
         pflags = _PF_R | (_PF_W if f & _SHF_WRITE else 0) | (_PF_X if f & _SHF_EXECINSTR else 0)
-        out += _PHDR.pack(_PT_LOAD, pflags, 0, s.address, s.address, 0, s.size, 1)
+        offset, filesz = file_offsets.get(id(s), 0), len(s.data or b"")
+        out += _PHDR.pack(_PT_LOAD, pflags, offset, s.address, s.address, filesz, s.size, 1)
     out += bytes(symtab_off - len(out))
     out += symtab
     out += strtab
     out += shstrtab
+    for section, offset in zip(sections, data_offsets, strict=True):
+        if section.data is not None:
+            out += bytes(offset - len(out)) + section.data
     out += bytes(shoff - len(out))
 
     out += bytes(_SHDR.size)
-    for s, f, name in zip(sections, flags, name_offsets, strict=False):
+    for s, f, name, offset in zip(sections, flags, name_offsets, data_offsets, strict=False):
         alignment = min(s.address & -s.address, 4096) if s.address else 4096
-        out += _SHDR.pack(name, _SHT_NOBITS, f, s.address, symtab_off, s.size, 0, 0, alignment, 0)
+        kind = _SHT_NOBITS if s.data is None else _SHT_PROGBITS
+        size = s.size if s.data is None else len(s.data)
+        out += _SHDR.pack(name, kind, f, s.address, offset, size, 0, 0, alignment, 0)
     symtab_name, strtab_name, shstrtab_name = name_offsets[-3:]
     out += _SHDR.pack(
         symtab_name, _SHT_SYMTAB, 0, 0, symtab_off, len(symtab),

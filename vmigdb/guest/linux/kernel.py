@@ -186,6 +186,24 @@ class KernelMemory:
             cur += step
         return bytes(out)
 
+    def read_physical(self, pa: int, size: int) -> bytes:
+        """Guest-physical memory. :raises FaultError: outside guest RAM"""
+        try:
+            data = self._read_phys(pa, size)
+        except PhysicalMemoryError:
+            raise FaultError(pa, "outside guest RAM (physical)") from None
+        if len(data) != size:
+            raise FaultError(pa + len(data), "outside guest RAM (physical)")
+        return data
+
+    def read_user(self, cr3: int, va: int, size: int) -> bytes:
+        """Up to *size* bytes of a process's memory at *va*, through its page tables at *cr3*
+        (``task_cr3``): the readable prefix, empty if the first byte is not mapped (or not
+        present: the page was never touched, or is swapped out)."""
+        if size <= 0 or not 0 <= va <= _U64:
+            return b""
+        return self._translator.read_virtual(cr3, va, min(size, _U64 + 1 - va), self._mode)
+
     def _read_image(self, va: int, size: int) -> bytes:
         pa = self.kernel.kernel_image_pa(va)
         try:

@@ -9,8 +9,21 @@ from __future__ import annotations
 from functools import cached_property
 
 from vmigdb.arch.x86_64.registers import RegisterFile
-from vmigdb.guest.base import DeathHook, GuestError, GuestOS, Module, Process, Symbol
-from vmigdb.guest.linux import dying, modules, symbol_file, tasks
+from vmigdb.guest.base import (
+    DeathHook,
+    ExecEvent,
+    GuestError,
+    GuestOS,
+    ImageInfo,
+    Library,
+    Mapping,
+    Module,
+    ModuleLoad,
+    Process,
+    Symbol,
+    SyscallFrame,
+)
+from vmigdb.guest.linux import dying, hooks, modules, symbol_file, tasks, user_images, vmas
 from vmigdb.guest.linux.guest import LinuxGuest
 from vmigdb.guest.linux.kernel import ReadPhys
 
@@ -64,6 +77,10 @@ class LinuxOS(GuestOS):
     def symbol_elf(self) -> bytes:
         return symbol_file.symbol_elf(self.guest)
 
+    @cached_property
+    def exec_elf(self) -> bytes:
+        return symbol_file.kernel_elf(self.guest)
+
     # -- processes --------------------------------------------------------------------------------
 
     def _process(self, task: tasks.Task) -> Process:
@@ -93,6 +110,65 @@ class LinuxOS(GuestOS):
 
     def modules(self) -> list[Module]:
         return [Module(m.name, m.base, m.size) for m in modules.modules(self.guest)]
+
+    # -- inside a process -------------------------------------------------------------------------
+
+    def _task(self, pid: int) -> tasks.Task:
+        task = tasks.find_task(self.guest, pid)
+        if task is None:
+            raise GuestError(f"no process with pid {pid}")
+        if not task.mm:
+            raise GuestError(f"{task.comm} (pid {pid}) is a kernel thread: it has no address space")
+        return task
+
+    def mappings(self, pid: int) -> list[Mapping]:
+        return vmas.mappings(self.guest, self._task(pid))
+
+    def libraries(self, pid: int | None) -> list[Library]:
+        if pid is None:
+            return [Library(m.name, m.base, (m.address,)) for m in modules.modules(self.guest)]
+        task = self._task(pid)
+        found = vmas.mappings(self.guest, task)
+        return user_images.libraries(found, hooks.exe_path(self.guest, task.mm) or None)
+
+    def library_elf(self, pid: int | None, library: Library) -> bytes:
+        if pid is None:
+            for module in modules.modules(self.guest):
+                if (module.address,) == library.key:
+                    return symbol_file.module_elf(self.guest, module)
+            raise GuestError(f"module {library.path} is no longer loaded")
+        task = self._task(pid)
+        cr3 = tasks.task_cr3(self.guest, task)
+        assert cr3 is not None  # _task refuses kernel threads
+        return user_images.library_elf(
+            self.guest, cr3, vmas.task_vmas(self.guest, task.mm), library
+        )
+
+    def image_info(self, pid: int) -> ImageInfo:
+        task = self._task(pid)
+        path = hooks.exe_path(self.guest, task.mm)
+        found = vmas.mappings(self.guest, task)
+        return user_images.image_info(self.guest, task.mm, path, found)
+
+    # -- hooks --------------------------------------------------------------------------------------
+
+    def syscall_hooks(self, numbers: frozenset[int] | None) -> list[int]:
+        return hooks.syscall_hooks(self.guest, numbers)
+
+    def syscall_frame(self, regs: RegisterFile) -> SyscallFrame | None:
+        return hooks.syscall_frame(self.guest, regs)
+
+    def exec_hook(self) -> int:
+        return hooks.exec_hook(self.guest)
+
+    def exec_event(self, regs: RegisterFile) -> ExecEvent | None:
+        return hooks.exec_event(self.guest, regs)
+
+    def module_load_hook(self) -> int:
+        return hooks.module_load_hook(self.guest)
+
+    def module_load_event(self, regs: RegisterFile) -> ModuleLoad | None:
+        return hooks.module_load_event(self.guest, regs)
 
     # -- health -----------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from vmigdb.guest.linux.structs import (
     symbol_address,
 )
 
-__all__ = ["Module", "find_module", "module_symbols", "modules"]
+__all__ = ["Module", "find_module", "module_init_region", "module_symbols", "modules"]
 
 _KERNEL_HALF = 1 << 63
 _CACHE_KEY = "modules.layout"
@@ -242,3 +242,35 @@ def module_symbols(guest: LinuxGuest, module: Module) -> list[tuple[str, int, st
         letter = chr(types[i]) if 0x20 < types[i] < 0x7F else "?"
         out.append((name, st_value, letter))
     return out
+
+
+def module_init_region(guest: LinuxGuest, module: Module) -> tuple[int, int]:
+    """``(base, size)`` of a module's init memory (text and data of its ``__init`` code), which
+    the kernel frees once the init function has returned: ``(0, 0)`` then, or when unknown.
+
+    ``mem[MOD_INIT_TEXT]`` since v6.4, ``init_layout`` from v4.5, ``module_init``/``init_size``
+    before (see the module docstring for the commits).
+
+    :raises FaultError: if the module cannot be read
+    """
+    btf = guest_btf(guest)
+    try:
+        if btf.has_member("module", "mem"):
+            index = btf.enumerators("mod_mem_type").get("MOD_INIT_TEXT")
+            if index is None:
+                return 0, 0
+            mem = field_offset(btf, "module", "mem") + index * btf.size_of("module_memory")
+            base = mem + field_offset(btf, "module_memory", "base")
+            size = mem + field_offset(btf, "module_memory", "size")
+        elif btf.has_member("module", "init_layout"):
+            base = field_offset(btf, "module", "init_layout.base")
+            size = field_offset(btf, "module", "init_layout.size")
+        elif btf.has_member("module", "module_init"):
+            base = field_offset(btf, "module", "module_init")
+            size = field_offset(btf, "module", "init_size")
+        else:
+            return 0, 0
+    except (BtfError, GuestError):
+        return 0, 0
+    memory = guest.memory
+    return memory.u64(module.address + base), memory.u32(module.address + size)
