@@ -59,7 +59,9 @@ def symbols_from_server(address: str) -> bytes:
         name = client.request(b"qXfer:exec-file:read::0,1000")
         if not name.startswith((b"l", b"m")):
             raise SetupError(f"the server has no symbol file for this guest ({name.decode()})")
-        path = codec.unescape_binary(name[1:])
+        # The name GDB gets has the kernel image alone (modules come as libraries); the same
+        # name with "+modules" has every loaded module's symbols too.
+        path = codec.unescape_binary(name[1:]) + b"+modules"
         fd = client.request(b"vFile:open:" + codec.encode_hex(path) + b",0,0")
         if not fd.startswith(b"F") or fd.startswith(b"F-"):
             raise SetupError(f"the server would not open {path.decode()}: {fd.decode()}")

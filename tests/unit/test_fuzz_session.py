@@ -85,6 +85,8 @@ _KINDS = [
     (b"qXfer:features:read:", "qXfer"),
     (b"qXfer:threads:read::", "qXfer"),
     (b"qXfer:exec-file:read:", "qXfer"),
+    (b"qXfer:libraries-svr4:read:", "qXfer"),
+    (b"QCatchSyscalls:", "ok"),
     (b"vFile:", "vFile"),
     (b"qfThreadInfo", "qfThreadInfo"),
     (b"qsThreadInfo", "qsThreadInfo"),

@@ -48,8 +48,14 @@ def test_qsupported_and_vcont_are_derived_from_the_capabilities(dump) -> None:
         "qXfer:features:read": "+",
         "qXfer:threads:read": "+",
         "qXfer:exec-file:read": "+",
+        "qXfer:libraries-svr4:read": "+",  # a dump's processes have libraries too
     }
     assert session.handle(b"vCont?").replies == [b""]  # vCont is not supported at all
+    # Catching system calls needs run control: refused with the reason, never half-served.
+    assert session.handle(b"QCatchSyscalls:1;101").replies == [
+        b"E.vmigdb: the dump driver cannot catch system calls (it has no run control or "
+        b"breakpoints)"
+    ]
 
 
 def test_a_live_driver_still_offers_everything() -> None:
@@ -59,6 +65,7 @@ def test_a_live_driver_still_offers_everything() -> None:
         "hwbreak",
         "vContSupported",
         "ConditionalBreakpoints",
+        "QCatchSyscalls",
     }
     assert live.v_cont() == b"vCont;c;C;s;S;t;r"
 

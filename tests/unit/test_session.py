@@ -306,6 +306,8 @@ def test_qsupported(m: Machine, payload: bytes) -> None:
         "vContSupported",
         "ConditionalBreakpoints",
         "qXfer:exec-file:read",
+        "QCatchSyscalls",
+        "qXfer:libraries-svr4:read",
     ):
         assert features.get(name) == "+", name
     for name in (
@@ -315,7 +317,6 @@ def test_qsupported(m: Machine, payload: bytes) -> None:
         "QNonStop",
         "QPassSignals",
         "QProgramSignals",
-        "QCatchSyscalls",
         "ReverseStep",
         "ReverseContinue",
         "fork-events",

@@ -13,7 +13,10 @@ never reach GDB.
 - `RunControl` (stops.py): running or stopped, the last stop, what GDB and vmigdb asked the
   hypervisor to do, the range step in flight;
 - `StealthPolicy` (policy.py): which mechanisms may be used, and which were;
-- `GuestView` (guest_view.py): OS awareness, attached on first use.
+- `GuestView` (guest_view.py): OS awareness, attached on first use;
+- `CatchpointTable` (catchpoints.py): catchpoints of every kind (panic, syscall, exec, module, and
+  the driver's own), their hooks and their stops; `LibraryList` (libraries.py): what GDB lists
+  as shared libraries for the scope.
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ from typing import BinaryIO
 from vmigdb.arch.x86_64.paging import Fault, Translation, Translator
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointTable, Condition
+from vmigdb.debugger.catch_exec import ExecCatch
+from vmigdb.debugger.catch_module import ModuleCatch
+from vmigdb.debugger.catch_syscall import SyscallCatch
+from vmigdb.debugger.catchpoints import CatchpointTable
+from vmigdb.debugger.driver_catch import DriverCatch
 from vmigdb.debugger.events import StopEvent
 from vmigdb.debugger.guest_view import GuestView
 from vmigdb.debugger.health import HealthWatch
+from vmigdb.debugger.libraries import LibraryList
 from vmigdb.debugger.model import Action, MemoryFault, ProcessScope, RangeStep, cr3_base
 from vmigdb.debugger.policy import StealthMode, StealthPolicy
 from vmigdb.debugger.scope import ScopeWatch
@@ -44,7 +53,18 @@ class Debugger:
         self.guest = GuestView(driver)
         self._scope = ScopeWatch(self.breakpoints)
         self.state = MachineState(driver, self.policy, self._scope)
+        self.catchpoints = CatchpointTable(self.breakpoints)
         self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
+        self.catchpoints.add(self.health)
+        self.syscalls = SyscallCatch(self.guest)  # GDB's catch syscall (QCatchSyscalls)
+        self.catchpoints.add(self.syscalls)
+        self.exec_catch = ExecCatch(self.guest)  # monitor catch exec
+        self.catchpoints.add(self.exec_catch)
+        self.module_catch = ModuleCatch(self.guest, self._scope)  # monitor catch module
+        self.catchpoints.add(self.module_catch)
+        for kind, help in driver.catch_kinds().items():  # e.g. Xen's monitor catch msr-write
+            self.catchpoints.add(DriverCatch(driver, kind, help))
+        self.libraries = LibraryList(self.guest, self._scope)
         self._arm_health = False  # arm it at the next resume (a client attached)
         self.run_control = RunControl(
             driver,
@@ -52,7 +72,7 @@ class Debugger:
             self.breakpoints,
             self.policy,
             self._scope,
-            self.health,
+            self.catchpoints,
             self.guest.ran,
         )
 
@@ -90,15 +110,24 @@ class Debugger:
         return self.state.cpus()
 
     def registers(self, cpu: int) -> RegisterFile:
-        return self.state.registers(cpu)
+        """The registers GDB sees for `cpu`: the vCPU's, or a catchpoint's view of them (a system
+        call's caller at its entry)."""
+        return self.state.gdb_registers(cpu)
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
         """Write one register, unless no vCPU could hold the value (RegisterWriteRefused)."""
-        self.state.write_registers(cpu, {regnum: value})
+        self.state.write_gdb_registers(cpu, {regnum: value})
 
     def write_registers(self, cpu: int, values: dict[int, bytes]) -> None:
         """Write several registers: all are checked first, so a refusal writes none of them."""
-        self.state.write_registers(cpu, values)
+        self.state.write_gdb_registers(cpu, values)
+
+    def orig_rax(self, cpu: int) -> int:
+        """GDB's Linux ``orig_rax``: the system call's number at a system-call stop, else -1."""
+        return self.state.orig_rax(cpu)
+
+    def write_orig_rax(self, cpu: int, value: int) -> None:
+        self.state.write_orig_rax(cpu, value)
 
     # -- memory -----------------------------------------------------------------------------------
 
@@ -141,6 +170,16 @@ class Debugger:
         """
         self._scope.set(scope)
 
+    # -- catchpoints ------------------------------------------------------------------------------
+
+    def catch_syscalls(self, enabled: bool, numbers: frozenset[int] | None) -> None:
+        """GDB's QCatchSyscalls: catch system calls `numbers` (None: all) of the scoped process,
+        or of every process when none is in scope.
+
+        :raises SyscallCatchError: if they cannot be caught (the message says why)
+        """
+        self.syscalls.configure(enabled, numbers, self._scope.current)
+
     # -- run control ------------------------------------------------------------------------------
 
     def resume(self, actions: dict[int, Action]) -> None:
@@ -172,7 +211,7 @@ class Debugger:
         """Remove every breakpoint (GDB's and vmigdb's own), drop the process scope, and let the
         whole machine run: a detached guest carries nothing of the debugger."""
         self._arm_health = False
-        self.health.disarm()
+        self.catchpoints.clear()
         self.set_scope(None)
         self.breakpoints.clear()
         self.run_control.forget_range()

@@ -23,6 +23,15 @@ class StopReason(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class SyscallStop:
+    """A system-call stop as GDB's stop reply names it (``syscall_entry:NR`` or
+    ``syscall_return:NR``)."""
+
+    phase: str  # "entry" or "return"
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
 class StopEvent:
     reason: StopReason
     cpu: int | None
@@ -31,3 +40,7 @@ class StopEvent:
     exit_code: int | None = None
     registers: RegisterFile | None = None  # the stopping vCPU's registers, to expedite
     message: str | None = None  # shown on GDB's console before the stop (an `O` packet)
+    syscall: SyscallStop | None = None  # a system-call catchpoint's stop
+    # GDB should read the library list again (the scope changed, a module loaded): the session
+    # first reports a library stop, then this one when GDB resumes after reading it.
+    libraries_changed: bool = False

@@ -1,9 +1,9 @@
-"""The debugger's small value types: process scope, range steps, memory faults."""
+"""The debugger's small value types: process scope, range steps, memory faults, register views."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.range_step import RangePlan
@@ -62,3 +62,23 @@ class ActiveRange:
 
     def owns(self, cpu: int, regs: RegisterFile) -> bool:
         return cpu == self.cpu and cr3_base(regs["cr3"]) == self.cr3
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterView:
+    """What GDB sees of one vCPU's registers at a catchpoint stop, when that is not the vCPU's
+    own state: at a system call's entry the vCPU is in the kernel, and GDB is shown the caller's
+    registers as the kernel saved them (what ptrace shows at a syscall-entry stop).
+
+    :ivar registers: The registers GDB reads (``g``, ``p``).
+    :ivar orig_rax: GDB's ``orig_rax``: the system call's number.
+    :ivar slots: Register number -> kernel address of the 8 bytes holding the caller's value: a
+        write from GDB goes there (the system call sees it, as with ptrace).
+    :ivar fixed: Register numbers GDB may not write in this view (with the reason).
+    """
+
+    registers: RegisterFile
+    orig_rax: int
+    slots: dict[int, int] = field(default_factory=dict)
+    fixed: dict[int, str] = field(default_factory=dict)
+    orig_rax_slot: int | None = None

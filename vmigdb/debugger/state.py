@@ -4,6 +4,11 @@ Registers are read once per vCPU per stop and cached; virtual addresses are tran
 own page walk over guest-physical memory (through the scoped process's page tables when a process
 is in scope), translations cached. `forget` drops both when the guest runs. This object is the only
 owner of those caches and of the address mode (`physical_addresses`).
+
+What GDB sees of a vCPU's registers may be a `RegisterView` for the stop (a system call's caller,
+at its entry), and ``orig_rax`` (GDB's Linux register) is a value of the stop, not of the vCPU:
+the ``gdb_*`` methods serve GDB from those; `registers` is always the vCPU's own state, which run
+control decides with.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from vmigdb.arch.x86_64.paging import (
 )
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.arch.x86_64.validate import check_register_write
-from vmigdb.debugger.model import MemoryFault, RegisterWriteRefused
+from vmigdb.debugger.model import MemoryFault, RegisterView, RegisterWriteRefused
 from vmigdb.debugger.policy import StealthPolicy
 from vmigdb.debugger.scope import ScopeWatch
 from vmigdb.hv.base import Driver, Unsupported
@@ -36,6 +41,8 @@ class MachineState:
         self._scope = scope
         self._cpus = driver.cpus()
         self._regs: dict[int, RegisterFile] = {}
+        self._views: dict[int, RegisterView] = {}  # what GDB sees instead, at this stop
+        self._orig_rax: dict[int, int] = {}  # GDB's orig_rax at this stop (default -1)
         self.translator = Translator(driver.read_physical)
         self.physical_addresses = False  # `monitor phys on`: GDB's addresses are guest-physical
 
@@ -45,7 +52,87 @@ class MachineState:
     def forget(self) -> None:
         """The guest runs (or ran): cached registers and translations are stale."""
         self._regs.clear()
+        self._views.clear()
+        self._orig_rax.clear()
         self.translator.flush()
+
+    # -- what GDB sees --------------------------------------------------------------------------
+
+    def set_view(self, cpu: int, view: RegisterView) -> None:
+        """Until the guest runs, GDB sees `view` for `cpu`."""
+        self._views[cpu] = view
+        self._orig_rax[cpu] = view.orig_rax
+
+    def set_orig_rax(self, cpu: int, value: int) -> None:
+        self._orig_rax[cpu] = value
+
+    def gdb_registers(self, cpu: int) -> RegisterFile:
+        view = self._views.get(cpu)
+        return view.registers if view is not None else self.registers(cpu)
+
+    def orig_rax(self, cpu: int) -> int:
+        """GDB's ``orig_rax``: the system call's number at a system-call stop, else -1."""
+        return self._orig_rax.get(cpu, -1)
+
+    def write_gdb_registers(self, cpu: int, values: dict[int, bytes]) -> None:
+        """Write registers as GDB sees them: through the view when there is one (into the
+        kernel's saved copy of the caller's registers), else to the vCPU.
+
+        :raises RegisterWriteRefused, Unsupported: as `write_registers`
+        """
+        view = self._views.get(cpu)
+        if view is None:
+            self.write_registers(cpu, values)
+            return
+        for regnum, value in values.items():
+            if regnum in view.fixed:
+                raise RegisterWriteRefused(f"refused: {view.fixed[regnum]}")
+            reason = check_register_write(regnum, value, view.registers)
+            if reason is not None:
+                raise RegisterWriteRefused(f"refused: {reason}")
+        saved = {r: v for r, v in values.items() if r in view.slots}
+        live = {r: v for r, v in values.items() if r not in view.slots}
+        if live:
+            self.write_registers(cpu, live)
+        registers = view.registers
+        for regnum, value in saved.items():
+            self.write_kernel(cpu, view.slots[regnum], value.ljust(8, b"\0"))
+        for regnum, value in values.items():
+            registers = registers.with_value(regnum, value)
+        self._views[cpu] = RegisterView(
+            registers, view.orig_rax, view.slots, view.fixed, view.orig_rax_slot
+        )
+
+    def write_orig_rax(self, cpu: int, value: int) -> None:
+        """GDB writes orig_rax (its Linux ABI writes -1 with every PC change): into the kernel's
+        saved copy at a system call's entry, else it is only the stop's value."""
+        view = self._views.get(cpu)
+        if view is not None and view.orig_rax_slot is not None:
+            self.write_kernel(
+                cpu, view.orig_rax_slot, (value & (1 << 64) - 1).to_bytes(8, "little")
+            )
+        self._orig_rax[cpu] = value
+
+    def write_kernel(self, cpu: int, address: int, data: bytes) -> None:
+        """Write kernel memory (mapped in every address space) through the vCPU's page tables.
+
+        :raises Unsupported: if the driver cannot write; :raises MemoryFault: if unmapped
+        """
+        mechanism = self._driver.capabilities.memory_write
+        if mechanism is None:
+            raise Unsupported(f"the {self._driver.name} driver cannot write guest memory")
+        self._policy.record("memory write", mechanism)
+        regs = self.registers(cpu)
+        mode = paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+        done = 0
+        while done < len(data):
+            va = address + done
+            chunk = min(len(data) - done, PAGE - (va & (PAGE - 1)))
+            where = self.translator.translate(regs["cr3"], va, mode)
+            if isinstance(where, Fault):
+                raise MemoryFault(va, where.reason)
+            self._driver.write_physical(where.pa, data[done : done + chunk])
+            done += chunk
 
     # -- registers --------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Run control: resuming the machine, and how each hypervisor stop is interpreted.
 
 A stop is reported when GDB would want it: its step finished, its breakpoint was hit (in scope, with
-a true condition), a watchpoint fired, ^C, or the scoped process is exiting. Everything else (a hit
-in another process, a false condition, a range-stepping exit not yet reached, a step QEMU lost) is
-handled here by stepping or running on, without a GDB round trip.
+a true condition), a watchpoint fired, ^C, a catchpoint wants it (a system call, an exec, a module
+load, a dying kernel: `CatchpointTable`; or an event the hypervisor caught), or the scoped process
+is exiting. Everything else (a hit in another process, a false condition, a catchpoint hook's
+hit that is not for GDB, a range-stepping exit not yet reached, a step QEMU lost) is handled here
+by stepping or running on, without a GDB round trip.
 
 Theory of operation: `resume(actions)` drops stale breakpoints from the hypervisor, forgets the
 stopped state's caches and runs the vCPUs; `running` is True until `poll()` or `halt()` returns a
@@ -26,8 +28,8 @@ from vmigdb.debugger.breakpoints import (
     BreakpointTable,
     ConditionError,
 )
+from vmigdb.debugger.catchpoints import CatchpointTable, CatchStop
 from vmigdb.debugger.events import SIGINT, SIGTRAP, StopEvent, StopReason
-from vmigdb.debugger.health import HealthWatch
 from vmigdb.debugger.model import Action, ActiveRange, MemoryFault, RangeStep, cr3_base
 from vmigdb.debugger.policy import StealthPolicy, StealthRefused
 from vmigdb.debugger.range_step import plan_range
@@ -58,7 +60,7 @@ class RunControl:
         breakpoints: BreakpointTable,
         policy: StealthPolicy,
         scope: ScopeWatch,
-        health: HealthWatch,
+        catchpoints: CatchpointTable,
         on_run: Callable[[], None] = lambda: None,
     ) -> None:
         self._driver = driver
@@ -66,7 +68,7 @@ class RunControl:
         self._breakpoints = breakpoints
         self._policy = policy
         self._scope = scope
-        self._health = health
+        self._catchpoints = catchpoints
         self._on_run = on_run  # other caches of guest state to drop when the guest runs
         self._cpus = driver.cpus()
         self.running = False
@@ -97,6 +99,7 @@ class RunControl:
         for cpu, action in actions.items():
             if isinstance(action, RangeStep):
                 self._range = self._start_range(cpu, action)
+        self._catchpoints.resuming(self._scope.current)
         self._breakpoints.sync()
         self._request = dict(actions)
         self._drive({cpu: self._first_move(cpu, act) for cpu, act in actions.items()})
@@ -237,6 +240,11 @@ class RunControl:
             return self._report(StopEvent(StopReason.EXITED, None, stop.signal, None, stop.exited))
         cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
         regs = self._state.registers(cpu)
+        if stop.event is not None:  # a catchpoint the hypervisor serves itself
+            message = f"vmigdb: {stop.event.message}"
+            return self._report(
+                StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, message)
+            )
         if stop.watch is not None:
             return self._report(StopEvent(StopReason.WATCH, cpu, SIGTRAP, stop.watch, None, regs))
         if stop.signal == SIGINT:
@@ -263,6 +271,10 @@ class RunControl:
             event = self._breakpoint_hit(cpu, regs)
             if event is not None:
                 return event
+        if self._catchpoints.at(rip):  # or a catchpoint's hook: the step did not run it yet
+            event = self._catch(cpu, regs)
+            if event is not None:
+                return event
         if rng is not None and (rng.plan is None or rip in rng.plan.step_points):
             return self._go_on(cpu, regs, self._with(cpu, "s"))
         if self._breakpoints.installed_at(rip):
@@ -274,13 +286,16 @@ class RunControl:
         """A vCPU that was running stopped on a trap: a breakpoint, ours, or unexplained."""
         rip = regs["rip"]
         rng = self._range
-        if self._breakpoints.at(rip):
+        ours = self._breakpoints.at(rip)
+        if ours:
             event = self._breakpoint_hit(cpu, regs)
             if event is not None:
                 return event
-        elif (dying := self._health.dying(rip, regs, cpu)) is not None:
-            return self._report(StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, dying))
-        elif self._scope.exiting(rip, regs):
+        if self._catchpoints.at(rip):
+            event = self._catch(cpu, regs)
+            if event is not None:
+                return event
+        if self._scope.exiting(rip, regs):
             scope = self._scope.current
             assert scope is not None
             self._scope.set(None)
@@ -290,14 +305,41 @@ class RunControl:
             )
             event = StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, message)
             return self._report(event)
-        elif self._breakpoints.internal_at(rip, RANGE) and rng is not None and rng.owns(cpu, regs):
+        if self._breakpoints.internal_at(rip, RANGE) and rng is not None and rng.owns(cpu, regs):
             if not rng.contains(rip):
                 return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
             # an instruction whose destination only a step tells
             return self._go_on(cpu, regs, self._with(cpu, "s"))
-        elif not self._breakpoints.internal_at(rip):
+        if not ours and not self._breakpoints.internal_at(rip):
             return self._report(StopEvent(StopReason.SIGNAL, cpu, signal, None, None, regs))
         return self._go_on(cpu, regs, {cpu: "s"})  # not for GDB: step off it, then go on
+
+    def _catch(self, cpu: int, regs: RegisterFile) -> StopEvent | None:
+        """A vCPU at a catchpoint's hook: the catchpoint's stop, as GDB will see it, or None."""
+        stop = self._catchpoints.hit(cpu, regs)
+        if stop is None:
+            return None
+        return self._report(self._catch_event(cpu, regs, stop))
+
+    def _catch_event(self, cpu: int, regs: RegisterFile, stop: CatchStop) -> StopEvent:
+        if stop.set_scope:
+            self._scope.set(stop.scope)
+        if stop.view is not None:
+            self._state.set_view(cpu, stop.view)
+            regs = stop.view.registers
+        elif stop.orig_rax is not None:
+            self._state.set_orig_rax(cpu, stop.orig_rax)
+        return StopEvent(
+            StopReason.SIGNAL,
+            cpu,
+            SIGTRAP,
+            None,
+            None,
+            regs,
+            stop.message,
+            syscall=stop.syscall,
+            libraries_changed=stop.libraries_changed,
+        )
 
     def _with(self, cpu: int, action: str) -> dict[int, str]:
         """GDB's requested actions as driver actions, with `cpu` doing `action`."""

@@ -108,18 +108,29 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
+class DriverEvent:
+    """A stop for a catchpoint the driver serves itself (`Driver.catch_kinds`): which kind, and
+    what to tell the user (one or more lines, without a "vmigdb: " prefix)."""
+
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class DriverStop:
     """A stop as the hypervisor reported it, before the debugger interprets it.
 
     `cpu` is the 1-based vCPU that stopped (None when the machine is gone). `signal` is the GDB signal
     number the hypervisor gave (5 trap, 2 interrupt). `watch` is set for a watchpoint hit. `exited` holds
-    an exit status once the VM is gone; no further calls are valid then.
+    an exit status once the VM is gone; no further calls are valid then. `event` is set when one of
+    the driver's own catchpoints fired (the stop is reported to GDB with its message).
     """
 
     cpu: int | None
     signal: int
     watch: tuple[BreakpointType, int] | None = None
     exited: int | None = None
+    event: DriverEvent | None = None
 
 
 class DriverError(Exception):
@@ -208,6 +219,23 @@ class Driver(ABC):
     def wait_stop(self, timeout: float) -> DriverStop:
         """Block until the running machine stops (after `interrupt`, or a step)."""
         raise Unsupported(f"the {self.name} driver cannot run the guest")
+
+    # -- optional: catchpoints the hypervisor serves (e.g. Xen's MSR-write events) ----------------
+
+    def catch_kinds(self) -> dict[str, str]:
+        """The catchpoint kinds this driver serves, each with a one-line usage for
+        `monitor catch` (``{"msr-write": "msr-write [MSR...]|off — stop when ..."}``). A stop
+        for one comes back from `poll_stop` as a `DriverStop` with its `DriverEvent`."""
+        return {}
+
+    def set_catch(self, kind: str, args: list[str]) -> str:
+        """Arm (or re-arm) catchpoint `kind` with the user's arguments; returns a status line.
+        Raises DriverError with a usage message for arguments it does not take."""
+        raise Unsupported(f"the {self.name} driver has no {kind} catchpoint")
+
+    def clear_catch(self, kind: str) -> None:
+        """Disarm catchpoint `kind` (at `monitor catch KIND off` and at detach)."""
+        raise Unsupported(f"the {self.name} driver has no {kind} catchpoint")
 
     def kill(self) -> None:
         """Power the VM off and end the hypervisor process. A driver with no process (a dump)

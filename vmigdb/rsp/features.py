@@ -26,6 +26,7 @@ PACKET_SIZE = 0x20000  # advertised; GDB then reads up to PACKET_SIZE/2 bytes pe
 
 _CANNOT = {
     "run_control": "run the guest (continue, step or stop it)",
+    "catch_syscalls": "catch system calls (it has no run control or breakpoints)",
     "single_step": "single-step",
     "sw_breakpoint": "set software breakpoints",
     "hw_breakpoint": "set hardware breakpoints",
@@ -67,6 +68,12 @@ class Features:
         )
 
     @property
+    def catch_syscalls(self) -> bool:
+        """GDB's catch syscall (QCatchSyscalls): served by breakpoints of vmigdb's own on the
+        guest kernel's system-call paths."""
+        return self.run_control and self.sw_breakpoint
+
+    @property
     def conditional_breakpoints(self) -> bool:
         """Target-side conditions: a false hit is stepped over and the guest runs on."""
         return (self.sw_breakpoint or self.hw_breakpoint) and self.single_step
@@ -78,6 +85,7 @@ class Features:
             b"qXfer:features:read+",
             b"qXfer:threads:read+",
             b"qXfer:exec-file:read+",
+            b"qXfer:libraries-svr4:read+",
         ]
         if self.sw_breakpoint:
             features.append(b"swbreak+")
@@ -87,6 +95,8 @@ class Features:
             features.append(b"vContSupported+")
         if self.conditional_breakpoints:
             features.append(b"ConditionalBreakpoints+")
+        if self.catch_syscalls:
+            features.append(b"QCatchSyscalls+")
         return b";".join(features)
 
     def v_cont(self) -> bytes:

@@ -14,9 +14,13 @@ from typing import TypeVar
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
+from vmigdb.debugger.catch_exec import CatchExecError
+from vmigdb.debugger.catch_module import CatchModuleError
+from vmigdb.debugger.driver_catch import DriverCatch
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
 from vmigdb.guest.base import GuestError
+from vmigdb.hv.base import DriverError
 
 T = TypeVar("T")
 
@@ -77,6 +81,16 @@ class Monitor:
             f"breakpoints: {len(dbg.breakpoints.desired)} requested, "
             f"{len(dbg.breakpoints.installed)} held by the hypervisor"
         )
+        scope = dbg.scope
+        lines.append(
+            f"scope: process {scope.pid} ({scope.comm}), page tables at {scope.cr3:#x}"
+            if scope is not None
+            else "scope: the whole machine"
+        )
+        armed = [c for c in dbg.catchpoints.kinds() if c.armed]
+        lines.append(
+            "catchpoints: " + ("; ".join(f"{c.kind} {c.status()}" for c in armed) or "none armed")
+        )
         try:
             lines += [f"{label}: {value}" for label, value in dbg.guest.os().describe()]
         except GuestUnavailable as exc:
@@ -134,14 +148,69 @@ class Monitor:
         )
 
     def cmd_catch(self, args: list[str]) -> str:
-        """catch [panic on|off] — stop GDB when the guest kernel oopses or panics (on by default)"""
-        health = self._debugger.health
+        """catch [KIND ARGS|off] — catchpoints: panic on|off, exec NAME, module [NAME], and more"""
+        dbg = self._debugger
         if not args:
-            return f"panic: {health.status}"
-        if len(args) != 2 or args[0] != "panic" or args[1] not in ("on", "off"):
-            raise MonitorError("usage: monitor catch [panic on|off]")
-        health.enabled = args[1] == "on"
-        return f"panic: {health.arm()}"
+            return "\n".join(f"{c.kind}: {c.status()}" for c in dbg.catchpoints.kinds())
+        kind, rest = args[0], args[1:]
+        if kind == "panic":
+            if rest not in (["on"], ["off"]):
+                raise MonitorError("usage: monitor catch panic on|off")
+            dbg.health.enabled = rest == ["on"]
+            return f"panic: {dbg.health.arm()}"
+        if kind == "exec":
+            return self._catch_exec(rest)
+        if kind == "module":
+            return self._catch_module(rest)
+        if kind == "syscall":
+            return f"syscall: {dbg.syscalls.status()} (GDB's catch syscall sets it)"
+        catchpoint = dbg.catchpoints.get(kind)
+        if isinstance(catchpoint, DriverCatch):
+            try:
+                return f"{kind}: {catchpoint.set(rest)}"
+            except DriverError as exc:
+                raise MonitorError(
+                    f"{kind}: {exc} (usage: monitor catch {catchpoint.usage})"
+                ) from None
+        kinds = ", ".join(c.kind for c in dbg.catchpoints.kinds())
+        raise MonitorError(f"no catchpoint {kind!r}; there are: {kinds}")
+
+    def _catch_exec(self, args: list[str]) -> str:
+        catch = self._debugger.exec_catch
+        if args == ["off"]:
+            catch.clear()
+            return f"exec: {catch.status()}"
+        if len(args) != 1:
+            raise MonitorError("usage: monitor catch exec NAME|off (a program's name or path)")
+        try:
+            return f"exec: {catch.arm(args[0])}"
+        except CatchExecError as exc:
+            raise MonitorError(f"exec: {exc}") from None
+
+    def _catch_module(self, args: list[str]) -> str:
+        catch = self._debugger.module_catch
+        if args == ["off"]:
+            catch.clear()
+            return f"module: {catch.status()}"
+        if len(args) > 1:
+            raise MonitorError("usage: monitor catch module [NAME]|off")
+        try:
+            return f"module: {catch.arm(args[0] if args else None)}"
+        except CatchModuleError as exc:
+            raise MonitorError(f"module: {exc}") from None
+
+    def cmd_maps(self, args: list[str]) -> str:
+        """maps [PID] — a process's memory map, as /proc/PID/maps (default: the scoped process)"""
+        if len(args) > 1 or (args and not args[0].isdigit()):
+            raise MonitorError("usage: monitor maps [PID]")
+        if args:
+            pid = int(args[0])
+        elif self._debugger.scope is not None:
+            pid = self._debugger.scope.pid
+        else:
+            raise MonitorError("monitor maps PID (no process is in scope)")
+        found = self._guest(lambda guest: guest.os().mappings(pid))
+        return "\n".join(m.line() for m in found)
 
     def _guest(self, query: Callable[[GuestView], T]) -> T:
         """Run a guest-awareness query; an unanalysable guest, or OS data that cannot be read
@@ -203,7 +272,7 @@ class Monitor:
 
     def cmd_regs(self, args: list[str]) -> str:
         """regs — the current vCPU's general and system registers"""
-        regs = self._debugger.registers(self._current_cpu())
+        regs = self._debugger.state.registers(self._current_cpu())  # the vCPU's own
         names = [r.name for r in REGISTERS if r.bitsize <= 64 and not r.name.startswith("f")]
         names = [n for n in names if not n.startswith("st")]
         rows = [f"{name:>9} {regs[name]:#018x}" for name in names]

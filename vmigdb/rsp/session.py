@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
+from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, ORIG_RAX_REGNUM, REGISTERS, split_g
 from vmigdb.debugger.breakpoints import Condition, ConditionError
+from vmigdb.debugger.catch_syscall import SyscallCatchError
 from vmigdb.debugger.engine import Action as RunAction
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
 from vmigdb.hv.base import BreakpointType
 from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate
-from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
+from vmigdb.rsp.errors import ESRCH, PacketError, error_reply, text_reply
 from vmigdb.rsp.features import PACKET_SIZE, Features
 from vmigdb.rsp.monitor import Monitor, MonitorError
 from vmigdb.rsp.parse import (
@@ -46,6 +47,7 @@ log = logging.getLogger("vmigdb.rsp")
 MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
 
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
+WITH_MODULES = "+modules"  # vFile name suffix: the kernel's symbol ELF with every module's
 
 
 def console_output(text: str) -> list[bytes]:
@@ -106,7 +108,11 @@ class Session:
         self.no_ack = False
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
-        self._target_xml = target_xml().encode()
+        self._target_xml: bytes | None = None  # chosen at the first read (Linux guest or not)
+        self._linux = False  # the Linux description (with orig_rax) was served
+        self._xfer_cache: dict[bytes, bytes] = {}  # qXfer annex -> document, from offset 0 on
+        # A stop reported as a library change first: the stop itself, for GDB's next resume.
+        self._deferred: StopEvent | None = None
         self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
         self._vfile = VFileServer(self._guest_files)
         driver = debugger.driver
@@ -118,6 +124,8 @@ class Session:
             (b"qXfer:features:read:", self._q_xfer_features, None),
             (b"qXfer:threads:read::", self._q_xfer_threads, None),
             (b"qXfer:exec-file:read:", self._q_xfer_exec_file, None),
+            (b"qXfer:libraries-svr4:read:", self._q_xfer_libraries, None),
+            (b"QCatchSyscalls:", self._q_catch_syscalls, "catch_syscalls"),
             (b"vFile:", self._vfile.handle, None),
             (b"qfThreadInfo", self._q_thread_first, None),
             (b"qsThreadInfo", lambda _: b"l", None),
@@ -187,7 +195,17 @@ class Session:
         return []
 
     def stop_replies(self, event: StopEvent) -> list[bytes]:
-        """What GDB gets for a stop: the console message if any, then the stop reply."""
+        """What GDB gets for a stop: the console message if any, then the stop reply.
+
+        A stop that changed the library list (a caught exec, a module load) is told in two
+        steps: first a library stop (``library:``), on which GDB reads the list again, loads the
+        new symbols and resumes at once; that resume gets the stop itself, the guest having not
+        run in between (`_resume`).
+        """
+        if event.libraries_changed and event.reason is not StopReason.EXITED:
+            self._deferred = replace(event, libraries_changed=False)
+            self._g_thread = 0
+            return [b"T05thread:%x;library:;" % (event.cpu or 1)]
         return [*console_output(event.message or ""), self.stop_reply(event)]
 
     def stop_reply(self, event: StopEvent | None) -> bytes:
@@ -200,6 +218,9 @@ class Session:
         if event.registers is not None:
             for regnum in _EXPEDITED:
                 parts.append(b"%x:%s;" % (regnum, codec.encode_hex(event.registers.raw(regnum))))
+        if event.syscall is not None:
+            key = b"syscall_entry" if event.syscall.phase == "entry" else b"syscall_return"
+            parts.append(b"%s:%x;" % (key, event.syscall.number))
         if event.reason is StopReason.SW_BREAK:
             parts.append(b"swbreak:;")
         elif event.reason is StopReason.HW_BREAK:
@@ -280,13 +301,42 @@ class Session:
             return b"E01"
         return codec.escape_binary(xfer_slice(name.encode(), offset, length))
 
-    def _guest_files(self) -> dict[str, bytes]:
-        """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood."""
+    def _guest_files(self, path: str) -> bytes | None:
+        """What vFile may open: the kernel's symbol ELF (GDB's executable), a library listed by
+        `_q_xfer_libraries`; and, for `vmigdb symbols --from`, the kernel's with every module's
+        symbols. Only when the guest is understood."""
         try:
             guest_os = self.debugger.guest.os()
         except GuestUnavailable:
-            return {}
-        return {guest_os.exec_file_name: guest_os.symbol_elf}
+            return None
+        if path == guest_os.exec_file_name:
+            return guest_os.exec_elf
+        if path == guest_os.exec_file_name + WITH_MODULES:
+            return guest_os.symbol_elf
+        return self.debugger.libraries.file(path)
+
+    def _q_xfer_libraries(self, args: bytes) -> bytes:
+        """GDB's shared-library list: the scoped process's objects, or the kernel's modules."""
+        annex, sep, span = args.partition(b":")
+        if not sep or annex:
+            raise PacketError("expected :OFFSET,LENGTH")
+        offset, length = addr_len(span)
+        key = b"libraries-svr4"
+        if offset == 0 or key not in self._xfer_cache:
+            self._xfer_cache[key] = self.debugger.libraries.svr4_xml()
+        return codec.escape_binary(xfer_slice(self._xfer_cache[key], offset, length))
+
+    def _q_catch_syscalls(self, args: bytes) -> bytes:
+        """``QCatchSyscalls:1[;NR]...`` (catch these, or all) or ``QCatchSyscalls:0``."""
+        flag, _, rest = args.partition(b";")
+        if flag not in (b"0", b"1") or (flag == b"0" and rest):
+            raise PacketError("expected 0, or 1 and system-call numbers")
+        numbers = frozenset(hex_number(n) for n in rest.split(b";")) if rest else None
+        try:
+            self.debugger.catch_syscalls(flag == b"1", numbers)
+        except SyscallCatchError as exc:
+            return text_reply(str(exc))
+        return b"OK"
 
     def _start_no_ack(self, _: bytes) -> bytes:
         self.no_ack = True
@@ -299,7 +349,18 @@ class Session:
         offset, length = addr_len(span)
         if annex != b"target.xml":
             return b"E00"
+        if self._target_xml is None:
+            self._linux = self._guest_is_linux()
+            self._target_xml = target_xml(self._linux).encode()
         return codec.escape_binary(xfer_slice(self._target_xml, offset, length))
+
+    def _guest_is_linux(self) -> bool:
+        """Describe the target as GNU/Linux (GDB's system-call names and SVR4 libraries) when
+        the guest is an analysable Linux."""
+        try:
+            return self.debugger.guest.os().kind == "Linux"
+        except GuestUnavailable:
+            return False
 
     def _q_rcmd(self, args: bytes) -> list[bytes]:
         command = hex_data(args).decode("utf-8", "replace")
@@ -332,13 +393,17 @@ class Session:
 
     def _regnum(self, text: bytes) -> int:
         regnum = hex_number(text)
-        if regnum >= len(REGISTERS):
+        if regnum >= len(REGISTERS) and not (self._linux and regnum == ORIG_RAX_REGNUM):
             raise PacketError(f"no register {regnum}")
         return regnum
 
     def _read_register(self, args: bytes) -> bytes:
         regnum = self._regnum(args)
-        return codec.encode_hex(self.debugger.registers(self.current_cpu()).raw(regnum))
+        cpu = self.current_cpu()
+        if regnum == ORIG_RAX_REGNUM:
+            value = self.debugger.orig_rax(cpu) & ((1 << 64) - 1)
+            return codec.encode_hex(value.to_bytes(8, "little"))
+        return codec.encode_hex(self.debugger.registers(cpu).raw(regnum))
 
     def _write_register(self, args: bytes) -> bytes:
         num, sep, value = args.partition(b"=")
@@ -346,6 +411,13 @@ class Session:
             raise PacketError("expected N=VALUE")
         regnum = self._regnum(num)
         raw = hex_data(value)
+        if regnum == ORIG_RAX_REGNUM:
+            if len(raw) != 8:
+                raise PacketError("orig_rax takes 8 bytes")
+            self.debugger.write_orig_rax(
+                self.current_cpu(), int.from_bytes(raw, "little", signed=True)
+            )
+            return b"OK"
         if len(raw) * 8 != REGISTERS[regnum].bitsize:
             raise PacketError(f"register {regnum} takes {REGISTERS[regnum].bitsize // 8} bytes")
         self.debugger.write_register(self.current_cpu(), regnum, raw)
@@ -402,11 +474,19 @@ class Session:
 
     # -- run control ------------------------------------------------------------------------------
 
+    def _resume(self, actions: dict[int, RunAction]) -> Outcome:
+        """Run as asked, unless a stop is waiting to be told (see `stop_replies`): then that stop
+        is the answer, and the guest does not run."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            return Outcome(self.stop_replies(deferred))
+        return Outcome(action=Resume(actions))
+
     def _v_cont(self, args: bytes) -> Outcome:
         runnable = v_cont_actions(args, self.debugger.cpus())
         if not self.features.single_step and any(a != "c" for a in runnable.values()):
             return Outcome([self.features.refusal("single_step")])
-        return Outcome(action=Resume(runnable))
+        return self._resume(runnable)
 
     def _resume_thread(self) -> int:
         return self._c_thread if self._c_thread > 0 else self.current_cpu()
@@ -414,12 +494,12 @@ class Session:
     def _continue(self, args: bytes, *, with_signal: bool = False) -> Outcome:
         legacy_resume_args(args, with_signal)
         if self._c_thread > 0:
-            return Outcome(action=Resume({self._c_thread: "c"}))
-        return Outcome(action=Resume({cpu: "c" for cpu in self.debugger.cpus()}))
+            return self._resume({self._c_thread: "c"})
+        return self._resume({cpu: "c" for cpu in self.debugger.cpus()})
 
     def _step(self, args: bytes, *, with_signal: bool = False) -> Outcome:
         legacy_resume_args(args, with_signal)
-        return Outcome(action=Resume({self._resume_thread(): "s"}))
+        return self._resume({self._resume_thread(): "s"})
 
     def _detach(self, args: bytes) -> Outcome:
         if args and not args.startswith(b";"):

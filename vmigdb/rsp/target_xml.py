@@ -5,6 +5,15 @@ Generated from `vmigdb.arch.x86_64.registers.REGISTERS`, the same table that def
 GDB's own ``gdb/features/i386/64bit-*.xml`` so GDB displays eflags and mxcsr as flags and
 xmm registers as unions exactly as with a native amd64 target. Everything is inline: GDB
 would otherwise have to fetch ``xi:include`` documents one by one.
+
+For a Linux guest the description also says ``<osabi>GNU/Linux</osabi>`` and carries GDB's
+``org.gnu.gdb.i386.linux`` feature (``orig_rax``). GDB 13's amd64 Linux ABI
+(``amd64_linux_init_abi``) stops short of everything Linux-specific unless that feature is
+there: with it, GDB loads its own x86-64 system-call table (``catch syscall openat`` by name)
+and uses SVR4 shared libraries (``qXfer:libraries-svr4:read``). ``orig_rax`` is not in the
+``g`` packet (GDB then reads it with ``p``): it is the kernel's saved system-call number at a
+system-call stop and -1 elsewhere, what GDB's Linux ABI expects of it (it writes -1 there with
+every PC change, to stop the kernel restarting a system call).
 """
 
 from __future__ import annotations
@@ -14,15 +23,18 @@ from xml.sax.saxutils import quoteattr
 
 from vmigdb.arch.x86_64.registers import (
     FEATURE_CORE,
+    FEATURE_LINUX,
     FEATURE_SEGMENTS,
     FEATURE_SSE,
     FEATURE_SYSTEM,
+    ORIG_RAX_REGNUM,
     REGISTERS,
 )
 
 __all__ = ["target_xml", "xfer_slice"]
 
 ARCHITECTURE = "i386:x86-64"
+LINUX_OSABI = "GNU/Linux"
 
 
 def _flags(type_id: str, size: int, fields: tuple[tuple[str, int], ...]) -> str:
@@ -113,11 +125,12 @@ _FEATURES: tuple[tuple[str, str], ...] = (
 
 
 @cache
-def target_xml() -> str:
+def target_xml(linux: bool = False) -> str:
     """The complete target description, canonical register order, no ``xi:include``.
 
     Registers get an explicit ``regnum`` only where document order would not give them
     their canonical number (never, as generated; kept so a reordering stays correct).
+    `linux`: the guest runs Linux (GDB's Linux ABI, with ``orig_rax``; see the module docstring).
     """
     parts = [
         '<?xml version="1.0"?>\n',
@@ -125,6 +138,8 @@ def target_xml() -> str:
         '<target version="1.0">\n',
         f"  <architecture>{ARCHITECTURE}</architecture>\n",
     ]
+    if linux:
+        parts.append(f"  <osabi>{LINUX_OSABI}</osabi>\n")
     by_feature: dict[str, list[int]] = {}
     for regnum, reg in enumerate(REGISTERS):
         by_feature.setdefault(reg.feature, []).append(regnum)
@@ -143,6 +158,12 @@ def target_xml() -> str:
                 attrs += f" group={quoteattr(reg.group)}"
             parts.append(f"  <reg {attrs}/>\n")
             expected = regnum + 1
+        parts.append("</feature>\n")
+    if linux:
+        parts.append(f'<feature name="{FEATURE_LINUX}">\n')
+        parts.append(
+            f'  <reg name="orig_rax" bitsize="64" type="int" regnum="{ORIG_RAX_REGNUM}"/>\n'
+        )
         parts.append("</feature>\n")
     parts.append("</target>\n")
     return "".join(parts)

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 __all__ = [
     "FEATURE_CORE",
+    "FEATURE_LINUX",
     "FEATURE_SEGMENTS",
     "FEATURE_SSE",
     "FEATURE_SYSTEM",
     "G_PACKET_SIZE",
+    "ORIG_RAX_REGNUM",
     "QEMU_G_SIZE_LONG",
     "QEMU_G_SIZE_SHORT",
     "QEMU_REGISTERS",
@@ -37,6 +39,10 @@ FEATURE_CORE = "org.gnu.gdb.i386.core"
 FEATURE_SSE = "org.gnu.gdb.i386.sse"
 FEATURE_SEGMENTS = "org.gnu.gdb.i386.segments"
 FEATURE_SYSTEM = "org.vmigdb.x86_64.system"
+# Served only for a Linux guest: GDB's Linux ABI needs this feature (orig_rax) before it knows
+# the system-call table. orig_rax is no CPU register but the kernel's saved syscall number, so it
+# is not in the g packet: GDB reads it with p (see vmigdb.rsp.target_xml).
+FEATURE_LINUX = "org.gnu.gdb.i386.linux"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,9 @@ REGISTERS: tuple[Register, ...] = (
 
 REGISTER_INDEX: dict[str, int] = {r.name: i for i, r in enumerate(REGISTERS)}
 """Register name -> canonical regnum."""
+
+ORIG_RAX_REGNUM: int = len(REGISTERS)
+"""GDB's number for ``orig_rax`` in the Linux target description: after every CPU register."""
 
 _SIZES: tuple[int, ...] = tuple(r.bitsize // 8 for r in REGISTERS)
 
