@@ -54,7 +54,10 @@ class Gdb:
         raise RuntimeError(f"no value for {expression}")
 
     def _note(self, responses: list[dict]) -> None:
-        self.console += [str(r["payload"]) for r in responses if r["type"] == "console"]
+        # GDB's own console output and the target's (monitor replies, stop messages: `O` packets)
+        self.console += [
+            str(r["payload"]) for r in responses if r["type"] in ("console", "target")
+        ]
         self._stops += [
             r["payload"] or {}
             for r in responses

@@ -52,7 +52,7 @@ class Debugger:
         self.breakpoints = BreakpointTable(driver, self.policy)
         self.guest = GuestView(driver)
         self._scope = ScopeWatch(self.breakpoints)
-        self.state = MachineState(driver, self.policy, self._scope)
+        self.state = MachineState(driver, self.policy, self._scope, self._read_unmapped)
         self.catchpoints = CatchpointTable(self.breakpoints)
         self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
         self.catchpoints.add(self.health)
@@ -130,6 +130,12 @@ class Debugger:
         self.state.write_orig_rax(cpu, value)
 
     # -- memory -----------------------------------------------------------------------------------
+
+    def _read_unmapped(self, pid: int, address: int, size: int) -> bytes:
+        """The scoped process's memory its page tables do not map yet (see `GuestOS`)."""
+        if not self.guest.available():
+            return b""
+        return self.guest.os().read_unmapped(pid, address, size)
 
     def translate(self, cpu: int, addr: int) -> Translation | Fault:
         return self.state.translate(cpu, addr)

@@ -13,6 +13,7 @@ control decides with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import BinaryIO
 
 from vmigdb.arch.x86_64.paging import (
@@ -35,8 +36,17 @@ PAGE = 0x1000
 
 
 class MachineState:
-    def __init__(self, driver: Driver, policy: StealthPolicy, scope: ScopeWatch) -> None:
+    def __init__(
+        self,
+        driver: Driver,
+        policy: StealthPolicy,
+        scope: ScopeWatch,
+        unmapped: Callable[[int, int, int], bytes] = lambda pid, address, size: b"",
+    ) -> None:
         self._driver = driver
+        # (pid, address, size) -> what the scoped process's OS has for memory its page tables do
+        # not map yet (a mapped file's page in the page cache)
+        self._unmapped = unmapped
         self._policy = policy
         self._scope = scope
         self._cpus = driver.cpus()
@@ -187,6 +197,9 @@ class MachineState:
         else:
             cr3, mode = self._space(cpu)
             data = self.translator.read_virtual(cr3, addr, length, mode)
+            scope = self._scope.current
+            if len(data) < length and scope is not None:
+                data += self._unmapped(scope.pid, addr + len(data), length - len(data))
         if length and not data:
             raise MemoryFault(addr, "not mapped" if not self.physical_addresses else "not RAM")
         return data

@@ -287,6 +287,7 @@ class RunControl:
         rip = regs["rip"]
         rng = self._range
         ours = self._breakpoints.at(rip)
+        internal = self._breakpoints.internal_at(rip)  # before a catchpoint moves its hooks
         if ours:
             event = self._breakpoint_hit(cpu, regs)
             if event is not None:
@@ -310,7 +311,7 @@ class RunControl:
                 return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
             # an instruction whose destination only a step tells
             return self._go_on(cpu, regs, self._with(cpu, "s"))
-        if not ours and not self._breakpoints.internal_at(rip):
+        if not ours and not internal:
             return self._report(StopEvent(StopReason.SIGNAL, cpu, signal, None, None, regs))
         return self._go_on(cpu, regs, {cpu: "s"})  # not for GDB: step off it, then go on
 

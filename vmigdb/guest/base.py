@@ -275,6 +275,12 @@ class GuestOS(ABC):
         symbol at its running address. :raises GuestError:"""
         raise GuestError(f"{self.kind}: shared libraries are not supported")
 
+    def read_unmapped(self, pid: int, address: int, size: int) -> bytes:
+        """Up to `size` bytes of process `pid`'s memory at `address` that its page tables do not
+        map yet but the OS has in memory anyway (a mapped file's page in the page cache, the
+        page the process will see when it touches it). Empty when there is none."""
+        return b""
+
     def image_info(self, pid: int) -> ImageInfo:
         """Where the process's program is loaded and starts. :raises GuestError:"""
         raise GuestError(f"{self.kind}: program images are not supported")

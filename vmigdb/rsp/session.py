@@ -47,6 +47,7 @@ log = logging.getLogger("vmigdb.rsp")
 MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
 
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
+_UNREAD = object()
 WITH_MODULES = "+modules"  # vFile name suffix: the kernel's symbol ELF with every module's
 
 
@@ -113,6 +114,8 @@ class Session:
         self._xfer_cache: dict[bytes, bytes] = {}  # qXfer annex -> document, from offset 0 on
         # A stop reported as a library change first: the stop itself, for GDB's next resume.
         self._deferred: StopEvent | None = None
+        # The scope (pid, None: the kernel) of the library list GDB last read; _UNREAD before.
+        self._listed_scope: int | None | object = _UNREAD
         self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
         self._vfile = VFileServer(self._guest_files)
         driver = debugger.driver
@@ -197,11 +200,18 @@ class Session:
     def stop_replies(self, event: StopEvent) -> list[bytes]:
         """What GDB gets for a stop: the console message if any, then the stop reply.
 
-        A stop that changed the library list (a caught exec, a module load) is told in two
-        steps: first a library stop (``library:``), on which GDB reads the list again, loads the
-        new symbols and resumes at once; that resume gets the stop itself, the guest having not
-        run in between (`_resume`).
+        A stop that changed the library list (a caught exec, a module load, or any stop after
+        the scope changed since GDB read the list) is told in two steps: first a library stop
+        (``library:``), on which GDB reads the list again, loads the new symbols and resumes at
+        once; that resume gets the stop itself, the guest having not run in between
+        (`_resume`).
         """
+        if (
+            event.reason is not StopReason.EXITED
+            and self._listed_scope is not _UNREAD
+            and self._scope_pid() != self._listed_scope
+        ):
+            event = replace(event, libraries_changed=True)  # the scope changed since GDB read
         if event.libraries_changed and event.reason is not StopReason.EXITED:
             self._deferred = replace(event, libraries_changed=False)
             self._g_thread = 0
@@ -324,7 +334,12 @@ class Session:
         key = b"libraries-svr4"
         if offset == 0 or key not in self._xfer_cache:
             self._xfer_cache[key] = self.debugger.libraries.svr4_xml()
+            self._listed_scope = self._scope_pid()
         return codec.escape_binary(xfer_slice(self._xfer_cache[key], offset, length))
+
+    def _scope_pid(self) -> int | None:
+        scope = self.debugger.scope
+        return scope.pid if scope is not None else None
 
     def _q_catch_syscalls(self, args: bytes) -> bytes:
         """``QCatchSyscalls:1[;NR]...`` (catch these, or all) or ``QCatchSyscalls:0``."""

@@ -36,6 +36,7 @@ class LinuxOS(GuestOS):
 
     def __init__(self, guest: LinuxGuest) -> None:
         self.guest = guest
+        self._vmas: dict[int, list[vmas.Vma]] = {}  # mm -> its VMAs, until the guest runs
 
     @classmethod
     def attach(cls, read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> LinuxOS:
@@ -52,6 +53,7 @@ class LinuxOS(GuestOS):
 
     def refresh(self) -> None:
         self.guest.refresh()
+        self._vmas.clear()
 
     def describe(self) -> list[tuple[str, str]]:
         kernel = self.guest.kernel
@@ -141,8 +143,22 @@ class LinuxOS(GuestOS):
         cr3 = tasks.task_cr3(self.guest, task)
         assert cr3 is not None  # _task refuses kernel threads
         return user_images.library_elf(
-            self.guest, cr3, vmas.task_vmas(self.guest, task.mm), library
+            self.guest, cr3, task.mm, vmas.task_vmas(self.guest, task.mm), library
         )
+
+    def read_unmapped(self, pid: int, address: int, size: int) -> bytes:
+        try:
+            task = self._task(pid)
+            cr3 = tasks.task_cr3(self.guest, task)
+            if cr3 is None:
+                return b""
+            found = self._vmas.get(task.mm)
+            if found is None:
+                found = self._vmas[task.mm] = vmas.task_vmas(self.guest, task.mm)
+            memory = user_images.UserMemory(self.guest, cr3, task.mm, found)
+            return memory.read_some(address, size)
+        except GuestError:
+            return b""
 
     def image_info(self, pid: int) -> ImageInfo:
         task = self._task(pid)

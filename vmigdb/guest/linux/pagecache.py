@@ -10,6 +10,11 @@ not in memory), and sibling entries (internal, below 62) point to the slot holdi
 The page's physical frame is its index in the ``vmemmap`` array (``vmemmap_base``, x86-64's
 CONFIG_SPARSEMEM_VMEMMAP): ``pfn = (page - vmemmap_base) / sizeof(struct page)``.
 
+A special mapping has no file: its pages are the kernel's own, listed in its
+``vm_special_mapping.pages`` (``special_mapping_fault`` maps page ``pgoff`` of them), which
+`special_page` reads the same way. x86's vDSO has a fault handler instead (``vdso_fault``): its
+pages are the image the kernel carries, ``mm->context.vdso_image->data`` (`vdso_page`).
+
 Read-only, bounded (at most `MAX_LEVELS` node levels), and None whenever the page is not there.
 """
 
@@ -23,7 +28,7 @@ from vmigdb.guest.linux.guest import LinuxGuest
 from vmigdb.guest.linux.kernel import FaultError
 from vmigdb.guest.linux.structs import field_offset, guest_btf
 
-__all__ = ["file_page"]
+__all__ = ["file_page", "special_page", "vdso_page"]
 
 PAGE = 0x1000
 MAX_LEVELS = 8
@@ -41,6 +46,7 @@ class _Layout:
     chunk: int  # XA_CHUNK_SIZE
     page_size: int  # sizeof(struct page)
     page_index: int  # page.index (a folio's first index)
+    special_pages: int  # vm_special_mapping.pages
     vmemmap_base: int
 
 
@@ -62,6 +68,7 @@ def _layout(guest: LinuxGuest) -> _Layout | None:
                 chunk=btf.nelems(btf.resolve(btf.member_type("xa_node", "slots"))),
                 page_size=btf.size_of("page"),
                 page_index=field_offset(btf, "page", "index"),
+                special_pages=field_offset(btf, "vm_special_mapping", "pages"),
                 vmemmap_base=guest.memory.u64(base.address),
             )
         except (GuestError, BtfError):
@@ -120,3 +127,50 @@ def file_page(guest: LinuxGuest, file: int, index: int) -> int | None:
     if 0 <= index - first < 512:
         pfn += index - first
     return pfn * PAGE
+
+
+MAX_SPECIAL_PAGES = 64
+
+
+def special_page(guest: LinuxGuest, mapping: int, index: int) -> int | None:
+    """Physical address of page `index` of a special mapping (``struct vm_special_mapping *``),
+    or None.
+
+    :raises FaultError: if the mapping cannot be read
+    """
+    layout = _layout(guest)
+    if layout is None or not mapping or not 0 <= index < MAX_SPECIAL_PAGES:
+        return None
+    mem = guest.memory
+    pages = mem.u64(mapping + layout.special_pages)
+    if not pages & _KERNEL_HALF:
+        return None  # it has a fault handler instead ([vvar])
+    for i in range(index + 1):
+        page = mem.u64(pages + 8 * i)
+        if not page:
+            return None  # the list ends before that page
+    if page < layout.vmemmap_base:
+        return None
+    return (page - layout.vmemmap_base) // layout.page_size * PAGE
+
+
+def vdso_page(guest: LinuxGuest, mm: int, index: int) -> int | None:
+    """Physical address of page `index` of the vDSO of ``struct mm_struct *mm`` (x86), or None.
+
+    :raises FaultError: if the mm cannot be read
+    """
+    try:
+        btf = guest_btf(guest)
+        image_at = field_offset(btf, "mm_struct", "context.vdso_image")
+        data_at = field_offset(btf, "vdso_image", "data")
+        size_at = field_offset(btf, "vdso_image", "size")
+    except GuestError:
+        return None
+    mem = guest.memory
+    image = mem.u64(mm + image_at)
+    if not image & _KERNEL_HALF:
+        return None
+    data, size = mem.u64(image + data_at), mem.u64(image + size_at)
+    if not data & _KERNEL_HALF or not 0 <= index < size // PAGE:
+        return None
+    return mem.translate(data + index * PAGE)

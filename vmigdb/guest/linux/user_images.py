@@ -44,7 +44,7 @@ from vmigdb.guest.linux.elf import ElfSection, ElfSymbol, build_symbol_elf
 from vmigdb.guest.linux.guest import LinuxGuest
 from vmigdb.guest.linux.kernel import FaultError
 from vmigdb.guest.linux.structs import field_offset, field_size, guest_btf
-from vmigdb.guest.linux.vmas import Vma
+from vmigdb.guest.linux.vmas import Vma, special_name
 
 log = logging.getLogger("vmigdb.guest.linux")
 
@@ -75,36 +75,55 @@ class UserMemory:
     """One process's memory, read through its page tables (``task_cr3``), and for pages they do
     not map yet, from the page cache of the file mapped there (its `Vma` list)."""
 
-    def __init__(self, guest: LinuxGuest, cr3: int, vmas: list[Vma]) -> None:
+    def __init__(self, guest: LinuxGuest, cr3: int, mm: int, vmas: list[Vma]) -> None:
         self._guest = guest
         self._cr3 = cr3
+        self._mm = mm
         self._vmas = vmas
 
     def read(self, va: int, size: int, what: str) -> bytes:
         """Exactly `size` bytes. :raises GuestError: naming `what` if any byte is not in memory"""
+        data = self.read_some(va, size)
+        if len(data) < size:
+            raise GuestError(f"{what} at {va + len(data):#x} is not in memory")
+        return data
+
+    def read_some(self, va: int, size: int) -> bytes:
+        """Up to `size` bytes from `va`: what the page tables map, the rest from the page cache
+        page by page, stopping at the first page in neither."""
         mem = self._guest.memory
         data = bytearray(mem.read_user(self._cr3, va, size))
         while len(data) < size:
             page = self._file_page(va + len(data))
             if page is None:
-                raise GuestError(f"{what} at {va + len(data):#x} is not in memory")
+                break
             data += page[: size - len(data)]
             if len(data) < size:
                 data += mem.read_user(self._cr3, va + len(data), size - len(data))
         return bytes(data)
 
     def _file_page(self, va: int) -> bytes | None:
-        """The rest of the page at `va` from the page cache of the file mapped there, or None."""
+        """The rest of the page at `va` from the page cache of the file mapped there (or the
+        kernel's pages of a special mapping, the vDSO), or None."""
         for vma in self._vmas:
-            if vma.start <= va < vma.end and vma.file:
-                index = vma.pgoff + ((va - vma.start) >> 12)
-                try:
+            if not vma.start <= va < vma.end:
+                continue
+            index = vma.pgoff + ((va - vma.start) >> 12)
+            try:
+                if vma.file:
                     pa = pagecache.file_page(self._guest, vma.file, index)
-                    if pa is None:
-                        return None
-                    return self._guest.memory.read_physical(pa + (va & 0xFFF), _PAGE - (va & 0xFFF))
-                except FaultError:
+                elif (name := special_name(self._guest, vma)) is not None:
+                    pa = pagecache.special_page(self._guest, vma.private, index)
+                    if pa is None and name == VDSO:  # x86's: its pages are the kernel's image
+                        pa = pagecache.vdso_page(self._guest, self._mm, index)
+                else:
                     return None
+                if pa is None:
+                    return None
+                offset = va & (_PAGE - 1)
+                return self._guest.memory.read_physical(pa + offset, _PAGE - offset)
+            except FaultError:
+                return None
         return None
 
 
@@ -306,14 +325,14 @@ def _sections(image: _Image, eh_frame: tuple[int, bytes] | None) -> list[ElfSect
     return sections
 
 
-def library_elf(guest: LinuxGuest, cr3: int, vmas: list[Vma], library: Library) -> bytes:
+def library_elf(guest: LinuxGuest, cr3: int, mm: int, vmas: list[Vma], library: Library) -> bytes:
     """``bytes library_elf(...)``: the symbols-only ELF of a mapped object, every exported symbol
     at its running address, with its call-frame information.
 
     :raises GuestError: if its headers are not in memory or are not an ELF object's; a symbol
         table or unwind table that is not (all) in memory is left out (logged)
     """
-    mem = UserMemory(guest, cr3, vmas)
+    mem = UserMemory(guest, cr3, mm, vmas)
     image = _image(mem, library.base, library.path)
     try:
         symbols = _symbols(mem, image, library.path)

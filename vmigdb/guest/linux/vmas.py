@@ -28,7 +28,7 @@ from vmigdb.guest.linux.maple import maple_entries
 from vmigdb.guest.linux.structs import MAX_LIST_ENTRIES, field_offset, guest_btf
 from vmigdb.guest.linux.tasks import Task
 
-__all__ = ["Vma", "mappings", "task_vmas"]
+__all__ = ["Vma", "mappings", "special_name", "task_vmas"]
 
 VM_READ, VM_WRITE, VM_EXEC, VM_MAYSHARE = 0x1, 0x2, 0x4, 0x80
 PAGE_SHIFT = 12
@@ -198,6 +198,18 @@ def _perms(flags: int) -> str:
 def _special_ops(guest: LinuxGuest) -> int | None:
     symbol = guest.symbols.lookup("special_mapping_vmops")
     return symbol.address if symbol is not None else None
+
+
+def special_name(guest: LinuxGuest, vma: Vma) -> str | None:
+    """A special mapping's name (``[vdso]``, ``[vvar]``), None for any other VMA.
+
+    :raises FaultError: if the mapping cannot be read
+    """
+    special = _special_ops(guest)
+    if special is None or vma.ops != special or not vma.private:
+        return None
+    layout = _layout(guest)
+    return guest.memory.string(guest.memory.u64(vma.private + layout.special_name), 64)
 
 
 def _anon_name(guest: LinuxGuest, layout: _Layout, vma: Vma) -> str | None:

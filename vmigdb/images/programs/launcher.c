@@ -2,9 +2,9 @@
  * launcher CMD...: starts programs on demand, when a debugger asks it to.
  *
  * Each CMD is a command line with its words joined by '+', e.g. "dynhello" or
- * "insmod+/lib/modules/nls_ascii.ko"; the program is looked up in /bin. The launcher polls its
+ * "insmod+/lib/modules/nls_ascii.ko"; the program is looked up in PATH. The launcher polls its
  * variable vmigdb_launch every 10 ms: when a debugger writes K (1-based) there, it starts CMD
- * number K (fork, then execv in the child) and sets the variable back to 0. Nothing but the
+ * number K (fork, then execvp in the child) and sets the variable back to 0. Nothing but the
  * debugger's own memory write starts a program: no device, file or signal is involved.
  *     launcher pid=N launch=0xADDR commands=C      once, at start
  *     launcher started=K pid=P cmd=CMD             each start
@@ -24,7 +24,7 @@ volatile int vmigdb_launch;
 
 static void start(const char *cmd, int which)
 {
-	char copy[256], path[300];
+	char copy[256];
 	char *words[MAX_WORDS + 1];
 	int n = 0;
 
@@ -34,11 +34,10 @@ static void start(const char *cmd, int which)
 	words[n] = NULL;
 	if (n == 0)
 		return;
-	snprintf(path, sizeof(path), "/bin/%s", words[0]);
 	pid_t child = fork();
 
 	if (child == 0) {
-		execv(path, words);
+		execvp(words[0], words);
 		_exit(127);
 	}
 	printf("launcher started=%d pid=%ld cmd=%s\n", which, (long)child, cmd);
