@@ -55,9 +55,7 @@ class Gdb:
 
     def _note(self, responses: list[dict]) -> None:
         # GDB's own console output and the target's (monitor replies, stop messages: `O` packets)
-        self.console += [
-            str(r["payload"]) for r in responses if r["type"] in ("console", "target")
-        ]
+        self.console += [str(r["payload"]) for r in responses if r["type"] in ("console", "target")]
         self._stops += [
             r["payload"] or {}
             for r in responses

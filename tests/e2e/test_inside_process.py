@@ -47,7 +47,9 @@ def vm(tmp_path_factory, guest_image):
 @pytest.fixture(scope="module")
 def guest(vm: Vm) -> Guest:
     launcher = vm.wait_console(r"launcher pid=(\d+) launch=(0x[0-9a-f]+) commands=3", 60)
-    dyn = vm.wait_console(r"(?s)dynhello pid=(\d+) maps-begin\r?\n(.*?)dynhello pid=\1 maps-end", 60)
+    dyn = vm.wait_console(
+        r"(?s)dynhello pid=(\d+) maps-begin\r?\n(.*?)dynhello pid=\1 maps-end", 60
+    )
     probe = vm.wait_console(r"probe pid=(\d+) period_ms", 60)
     maps = [line.rstrip("\r") for line in re.split(r"\n", dyn.group(2)) if line.strip()]
     return Guest(
@@ -127,7 +129,9 @@ def test_break_puts_in_a_scoped_dynamic_program(vm: Vm, guest: Guest) -> None:
     for name in ("/bin/dynhello@", "/lib/x86_64-linux-gnu/libc.so.6@", "ld-linux-x86-64.so.2@"):
         assert re.search(rf"0x[0-9a-f]+\s+0x[0-9a-f]+\s+Yes \(\*\)\s+target:\S*{name}", out), out
     assert re.search(r"^\s+0x7f[0-9a-f]+ <puts>:", out, re.M), out
-    assert re.search(r"Breakpoint 1, 0x00007f[0-9a-f]+ in puts \(\) from target:\S+libc\.so\.6@", out)
+    assert re.search(
+        r"Breakpoint 1, 0x00007f[0-9a-f]+ in puts \(\) from target:\S+libc\.so\.6@", out
+    )
     assert re.search(r"^#1 +0x[0-9a-f]+ in greet \(\) from target:/bin/dynhello@", out, re.M), out
     assert re.search(r"^#2 +0x[0-9a-f]+ in main \(\) from target:/bin/dynhello@", out, re.M), out
 
