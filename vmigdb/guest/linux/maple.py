@@ -14,7 +14,7 @@ slot ``i`` covers ``(pivot[i-1], pivot[i]]``, the last used one up to the node's
 a pivot of 0 past the first slot ends the node's data (``mas_data_end``). Counts and offsets come
 from BTF, not constants.
 
-The walk is read-only and bounded: at most `MAX_NODES` nodes, entries de-duplicated, so a tree
+The walk is read-only and bounded: at most `MAX_NODES` nodes and `MAX_HEIGHT` levels, so a tree
 changing under the walk (the guest runs) or a corrupted one cannot loop.
 """
 
@@ -31,6 +31,7 @@ from vmigdb.guest.linux.structs import field_offset, guest_btf
 __all__ = ["MAX_NODES", "maple_entries"]
 
 MAX_NODES = 1 << 16
+MAX_HEIGHT = 31  # MAPLE_HEIGHT_MAX
 _CACHE_KEY = "maple.layout"
 _NODE_ALIGN_MASK = 0xFF  # MAPLE_NODE_MASK
 _TYPE_SHIFT = 3  # MAPLE_NODE_TYPE_SHIFT
@@ -117,15 +118,23 @@ def maple_entries(guest: LinuxGuest, tree: int) -> Iterator[tuple[int, int, int]
         yield 0, 0, root  # a single entry at index 0 (mas_root_expand not yet needed)
         return
     budget = [MAX_NODES]
-    yield from _walk(guest, layout, root, 0, _MAX_INDEX, budget)
+    yield from _walk(guest, layout, root, 0, _MAX_INDEX, budget, 0)
 
 
 def _walk(
-    guest: LinuxGuest, layout: _Layout, enode: int, low: int, high: int, budget: list[int]
+    guest: LinuxGuest,
+    layout: _Layout,
+    enode: int,
+    low: int,
+    high: int,
+    budget: list[int],
+    depth: int,
 ) -> Iterator[tuple[int, int, int]]:
     budget[0] -= 1
-    if budget[0] < 0:
-        raise GuestError(f"maple tree: more than {MAX_NODES} nodes (corrupted?)")
+    if budget[0] < 0 or depth > MAX_HEIGHT:
+        raise GuestError(
+            f"maple tree: more than {MAX_NODES} nodes or {MAX_HEIGHT} levels (corrupted?)"
+        )
     kind = (enode >> _TYPE_SHIFT) & _TYPE_MASK
     node = enode & ~_NODE_ALIGN_MASK
     shape = layout.nodes.get(kind)
@@ -150,7 +159,7 @@ def _walk(
                 if entry & 3 != 2:  # xa_is_internal(): a marker (XA_ZERO_ENTRY...), not an entry
                     yield start, last, entry
             else:  # an internal node's slots hold child nodes only
-                yield from _walk(guest, layout, entry, start, last, budget)
+                yield from _walk(guest, layout, entry, start, last, budget, depth + 1)
         if last >= high:
             break
         start = last + 1
