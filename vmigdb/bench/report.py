@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 
 from vmigdb.bench import stats
 from vmigdb.bench.clocks import clock_rows
+from vmigdb.bench.inside import LEGEND as INSIDE_LEGEND
+from vmigdb.bench.inside import inside_rows
 from vmigdb.hv.qemu.process import TIME_MODES
 
 CLOCKS_TITLE = "Guest clocks under vmigdb (the clocks step: python -m vmigdb.bench.timemodes)"
+INSIDE_TITLE = "Inside one process, under vmigdb (the inside step: vmigdb.bench.inside)"
 CLOCKS_LEGEND = (
     "rates are guest seconds per host second (the RTC's while idle); the jump is the largest of "
     "the guest clocks' across a 10 s stop; RDTSC outliers (over 100x the median) are counted in "
@@ -27,6 +30,7 @@ class ModeRun:
     mode: str
     results: stats.Results = field(default_factory=dict)
     clocks: dict | None = None  # timemodes.measure's figures, or {"error": why}
+    inside: dict | None = None  # inside.measure_inside's figures, or {"error": why}
     other_cores_busy: dict[str, float] = field(default_factory=dict)  # qemu|vmigdb|clocks -> cores
 
     @property
@@ -65,6 +69,10 @@ def measured_clocks(runs: list[ModeRun]) -> dict[str, dict]:
     return {run.mode: run.clocks for run in runs if run.clocks is not None}
 
 
+def measured_inside(runs: list[ModeRun]) -> dict[str, dict]:
+    return {run.mode: run.inside for run in runs if run.inside is not None}
+
+
 def clocks_load(runs: list[ModeRun]) -> dict[str, float]:
     return {
         f"the clocks step under --time {run.mode}": run.other_cores_busy["clocks"]
@@ -80,6 +88,8 @@ def format_text(runs: list[ModeRun]) -> str:
             parts += [run.title, stats.format_table(run.results), ""]
     if clocks := measured_clocks(runs):
         parts += [CLOCKS_TITLE, stats.text_table(clock_rows(clocks)), CLOCKS_LEGEND]
+    if inside := measured_inside(runs):
+        parts += ["", INSIDE_TITLE, stats.text_table(inside_rows(inside)), INSIDE_LEGEND]
     return "\n".join(parts).rstrip("\n")
 
 
@@ -95,6 +105,9 @@ def format_markdown(runs: list[ModeRun], meta: dict) -> str:
         md += [f"{CLOCKS_TITLE}:", "", *stats.markdown_table(clock_rows(clocks)), ""]
         remarks = [CLOCKS_LEGEND, *load_remarks(clocks_load(runs), nproc)]
         md += [f"- {remark}" for remark in remarks] + [""]
+    if inside := measured_inside(runs):
+        md += [f"{INSIDE_TITLE}:", "", *stats.markdown_table(inside_rows(inside)), ""]
+        md += [f"- {INSIDE_LEGEND}", ""]
     md += [f"- {remark}" for remark in meta.get("remarks", [])]
     return "\n".join(md).rstrip("\n") + "\n"
 
@@ -108,7 +121,11 @@ def to_json(runs: list[ModeRun], meta: dict) -> dict:
             "other_cores_busy": run.other_cores_busy,
             "remarks": load_remarks(run.servers_load(), meta.get("nproc")),
         }
-        modes[run.mode] = {**stats.to_json(run.results, mode_meta), "clocks": run.clocks}
+        modes[run.mode] = {
+            **stats.to_json(run.results, mode_meta),
+            "clocks": run.clocks,
+            "inside": run.inside,
+        }
     return {"meta": meta, "modes": modes}
 
 
@@ -117,4 +134,5 @@ def failed(runs: list[ModeRun]) -> bool:
     cells = [c for run in runs for cells in run.results.values() for c in cells.values()]
     errors = [c.error for c in cells if c.error and not c.values]
     clock_errors = [run.clocks for run in runs if run.clocks and "error" in run.clocks]
-    return bool(clock_errors) or any(not e.startswith("n/a") for e in errors)
+    inside_errors = [run.inside for run in runs if run.inside and "error" in run.inside]
+    return bool(clock_errors or inside_errors) or any(not e.startswith("n/a") for e in errors)

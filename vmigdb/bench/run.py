@@ -2,9 +2,10 @@
 
 For each time mode (`--time`, default host then icount): boots the guest under QEMU's gdbstub with
 that mode's QEMU arguments, runs every workload, shuts it down; then the same under
-`vmigdb qemu --time MODE`; then the `clocks` step (vmigdb.bench.timemodes, its own guest). Never
-two guests at once: one at a time on a small machine. Prints one table per mode and the clocks
-table; --json and --markdown write the same figures.
+`vmigdb qemu --time MODE`; then the `clocks` step (vmigdb.bench.timemodes, its own guest) and the
+`inside` step (vmigdb.bench.inside: catch syscall, catch exec and library symbols, its own guest).
+Never two guests at once: one at a time on a small machine. Prints one table per mode, the clocks
+table and the inside table; --json and --markdown write the same figures.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from vmigdb.bench.guest import (
     load_average,
     qemu_version,
 )
+from vmigdb.bench.inside import measure_inside
 from vmigdb.bench.observe import OtherLoad
 from vmigdb.bench.report import ModeRun, failed, format_markdown, format_text, to_json
 from vmigdb.bench.workloads import EXTRA_KSYMS, FULL, QUICK, Config, Workloads
@@ -51,6 +53,7 @@ STEPS = (
     "cond_bp",
     "next_loop",
     "clocks",
+    "inside",
 )
 STEP_KEYS = {"idle": ("idle_a", "idle_b"), "bulk_read": ("bulk_read", "footprint")}
 APPEND = f"vmigdb.programs=ticker,loop:park vmigdb.ksyms={','.join(EXTRA_KSYMS)}"
@@ -203,26 +206,27 @@ def measured_load(run: ModeRun, part: str, work) -> None:
 def run_mode(run: ModeRun, image, config: Config, args: argparse.Namespace, root: Path) -> None:
     """One time mode: each server's workloads, then the clocks step; one guest at a time."""
     servers = {"qemu": QemuServer, "vmigdb": VmigdbServer}
-    comparison = [step for step in args.only if step != "clocks"]
+    comparison = [step for step in args.only if step not in ("clocks", "inside")]
     for name in args.servers if comparison else []:
         workloads = partial(
             run_server, servers[name], image, config, run.mode, comparison, run.results, root
         )
         measured_load(run, name, workloads)
-    if "clocks" not in args.only:
-        return
-    if "vmigdb" not in args.servers:
-        log("clocks: skipped, it measures vmigdb and --servers leaves vmigdb out")
-        return
-    log(f"clocks: booting the clock probe's guest (--time {run.mode})")
+    for step in ("clocks", "inside"):
+        if step not in args.only:
+            continue
+        if "vmigdb" not in args.servers:
+            log(f"{step}: skipped, it measures vmigdb and --servers leaves vmigdb out")
+            continue
+        log(f"{step}: booting its own guest (--time {run.mode})")
 
-    def clocks() -> None:
-        run.clocks = measure_clocks(
-            image, root / "clocks", run.mode, config, lambda m: log(f"clocks: {m}")
-        )
+        def measure(step: str = step) -> None:
+            what = measure_clocks if step == "clocks" else measure_inside
+            figures = what(image, root / step, run.mode, config, lambda m: log(f"{step}: {m}"))
+            setattr(run, step, figures)
 
-    measured_load(run, "clocks", clocks)
-    log("clocks: guest stopped")
+        measured_load(run, step, measure)
+        log(f"{step}: guest stopped")
 
 
 def machine_meta(config: Config, image, modes: list[str]) -> dict:

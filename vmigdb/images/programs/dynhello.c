@@ -1,5 +1,5 @@
 /*
- * dynhello [PERIOD_MS]: a dynamically linked program (Debian's libc, position-independent), for
+ * dynhello [PERIOD_MS [ROUNDS]]: a dynamically linked program (Debian's libc, position-independent), for
  * what a debugger sees of a process with shared libraries. vmigdb-build: dynamic
  *
  * Its first output comes before anything else it does, so a test can tell whether it has run at
@@ -13,7 +13,8 @@
  * and then, every PERIOD_MS (default 1000), it opens /etc/hostname (an openat system call),
  * reads it, closes it and says so through greet() and puts():
  *     dynhello pid=N round=R fd=F
- * greet() is exported (-rdynamic) and not inlined, so a backtrace from puts names it.
+ * greet() is exported (-rdynamic) and not inlined, so a backtrace from puts names it. With ROUNDS
+ * it exits after that many rounds (default: never).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -55,6 +56,7 @@ static void print_maps(long pid)
 int main(int argc, char **argv)
 {
 	long period_ms = argc > 1 ? strtol(argv[1], NULL, 0) : 1000;
+	unsigned long rounds = argc > 2 ? strtoul(argv[2], NULL, 0) : 0;
 	struct timespec nap = { period_ms / 1000, (period_ms % 1000) * 1000000L };
 	long pid = getpid();
 	char buf[256];
@@ -62,7 +64,7 @@ int main(int argc, char **argv)
 	printf("dynhello pid=%ld started\n", pid);
 	fflush(stdout);
 	print_maps(pid);
-	for (unsigned long round = 1;; round++) {
+	for (unsigned long round = 1; rounds == 0 || round <= rounds; round++) {
 		int fd = open("/etc/hostname", O_RDONLY);
 
 		if (fd >= 0) {
@@ -73,4 +75,5 @@ int main(int argc, char **argv)
 		greet(pid, round, fd);
 		nanosleep(&nap, NULL);
 	}
+	return 0;
 }
