@@ -144,7 +144,9 @@ class Monitor:
         self._debugger.set_scope(scope)
         return (
             f"scope: process {scope.pid} ({scope.comm}), page tables at {scope.cr3:#x}; "
-            "its user memory reads through them, new breakpoints fire only in it"
+            "its user memory reads through them, new breakpoints fire only in it\n"
+            "(its libraries: 'sharedlibrary' loads their symbols now, GDB does by itself at the "
+            "next stop)"
         )
 
     def cmd_catch(self, args: list[str]) -> str:
