@@ -171,10 +171,17 @@ def test_catch_exec_stops_before_the_first_instruction(vm: Vm, guest: Guest, gue
         libraries = gdb.console_cmd("info sharedlibrary")
         assert "ld-linux-x86-64.so.2@" in libraries and "libc.so.6" not in libraries, libraries
         assert "mov" in gdb.console_cmd("x/i $pc")  # the loader's page, before it ever ran
+        # libc is not there yet: the breakpoint waits for it, as with a native process (the
+        # loader tells vmigdb, vmigdb tells GDB, GDB reads the new list and inserts it).
+        gdb.cmd("-break-insert -f puts")
         gdb.cmd("-exec-continue")
-        vm.wait_console(rf"dynhello pid={pid} started", 30)
-        gdb.cmd("-exec-interrupt")
-        gdb.wait_stopped(30)
+        stop = gdb.wait_stopped(60)
+        assert stop.get("reason") == "breakpoint-hit", stop
+        assert f"dynhello pid={pid} started" in vm.console()  # its first output, then puts
+        frames = gdb.console_cmd("bt 2")
+        assert re.search(r"#0 .* in puts \(\) from target:\S+libc\.so\.6@", frames), frames
+        assert re.search(r"#1 .* in greet \(\)", frames), frames
+        gdb.console_cmd("delete")
         gdb.console_cmd("monitor process all")
         gdb.cmd("-target-detach")
     finally:

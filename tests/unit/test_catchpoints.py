@@ -34,6 +34,7 @@ HANDLER = KERNEL_VA + 0x800  # the kernel's openat handler
 DISPATCH = KERNEL_VA + 0x900  # every system call
 EXEC = KERNEL_VA + 0xA00
 MODINIT = KERNEL_VA + 0xB00
+LOADER = 0x7F00_0000_3000  # the dynamic loader's _dl_debug_state, in the process
 FRAME = KERNEL_VA + 0x1000  # saved registers, in mapped fake kernel memory
 FRAME_PA = KERNEL_PA + 0x1000
 # Two address spaces: copies of the fake machine's top-level page table (kernel half included),
@@ -108,6 +109,9 @@ class LinuxToy(GuestOS):
             return None
         slots = {name: regs["rdi"] + 8 * i for i, name in enumerate(NAMES)}
         return SyscallFrame(values["orig_rax"], dict(values), slots, True, regs["rdi"])
+
+    def loader_hook(self, pid: int) -> int | None:
+        return LOADER if pid == 7 else None
 
     def exec_hook(self) -> int:
         return EXEC
@@ -386,3 +390,29 @@ def test_orig_rax_only_with_the_linux_description() -> None:
         assert session.handle(b"p%x" % ORIG_RAX_REGNUM).replies == [b"E16"]
     finally:
         registry._KNOWN = registry_known  # type: ignore[assignment]
+
+
+def test_a_scoped_process_loading_a_library_is_a_library_stop_alone() -> None:
+    fake, dbg, session = machine()
+    assert monitor(session, "process 8")[1] == b"OK"  # no loader: nothing to watch
+    fake.at(rip=0x1234, cr3=OTHER_CR3)
+    session.handle(b"qXfer:libraries-svr4:read::0,1000")
+    run(dbg, session)
+    assert not any(key[1] == LOADER for key in fake.installed)
+    assert monitor(session, "process 7")[1] == b"OK"
+    fake.at(rip=0x1234, cr3=APP_CR3)
+    assert run(dbg, session) == [b"T05thread:1;library:;"]  # the scope changed since GDB read
+    session.handle(b"qXfer:libraries-svr4:read::0,1000")
+    assert b"3412000000000000" in run(dbg, session)[-1]  # the stop itself, at GDB's resume
+    fake.at(rip=LOADER, cr3=APP_CR3 | 0x1000)  # the loader says its list changed
+    runs = len(fake.resumes)
+    assert run(dbg, session) == [b"T05thread:1;library:;"]
+    assert (0, LOADER, 1) in fake.installed
+    text, _ = monitor(session, "catch libraries")
+    assert "GDB learns of each library process 7 loads" in text
+    # GDB reads the list and resumes: the guest really runs on (stepping off the hook first).
+    session.handle(b"qXfer:libraries-svr4:read::0,1000")
+    fake.at(rip=LOADER + 3)
+    fake.at(rip=0x5678, cr3=APP_CR3)
+    replies = run(dbg, session)
+    assert len(fake.resumes) == runs + 3 and replies[-1].startswith(b"T05thread:1;")

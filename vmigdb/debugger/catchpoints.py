@@ -76,6 +76,7 @@ class CatchStop:
     message: str | None = None
     syscall: SyscallStop | None = None
     libraries_changed: bool = False  # GDB should read the library list again (`library:`)
+    libraries_only: bool = False  # and that is all: no stop of its own for GDB to show
     view: RegisterView | None = None
     orig_rax: int | None = None  # at a stop with the vCPU's own registers
     scope: ProcessScope | None = None  # the new process scope, when `set_scope`

@@ -27,6 +27,7 @@ from vmigdb.arch.x86_64.paging import Fault, Translation, Translator
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointTable, Condition
 from vmigdb.debugger.catch_exec import ExecCatch
+from vmigdb.debugger.catch_libraries import LibraryWatch
 from vmigdb.debugger.catch_module import ModuleCatch
 from vmigdb.debugger.catch_syscall import SyscallCatch
 from vmigdb.debugger.catchpoints import CatchpointTable
@@ -62,6 +63,7 @@ class Debugger:
         self.catchpoints.add(self.exec_catch)
         self.module_catch = ModuleCatch(self.guest, self._scope)  # monitor catch module
         self.catchpoints.add(self.module_catch)
+        self.catchpoints.add(LibraryWatch(self.guest, self._scope))  # a scoped process's library loads
         for kind, help in driver.catch_kinds().items():  # e.g. Xen's monitor catch msr-write
             self.catchpoints.add(DriverCatch(driver, kind, help))
         self.libraries = LibraryList(self.guest, self._scope)

@@ -44,3 +44,4 @@ class StopEvent:
     # GDB should read the library list again (the scope changed, a module loaded): the session
     # first reports a library stop, then this one when GDB resumes after reading it.
     libraries_changed: bool = False
+    libraries_only: bool = False  # the library change is all there is: GDB reads and resumes

@@ -340,6 +340,7 @@ class RunControl:
             stop.message,
             syscall=stop.syscall,
             libraries_changed=stop.libraries_changed,
+            libraries_only=stop.libraries_only,
         )
 
     def _with(self, cpu: int, action: str) -> dict[int, str]:

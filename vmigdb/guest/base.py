@@ -275,6 +275,16 @@ class GuestOS(ABC):
         symbol at its running address. :raises GuestError:"""
         raise GuestError(f"{self.kind}: shared libraries are not supported")
 
+    def library_symbol(self, pid: int, library: Library, name: str) -> int | None:
+        """The running address of an exported symbol of `library` in process `pid`, or None.
+        :raises GuestError:"""
+        raise GuestError(f"{self.kind}: shared libraries are not supported")
+
+    def loader_hook(self, pid: int) -> int | None:
+        """Where process `pid`'s dynamic loader tells a debugger its list of libraries changed
+        (a user-mode code address), or None (a static program). :raises GuestError:"""
+        return None
+
     def read_unmapped(self, pid: int, address: int, size: int) -> bytes:
         """Up to `size` bytes of process `pid`'s memory at `address` that its page tables do not
         map yet but the OS has in memory anyway (a mapped file's page in the page cache, the

@@ -166,6 +166,8 @@ class Monitor:
             return self._catch_module(rest)
         if kind == "syscall":
             return f"syscall: {dbg.syscalls.status()} (GDB's catch syscall sets it)"
+        if kind == "libraries" and (watch := dbg.catchpoints.get(kind)) is not None:
+            return f"libraries: {watch.status()} (it follows the process scope)"
         catchpoint = dbg.catchpoints.get(kind)
         if isinstance(catchpoint, DriverCatch):
             try:

@@ -213,7 +213,10 @@ class Session:
         ):
             event = replace(event, libraries_changed=True)  # the scope changed since GDB read
         if event.libraries_changed and event.reason is not StopReason.EXITED:
-            self._deferred = replace(event, libraries_changed=False)
+            # the stop itself waits for GDB's resume; a library change alone has none
+            self._deferred = (
+                None if event.libraries_only else replace(event, libraries_changed=False)
+            )
             self._g_thread = 0
             return [b"T05thread:%x;library:;" % (event.cpu or 1)]
         return [*console_output(event.message or ""), self.stop_reply(event)]

@@ -28,6 +28,7 @@ from vmigdb.guest.linux.guest import LinuxGuest
 from vmigdb.guest.linux.kernel import ReadPhys
 
 EXIT_HOOK = "do_exit"  # every task leaves through it, in its own address space
+LOADER_HOOK = "_dl_debug_state"  # glibc's dynamic loader: r_debug.r_brk
 _BANNER = "linux_banner"  # "Linux version <release> ...": where it is and what it says
 
 
@@ -146,17 +147,35 @@ class LinuxOS(GuestOS):
             self.guest, cr3, task.mm, vmas.task_vmas(self.guest, task.mm), library
         )
 
+    def _process_memory(self, pid: int) -> tuple[int, int, list[vmas.Vma]]:
+        task = self._task(pid)
+        cr3 = tasks.task_cr3(self.guest, task)
+        assert cr3 is not None  # _task refuses kernel threads
+        found = self._vmas.get(task.mm)
+        if found is None:
+            found = self._vmas[task.mm] = vmas.task_vmas(self.guest, task.mm)
+        return cr3, task.mm, found
+
+    def library_symbol(self, pid: int, library: Library, name: str) -> int | None:
+        cr3, mm, found = self._process_memory(pid)
+        return user_images.symbol_address(self.guest, cr3, mm, found, library, name)
+
+    def loader_hook(self, pid: int) -> int | None:
+        """glibc's loader calls ``_dl_debug_state()`` (its ``r_debug.r_brk``) each time its list
+        of objects changes, before (RT_ADD/RT_DELETE) and after (RT_CONSISTENT): GDB's own SVR4
+        breakpoint. The loader is the object at ``AT_BASE``."""
+        interpreter = self.image_info(pid).interpreter
+        if interpreter is None:
+            return None
+        for library in self.libraries(pid):
+            if library.base == interpreter:
+                return self.library_symbol(pid, library, LOADER_HOOK)
+        return None
+
     def read_unmapped(self, pid: int, address: int, size: int) -> bytes:
         try:
-            task = self._task(pid)
-            cr3 = tasks.task_cr3(self.guest, task)
-            if cr3 is None:
-                return b""
-            found = self._vmas.get(task.mm)
-            if found is None:
-                found = self._vmas[task.mm] = vmas.task_vmas(self.guest, task.mm)
-            memory = user_images.UserMemory(self.guest, cr3, task.mm, found)
-            return memory.read_some(address, size)
+            cr3, mm, found = self._process_memory(pid)
+            return user_images.UserMemory(self.guest, cr3, mm, found).read_some(address, size)
         except GuestError:
             return b""
 

@@ -48,7 +48,7 @@ from vmigdb.guest.linux.vmas import Vma, special_name
 
 log = logging.getLogger("vmigdb.guest.linux")
 
-__all__ = ["image_info", "libraries", "library_elf"]
+__all__ = ["image_info", "libraries", "library_elf", "symbol_address"]
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
@@ -345,6 +345,18 @@ def library_elf(guest: LinuxGuest, cr3: int, mm: int, vmas: list[Vma], library: 
         log.info("no unwind table for %s: %s", library.path, exc)
         eh_frame = None
     return build_symbol_elf(symbols, _sections(image, eh_frame))
+
+
+def symbol_address(
+    guest: LinuxGuest, cr3: int, mm: int, vmas: list[Vma], library: Library, name: str
+) -> int | None:
+    """The running address of `name` in a mapped object's dynamic symbols, or None.
+
+    :raises GuestError: if its headers or symbol table are not in memory
+    """
+    mem = UserMemory(guest, cr3, mm, vmas)
+    image = _image(mem, library.base, library.path)
+    return next((s.address for s in _symbols(mem, image, library.path) if s.name == name), None)
 
 
 def _auxv(guest: LinuxGuest, mm: int) -> dict[int, int]:
