@@ -37,6 +37,8 @@ from vmigdb.rsp.parse import (
     thread_id,
     v_cont_actions,
 )
+from vmigdb.rsp.procfs import GuestProcfs
+from vmigdb.rsp.qemu_packets import QemuPackets
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
 from vmigdb.wire import codec
@@ -108,7 +110,8 @@ class Session:
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
         self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
-        self._vfile = VFileServer(self._guest_files)
+        self._procfs = GuestProcfs(debugger, self.current_cpu)
+        self._vfile = VFileServer(self._guest_file)
         driver = debugger.driver
         self.features = Features.probe(driver.name, driver.capabilities)
         # (prefix, handler, the feature it needs): tried in this order, the first prefix wins.
@@ -130,6 +133,7 @@ class Session:
             (b"vCont;", self._v_cont, "run_control"),
             (b"vKill", self._kill, None),
             (b"vMustReplyEmpty", lambda _: b"", None),
+            *((prefix, handler, None) for prefix, handler in QemuPackets(debugger).entries()),
             (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
             (b"g", self._read_registers, None),
             (b"G", self._write_registers, "register_write"),
@@ -280,13 +284,16 @@ class Session:
             return b"E01"
         return codec.escape_binary(xfer_slice(name.encode(), offset, length))
 
-    def _guest_files(self) -> dict[str, bytes]:
-        """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood."""
+    def _guest_file(self, path: str) -> bytes | None:
+        """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood,
+        and the /proc files debugger plugins read (`vmigdb.rsp.procfs`)."""
         try:
             guest_os = self.debugger.guest.os()
         except GuestUnavailable:
-            return {}
-        return {guest_os.exec_file_name: guest_os.symbol_elf}
+            guest_os = None
+        if guest_os is not None and path == guest_os.exec_file_name:
+            return guest_os.symbol_elf
+        return self._procfs.contents(path)
 
     def _start_no_ack(self, _: bytes) -> bytes:
         self.no_ack = True
