@@ -106,6 +106,7 @@ class Session:
     def __init__(self, debugger: Debugger, *, host_files: bool = True) -> None:
         self.debugger = debugger
         self.no_ack = False
+        self._lldb = False  # the client said qHostInfo: LLDB (see `_kill`)
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
@@ -133,6 +134,7 @@ class Session:
             (b"vCont;", self._v_cont, "run_control"),
             (b"vKill", self._kill, None),
             (b"vMustReplyEmpty", lambda _: b"", None),
+            (b"qHostInfo", self._q_host_info, None),
             *((prefix, handler, None) for prefix, handler in QemuPackets(debugger).entries()),
             (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
             (b"g", self._read_registers, None),
@@ -434,4 +436,15 @@ class Session:
         return Outcome([b"OK"], action=Detach())
 
     def _kill(self, _: bytes) -> Outcome:
+        """GDB's `kill` powers the guest off. LLDB 16 sends the same `k` when it quits after
+        `gdb-remote` (it only detaches from processes it attached to itself), so an LLDB
+        client's `k` detaches: quitting LLDB never takes the VM down."""
+        if self._lldb:
+            log.info("LLDB sent k (it does on quit): detaching; the guest keeps running")
+            return Outcome([b"OK"], action=Detach())
         return Outcome([b"OK"], action=Kill())
+
+    def _q_host_info(self, _: bytes) -> bytes:
+        """Only LLDB asks this. Unanswered, LLDB takes the registers from target.xml."""
+        self._lldb = True
+        return b""
