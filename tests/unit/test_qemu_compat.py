@@ -88,7 +88,10 @@ def test_xp_and_x(m: Machine) -> None:
     word = int.from_bytes(bytes(pattern[:4]), "little")
     signed = word - (1 << 32) if word >> 31 else word
     assert re.fullmatch(rf"{KERNEL_VA:016x}: +{signed} +-?\d+\n", text), text
+    # QEMU remembers the last size (w here): /3c shows 3 words' worth of bytes, 16 to a line
     text, _ = m.monitor(f"x /3c {KERNEL_VA:#x}")
+    assert [line.count("'") for line in text.splitlines()] == [24]
+    text, _ = m.monitor(f"x /3cb {KERNEL_VA:#x}")
     assert text.count("'") == 6
     assert m.monitor(f"x /4xb {UNMAPPED_VA:#x}") == (
         f"{UNMAPPED_VA:016x}: Cannot access memory\n",

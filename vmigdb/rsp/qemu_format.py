@@ -108,29 +108,35 @@ class FormatError(ValueError):
     """A `/fmt` that QEMU would not take either; the message says why."""
 
 
-def parse_format(text: str | None) -> tuple[int, str, int]:
-    """QEMU's `/[count][format][size]`: count 1, format x, size w (4 bytes) unless given."""
-    count, fmt, size = 1, "x", 4
-    if text is None:
+class Formats:
+    """QEMU's `/[count][format][size]` with its memory: a format or size left out is the one the
+    previous `x`/`xp` used (QEMU starts with x and w), as QEMU's monitor does."""
+
+    def __init__(self) -> None:
+        self.format = "x"
+        self.size = 4
+
+    def parse(self, text: str | None) -> tuple[int, str, int]:
+        """(count, format, size in bytes). With format c, count*size bytes print one by one."""
+        if text is None:
+            return 1, self.format, self.size
+        if not text.startswith("/"):
+            raise FormatError(f"invalid format {text!r}: expected /[count][format][size]")
+        body = text[1:]
+        digits = len(body) - len(body.lstrip("0123456789"))
+        count = int(body[:digits]) if digits else 1
+        fmt, size = self.format, self.size
+        for char in body[digits:]:
+            if char in "xduoc":
+                fmt = char
+            elif char in "bhwgL":
+                size = {"b": 1, "h": 2, "w": 4, "g": 8, "L": 8}[char]
+            elif char == "i":
+                raise FormatError("the 'i' format is QEMU's disassembler: use GDB's x/i instead")
+            else:
+                raise FormatError(f"invalid char in format: '{char}'")
+        self.format, self.size = fmt, size
         return count, fmt, size
-    if not text.startswith("/"):
-        raise FormatError(f"invalid format {text!r}: expected /[count][format][size]")
-    body = text[1:]
-    digits = len(body) - len(body.lstrip("0123456789"))
-    if digits:
-        count = int(body[:digits])
-    for char in body[digits:]:
-        if char in "xduoc":
-            fmt = char
-        elif char in "bhwg":
-            size = {"b": 1, "h": 2, "w": 4, "g": 8}[char]
-        elif char == "i":
-            raise FormatError("the 'i' format is QEMU's disassembler: use GDB's x/i instead")
-        else:
-            raise FormatError(f"invalid char in format: {char!r}")
-    if fmt == "c":
-        size = 1
-    return count, fmt, size
 
 
 def memory_dump(
@@ -139,7 +145,10 @@ def memory_dump(
     """`x`/`xp`: lines of 8 bytes (16 for wider units), each `ADDR: v v ...` as QEMU prints
     them; `read(addr, n)` returns fewer bytes than asked where memory cannot be read, and the
     dump then ends with QEMU's ` Cannot access memory`."""
+    remaining = count * size
     line_size = 8 if size == 1 else 16
+    if fmt == "c":
+        size = 1  # QEMU counts c by the remembered size, then prints single bytes
     digits = {
         "o": -(-size * 8 // 3),
         "x": size * 2,
@@ -147,7 +156,6 @@ def memory_dump(
         "d": -(-size * 80 // 33),
     }
     lines = []
-    remaining = count * size
     while remaining > 0:
         chunk = min(remaining, line_size)
         data = read(addr, chunk)

@@ -17,11 +17,11 @@ from vmigdb.arch.x86_64.paging import Fault, PhysicalMemoryError
 from vmigdb.debugger.engine import Debugger
 from vmigdb.rsp.qemu_format import (
     FormatError,
+    Formats,
     info_mem,
     info_registers,
     info_tlb,
     memory_dump,
-    parse_format,
 )
 
 # QEMU monitor commands that change the machine, its devices or its host; refused by name.
@@ -50,6 +50,7 @@ class QemuMonitor:
     def __init__(self, debugger: Debugger, current_cpu: Callable[[], int]) -> None:
         self._debugger = debugger
         self._current_cpu = current_cpu
+        self._formats = Formats()  # x/xp remember their last format and size, as QEMU's do
 
     def info(self, args: list[str]) -> str:
         """`info mem|tlb|registers`."""
@@ -73,7 +74,7 @@ class QemuMonitor:
         if len(rest) != 1:
             raise QemuMonitorError(f"usage: monitor {name} /fmt ADDR")
         try:
-            count, style, size = parse_format(fmt)
+            count, style, size = self._formats.parse(fmt)
         except FormatError as exc:
             raise QemuMonitorError(str(exc)) from None
         addr = self._value(rest[0])
