@@ -4,7 +4,7 @@
 
 Guest RAM is dumped to a scratch file at RAM speed (`monitor dump-memory` with `phys on`, so it
 must run on vmigdb's host) and searched there; each hit's physical page is then looked up in every
-process's page tables (`monitor info tlb` under that process's scope) and in the kernel's linear
+process's page tables (`monitor pages user` under that process's scope) and in the kernel's linear
 map of all RAM (page_offset_base).
 """
 
@@ -52,10 +52,9 @@ def user_mappings(session: Session) -> dict[int, list[tuple[Process, int]]]:
             if process.cr3 is None:
                 continue
             session.scope(process)
-            for page in session.pages():
-                if page.user:
-                    for offset in range(0, page.size, PAGE):
-                        owners[page.pa + offset].append((process, page.va + offset))
+            for page in session.pages(user=True):
+                for offset in range(0, page.size, PAGE):
+                    owners[page.pa + offset].append((process, page.va + offset))
     finally:
         session.scope(None)
     return owners

@@ -244,3 +244,19 @@ def test_gdbs_kill_still_kills() -> None:
 def test_monitor_rcmd_is_not_forwarded(m: Machine) -> None:
     m.send(rcmd("info mem"))
     assert not [c for c in m.fake.calls if "rcmd" in str(c).lower()]
+
+
+def test_pages_lists_every_page_with_its_frame_and_size(m: Machine) -> None:
+    text, last = m.monitor("pages")
+    assert last == b"OK"
+    assert text.splitlines() == [
+        "0x0000000000400000 0x108000 0x1000 urwx",
+        "0xffffffff81000000 0x100000 0x1000 -rwx",
+        "0xffffffff81001000 0x101000 0x1000 -rwx",
+        "0xffffffff81002000 0x102000 0x1000 -rwx",
+        "0xffffffff81003000 0x103000 0x1000 -r--",
+        "0xffffffff81005000 0x7fff0000 0x1000 -rwx",
+        "0xffffffff81200000 0x200000 0x200000 -rwx",
+    ]
+    assert m.monitor("pages user") == ("0x0000000000400000 0x108000 0x1000 urwx\n", b"OK")
+    assert m.monitor("pages all")[1] == b"E01"

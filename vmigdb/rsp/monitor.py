@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from vmigdb.arch.x86_64.pagemap import canonical
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
@@ -235,6 +236,19 @@ class Monitor:
             "gpa2hva: vmigdb does not expose the hypervisor's host addresses; read guest RAM "
             "with 'monitor xp' or 'monitor phys on' (pwndbg: 'set kernel-vmmap monitor')"
         )
+
+    def cmd_pages(self, args: list[str]) -> str:
+        """pages [user] — every present page of the debugged address space: VA PA SIZE PERMS"""
+        if args not in ([], ["user"]):
+            raise MonitorError("usage: monitor pages [user]")
+        mode, pages = self._debugger.mappings(self._current_cpu())
+        lines = [
+            f"{canonical(p.va, mode) & ((1 << 64) - 1):#018x} {p.pa:#x} {p.size:#x} "
+            f"{'u' if p.user else '-'}r{'w' if p.writable else '-'}{'-' if p.nx else 'x'}"
+            for p in pages
+            if p.user or not args
+        ]
+        return "\n".join(lines) if lines else "(no pages)"
 
     def cmd_ram(self, args: list[str]) -> str:
         """ram — the guest-physical RAM ranges (what `phys on` and `dump-memory` can read)"""

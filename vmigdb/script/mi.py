@@ -51,18 +51,18 @@ class Mi:
                 timeout_sec=min(remaining, 1.0), raise_error_on_timeout=False
             )
             result = None
-            for record in records:
+            for record in records:  # in order: a *stopped after ^running means it stopped
+                if record["type"] == "result" and record.get("token") == token:
+                    result = record
+                    if record["message"] == "running":
+                        self.running = True
                 self._note(record)
                 if record["type"] in ("console", "target") and record["payload"]:
                     console.append(record["payload"])
-                if record["type"] == "result" and record.get("token") == token:
-                    result = record
             if result is not None:
                 if result["message"] == "error":
                     payload = result["payload"] or {}
                     raise GdbError(str(payload.get("msg", payload)))
-                if result["message"] == "running":
-                    self.running = True
                 return result["payload"] or {}, "".join(console)
 
     def console(self, command: str, timeout: float = 30) -> str:

@@ -38,9 +38,7 @@ from vmigdb.script.types import (
 log = logging.getLogger("vmigdb.script")
 
 _INFO_MEM = re.compile(r"([0-9a-f]{16})-([0-9a-f]{16}) [0-9a-f]{16} ([u-])r([w-])")
-_INFO_TLB = re.compile(
-    r"([0-9a-f]{16}): ([0-9a-f]{16}) ([X-])[G-]([P-])[D-][A-][C-][T-]([U-])([W-])"
-)
+_PAGES = re.compile(r"0x([0-9a-f]+) 0x([0-9a-f]+) 0x([0-9a-f]+) ([u-])r([w-])([x-])")
 _RAM = re.compile(r"0x([0-9a-f]+)-0x([0-9a-f]+)")
 _STOP_REASONS = {
     "breakpoint-hit": "breakpoint",
@@ -278,19 +276,20 @@ class Session:
             for m in _INFO_MEM.finditer(self.monitor("info mem", timeout=60))
         ]
 
-    def pages(self) -> list[Page]:
+    def pages(self, *, user: bool = False) -> list[Page]:
         """Every present page of the address space memory is read through, with its frame
-        (`monitor info tlb`): what maps a guest-physical address back to virtual ones."""
+        (`monitor pages`; only user pages with `user`): what maps a guest-physical address back
+        to virtual ones."""
         return [
             Page(
                 va=int(m.group(1), 16),
-                pa=int(m.group(2), 16) & ~(1 << 63),
-                size=0x20_0000 if m.group(4) == "P" else 0x1000,
-                user=m.group(5) == "U",
-                writable=m.group(6) == "W",
-                nx=m.group(3) == "X",
+                pa=int(m.group(2), 16),
+                size=int(m.group(3), 16),
+                user=m.group(4) == "u",
+                writable=m.group(5) == "w",
+                nx=m.group(6) == "-",
             )
-            for m in _INFO_TLB.finditer(self.monitor("info tlb", timeout=120))
+            for m in _PAGES.finditer(self.monitor("pages user" if user else "pages", timeout=120))
         ]
 
     def physical_ram(self) -> list[tuple[int, int]]:

@@ -41,11 +41,11 @@ class Mapping:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One present page and its frame (`monitor info tlb`)."""
+    """One present page and its frame (`monitor pages`)."""
 
     va: int
     pa: int
-    size: int  # 4K, or 2M for a large page (QEMU's format does not tell 2M from 1G)
+    size: int  # 4K, 2M or 1G
     user: bool
     writable: bool
     nx: bool
