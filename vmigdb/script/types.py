@@ -5,10 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from vmigdb.script.session import Session
+from typing import Protocol
 
 # CR3 without PCID bits and the PTI user/kernel bit: what a process's page tables are known by.
 CR3_BASE_MASK = 0x000F_FFFF_FFFF_E000
@@ -62,6 +59,15 @@ class Instruction:
         return f"{self.address:#x}: {self.mnemonic} {self.op_str}".rstrip()
 
 
+class _Session(Protocol):
+    """What a stop needs of its session (`vmigdb.script.session.Session`)."""
+
+    def regs(self, cpu: int | None = None) -> dict[str, int]: ...
+    def read(self, addr: int, n: int) -> bytes: ...
+    def read_string(self, addr: int, limit: int = 4096) -> str: ...
+    def process_of(self, cr3: int) -> Process | None: ...
+
+
 @dataclass(eq=False)
 class Breakpoint:
     """A breakpoint set by `Session.on_break`; `hits` counts the stops it caused."""
@@ -78,7 +84,7 @@ class Stop:
     process are read on demand, while the machine is still stopped (inside a callback, or
     until the session runs again)."""
 
-    session: Session
+    session: _Session
     reason: str  # "breakpoint", "watchpoint", "step", "interrupt", "timeout", "exited", ...
     cpu: int | None  # 0-based vCPU index (GDB's thread CPU#n), None if the machine is gone
     address: int | None
