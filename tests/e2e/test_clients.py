@@ -190,6 +190,8 @@ def test_lldb_session(vm: Vm, tmp_path: Path) -> None:
             "register read rip cr3",
             "thread select 1",
             "image lookup -n __x64_sys_getpid",
+            f"memory region {getpid:#x}",
+            "memory region 0x10",
             f"breakpoint set -a {getpid:#x}",
             "continue",
             "register read rip",
@@ -210,6 +212,9 @@ def test_lldb_session(vm: Vm, tmp_path: Path) -> None:
     assert re.search(r"thread #2: tid = 0x0002", out), out
     assert re.search(r"cr3 = 0x[0-9a-f]{16}", out), out
     assert re.search(rf"Address: vmlinux.elf\[{getpid:#018x}\]", out), out
+    region = re.search(r"\[(0x[0-9a-f]+)-(0x[0-9a-f]+)\) r-x", out)  # kernel text, from page tables
+    assert region and int(region.group(1), 16) <= getpid < int(region.group(2), 16), out
+    assert "[0x0000000000000000-0x" in out and ") ---" in out  # the unmapped bottom of memory
     rips = [int(x, 16) for x in re.findall(r"rip = (0x[0-9a-f]+)", out)]
     assert rips[-2:] == [getpid, getpid + 5], out  # the breakpoint, then one nopl of 5 bytes
     assert "stop reason = breakpoint 1.1" in out and "stop reason = instruction step into" in out

@@ -260,3 +260,18 @@ def test_pages_lists_every_page_with_its_frame_and_size(m: Machine) -> None:
     ]
     assert m.monitor("pages user") == ("0x0000000000400000 0x108000 0x1000 urwx\n", b"OK")
     assert m.monitor("pages all")[1] == b"E01"
+
+
+@pytest.mark.parametrize(
+    ("addr", "reply"),
+    [
+        (USER_VA + 5, b"start:400000;size:1000;permissions:rwx;"),
+        (KERNEL_VA + 0x3008, b"start:ffffffff81003000;size:1000;permissions:r;"),
+        (KERNEL_VA + 0x1000, b"start:ffffffff81000000;size:3000;permissions:rwx;"),
+        (0x10, b"start:0;size:400000;"),  # the gap before the first mapping
+        (UNMAPPED_VA, b"start:ffffffff81004000;size:1000;"),
+        (HUGE_VA + 0x300000, b"start:ffffffff81400000;size:7ec00000;"),  # up to the top
+    ],
+)
+def test_lldb_memory_region_info(m: Machine, addr: int, reply: bytes) -> None:
+    assert m.one(b"qMemoryRegionInfo:%x" % addr) == reply

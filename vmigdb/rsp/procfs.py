@@ -1,4 +1,5 @@
-"""The /proc files debugger plugins fetch over `vFile`, made from the guest's page tables.
+"""The memory map as clients ask for it: the /proc files debugger plugins fetch over `vFile`, and
+LLDB's `qMemoryRegionInfo`, made from the guest's page tables.
 
 GDB's `info proc mappings`, GEF and pwndbg read `/proc/PID/maps` (and GEF also copies
 `/proc/PID/exe`, `cmdline` and `environ` when it sets up a remote session) through GDB's remote file
@@ -41,6 +42,24 @@ def maps_text(mode: PagingMode, pages: list[Leaf]) -> str:
         perms = f"r{'w' if region.writable else '-'}{'-' if region.nx else 'x'}p"
         lines.append(f"{start:08x}-{end + 1:08x} {perms} 00000000 00:00 0 ")
     return "".join(line + "\n" for line in lines)
+
+
+def region_info(mode: PagingMode, pages: list[Leaf], addr: int) -> bytes:
+    """LLDB's `qMemoryRegionInfo` reply for `addr`: the run of pages with equal permissions
+    holding it, or the unmapped gap up to the next one (no `permissions` key: not mapped)."""
+    spans = [
+        (canonical(r.start, mode) & ((1 << 64) - 1), canonical(r.end - 1, mode) + 1, r)
+        for r in regions(iter(pages))
+    ]
+    gap_start = 0
+    for start, end, region in sorted(spans, key=lambda span: span[0]):
+        if start <= addr < end:
+            perms = f"r{'w' if region.writable else ''}{'' if region.nx else 'x'}"
+            return b"start:%x;size:%x;permissions:%s;" % (start, end - start, perms.encode())
+        if addr < start:
+            return b"start:%x;size:%x;" % (gap_start, start - gap_start)
+        gap_start = end
+    return b"start:%x;size:%x;" % (gap_start, (1 << 64) - gap_start)
 
 
 class GuestProcfs:

@@ -37,7 +37,7 @@ from vmigdb.rsp.parse import (
     thread_id,
     v_cont_actions,
 )
-from vmigdb.rsp.procfs import GuestProcfs
+from vmigdb.rsp.procfs import GuestProcfs, region_info
 from vmigdb.rsp.qemu_packets import QemuPackets
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
@@ -135,6 +135,7 @@ class Session:
             (b"vKill", self._kill, None),
             (b"vMustReplyEmpty", lambda _: b"", None),
             (b"qHostInfo", self._q_host_info, None),
+            (b"qMemoryRegionInfo:", self._q_memory_region_info, None),
             *((prefix, handler, None) for prefix, handler in QemuPackets(debugger).entries()),
             (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
             (b"g", self._read_registers, None),
@@ -443,6 +444,11 @@ class Session:
             log.info("LLDB sent k (it does on quit): detaching; the guest keeps running")
             return Outcome([b"OK"], action=Detach())
         return Outcome([b"OK"], action=Kill())
+
+    def _q_memory_region_info(self, args: bytes) -> bytes:
+        """LLDB's `memory region`: the mapped run (or the gap) holding an address."""
+        mode, pages = self.debugger.mappings(self.current_cpu())
+        return region_info(mode, pages, hex_number(args))
 
     def _q_host_info(self, _: bytes) -> bytes:
         """Only LLDB asks this. Unanswered, LLDB takes the registers from target.xml."""
