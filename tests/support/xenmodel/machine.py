@@ -65,6 +65,7 @@ class Machine:
         self._free: deque[int] = deque(range(frames))
         self.loaded: VCpu | None = None
         self.stub_active = False
+        self._code_stale = False
         self.pristine = self.uc.context_save()
         self._stub_mfns = [self.alloc() for _ in range(4)]
         self._build_stub()
@@ -92,8 +93,16 @@ class Machine:
         return struct.unpack_from("<Q", self.mem, maddr)[0]
 
     def write(self, maddr: int, data: bytes) -> None:
-        """Write machine memory through QEMU so translated code over it is invalidated."""
+        """Write machine memory from outside the guest. Unicorn's mem_write does not invalidate
+        translated code (the guest's own stores do), so the translation cache is flushed before
+        the CPU runs again."""
         self.uc.mem_write(maddr, bytes(data))
+        self._code_stale = True
+
+    def before_run(self) -> None:
+        if self._code_stale:
+            self.uc.ctl_flush_tb()
+            self._code_stale = False
 
     # --- vCPU switching -------------------------------------------------------------------------
     def load(self, vcpu: VCpu) -> None:
@@ -127,6 +136,7 @@ class Machine:
         uc.reg_write(UC_X86_REG_RAX, STUB_VA + STUB_FARPTR)
         self.stub_active = True
         self.flush_tlb()
+        self.before_run()
         try:
             uc.emu_start(STUB_VA, END, count=1)
         finally:

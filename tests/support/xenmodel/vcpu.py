@@ -24,7 +24,7 @@ from unicorn.unicorn_const import (
     UC_PROT_WRITE,
 )
 
-from tests.support.xenmodel import delivery, registers
+from tests.support.xenmodel import delivery, operands, registers
 from tests.support.xenmodel.decode import FIRST_BYTES, Insn, Kind, classify
 from tests.support.xenmodel.errors import DomainCrash
 from tests.support.xenmodel.exits import (
@@ -185,6 +185,7 @@ class VCpu:
         self._stop = self._fault = self._interrupt = None
         self._count = 0
         error: UcError | None = None
+        self.machine.before_run()
         try:
             uc.emu_start(registers.read(uc, "rip"), END, count=count)
         except UcError as exc:
@@ -223,8 +224,9 @@ class VCpu:
             return False
         allowed = Perm.RWX if self.ignore_ept else p2m_entry.perm
         if not allowed & NEED[kind]:
-            # Registers are taken once QEMU has restored the state at the instruction's start.
-            self._fault = EptViolation(gfn, vaddr, kind, result.gpa & (PAGE - 1))
+            # Unicorn gives the page, not the address: operands.py finds the address, and the
+            # registers are taken once QEMU has restored the state at the instruction's start.
+            self._fault = EptViolation(gfn, vaddr, kind, 0)
             return False
         perms = UC_PROT_READ if allowed & Perm.R else 0
         perms |= UC_PROT_WRITE if allowed & Perm.W and result.writable else 0
@@ -334,6 +336,8 @@ class VCpu:
     def _on_fault(self, fault) -> tuple[bool, Exit | None]:
         if isinstance(fault, EptViolation):
             fault.regs = self.snapshot()
+            fault.gla = operands.fault_address(self, fault.gla & ~(PAGE - 1), fault.access)
+            fault.offset = (fault.offset & ~(PAGE - 1)) | (fault.gla & (PAGE - 1))
             return False, fault
         if isinstance(fault, PageFault):
             delivery.deliver(self, VEC_PF, self.reg("rip"), error_code=fault.error_code,
