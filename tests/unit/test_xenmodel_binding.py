@@ -10,6 +10,9 @@ from tests.support.xenmodel import XenHost, build_demo_image, model_binding, rea
 from tests.support.xenmodel.binding import EXTRA_CDEF
 from tests.support.xenmodel.testing import attach
 
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def test_model_binding_runs_the_installed_package_sources():
     real, model = real_binding(), model_binding(XenHost())

@@ -8,6 +8,9 @@ from tests.support.xenmodel import XenHost, build_demo_image
 from tests.support.xenmodel.guest.image import KTEXT_GFN, checksum
 from tests.support.xenmodel.guest.x86 import PAGE
 
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def booted(**switches):
     domain = XenHost().create_domain("guest", build_demo_image(**switches))

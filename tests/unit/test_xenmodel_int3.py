@@ -6,6 +6,9 @@ import pytest
 
 from tests.support.xenmodel.testing import attach
 
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def test_guest_int3_event_then_reinjection_reaches_the_handler_exactly_once():
     s = attach(vcpus=1, int3=1, int3_mask=3)
@@ -83,3 +86,31 @@ def test_a_planted_int3_hits_on_both_vcpus_and_the_guest_sees_none():
     s.listen_until(lambda: s.domain.read_u64("func_calls", 0) and s.domain.read_u64(
         "func_calls", 1))
     assert s.domain.read_u64("bp_count") == 0
+
+
+def test_debug_exception_event_and_reinjection_to_the_guest_db_handler():
+    """A #DB the guest would take (here from a TF the test sets, as a careless debugger would)
+    is intercepted first (DebugEvent); reinjected, the guest's handler runs once."""
+    s = attach(vcpus=1)
+    tf = 0x100
+    seen = []
+
+    def on_debug(vmi, event):
+        debug = event.cffi_event.debug_event
+        seen.append((debug.type, debug.gla, s.domain.read_u64("db_count")))
+        rflags = vmi.get_vcpureg(s.L.X86Reg.RFLAGS.value, 0)
+        vmi.set_vcpureg(rflags & ~tf, s.L.X86Reg.RFLAGS.value, 0)
+        event.reinject = 1
+
+    s.vmi.register_event(s.E.DebugEvent(on_debug))
+    s.vmi.pause_vm()
+    rflags = s.vmi.get_vcpureg(s.L.X86Reg.RFLAGS.value, 0)
+    s.vmi.set_vcpureg(rflags | tf, s.L.X86Reg.RFLAGS.value, 0)
+    s.vmi.resume_vm()
+    s.listen_until(lambda: s.domain.read_u64("db_count") == 1)
+    s.vmi.listen(20)
+    assert len(seen) == 1
+    kind, gla, count = seen[0]
+    assert kind == 3 and gla == s.sym("main0").va + 5 and count == 0  # after one instruction
+    assert s.domain.read_u64("db_count") == 1
+    assert s.domain.read_u64("db_last_rip") == s.sym("main0").va + 5

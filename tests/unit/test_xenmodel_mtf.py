@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
 from tests.support.xenmodel.testing import Response, attach
+
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 
 def reference_path(s, start: str, count: int) -> list[int]:

@@ -10,6 +10,9 @@ from tests.support.xenmodel.errors import XenError
 from tests.support.xenmodel.p2m import INVALID_GFN, P2M, Perm
 from tests.support.xenmodel.paging import Access, PageFault, Translation, walk
 
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def populated(*gfns: int, mode: str = "external") -> P2M:
     p2m = P2M(mode)

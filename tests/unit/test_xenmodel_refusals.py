@@ -7,6 +7,9 @@ import pytest
 from tests.support.xenmodel.guest.image import DATA_GFN, JIT_GFN
 from tests.support.xenmodel.testing import attach
 
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def noop(vmi, event):
     return None

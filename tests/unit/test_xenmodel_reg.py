@@ -7,6 +7,9 @@ import pytest
 from tests.support.xenmodel.guest.x86 import MSR_LSTAR
 from tests.support.xenmodel.testing import attach
 
+# A callback that raises is only a warning from cffi (it answers 0): make it a failure.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def test_cr3_writes_report_new_and_previous_and_complete_before_the_callback():
     s = attach(vcpus=1, user=1)

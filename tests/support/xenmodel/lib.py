@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from tests.support.xenmodel import lib_core, lib_events, lib_slat
+from tests.support.xenmodel import lib_access, lib_core, lib_events, lib_listen, lib_slat
 from tests.support.xenmodel.errors import NotModelled
 from tests.support.xenmodel.host import XenHost
 from tests.support.xenmodel.lib_state import Instance
 
-FUNCTIONS = {**lib_core.FUNCTIONS, **lib_events.FUNCTIONS, **lib_slat.FUNCTIONS}
+FUNCTIONS = {**lib_core.FUNCTIONS, **lib_access.FUNCTIONS, **lib_events.FUNCTIONS,
+             **lib_listen.FUNCTIONS, **lib_slat.FUNCTIONS}
 
 
 class LibContext:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import errno
 
-from tests.support.xenmodel.constants import VMI_FAILURE, VMI_SUCCESS
+from tests.support.xenmodel.constants import MEM_N, VMI_FAILURE, VMI_SUCCESS
 from tests.support.xenmodel.errors import XenError
-from tests.support.xenmodel.lib_events import MEM_N, set_mem_access
+from tests.support.xenmodel.lib_events import set_mem_access
 from tests.support.xenmodel.lib_state import c_int, errprint
 from tests.support.xenmodel.p2m import Perm
 
