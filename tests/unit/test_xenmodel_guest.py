@@ -44,7 +44,7 @@ def test_checksum_sees_a_byte_changed_in_the_code_page():
 
 def test_guest_int3_reaches_its_handler_through_the_idt():
     domain = booted(int3=1, int3_mask=1)
-    domain.run(20_000)
+    domain.run(8_000)
     iterations = domain.read_u64("iterations", 0)
     executed = (iterations + 1) // 2  # int3 runs when the count is even, after the increment
     assert domain.read_u64("bp_count") in (executed - 1, executed, executed + 1)
@@ -63,7 +63,7 @@ def test_jit_page_runs_the_code_just_written():
 
 def test_user_routine_runs_in_both_address_spaces():
     domain = booted(user=1)
-    domain.run(20_000)
+    domain.run(8_000)
     rounds = domain.read_u64("user_rounds")
     assert rounds > 3
     a = int.from_bytes(domain.read_pa(domain.image.sym("user_data_a").pa, 8), "little")

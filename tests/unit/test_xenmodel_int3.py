@@ -114,3 +114,19 @@ def test_debug_exception_event_and_reinjection_to_the_guest_db_handler():
     assert kind == 3 and gla == s.sym("main0").va + 5 and count == 0  # after one instruction
     assert s.domain.read_u64("db_count") == 1
     assert s.domain.read_u64("db_last_rip") == s.sym("main0").va + 5
+
+
+def test_set_registers_response_moves_rip_past_the_int3():
+    """SET_REGISTERS applies the GPRs, RFLAGS and RIP of the event's x86_regs on resume."""
+    s = attach(vcpus=1, int3=1, int3_mask=0)
+    hits = []
+
+    def on_int3(vmi, event):
+        hits.append(event.gla)
+        event.reinject = 0
+        event.x86_regs.rip = event.gla + 1
+        return s.E.EventResponse.SET_REGISTERS
+
+    s.vmi.register_event(s.E.IntEvent(on_int3))
+    s.listen_until(lambda: len(hits) >= 3)
+    assert s.domain.read_u64("bp_count") == 0 and s.domain.read_u64("unexpected_count") == 0

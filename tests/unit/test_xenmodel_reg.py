@@ -81,3 +81,22 @@ def test_register_events_xen_cannot_provide_are_refused():
     s.vmi.register_event(E.RegEvent(L.X86Reg.CR3, E.RegAccess.W, lambda vmi, ev: None))
     with pytest.raises(L.LibvmiError):  # one event per register
         s.vmi.register_event(E.RegEvent(L.X86Reg.CR3, E.RegAccess.W, lambda vmi, ev: None))
+
+
+def test_deny_does_not_stop_a_cr3_write():
+    """DENY cancels only deferred writes, and libvmi never asks Xen to defer them."""
+    s = attach(vcpus=1, user=1)
+    b = s.domain.image.cr3_b
+    after = []
+
+    def on_cr3(vmi, event):
+        if event.value == b:
+            after.append(vmi.get_vcpureg(s.L.X86Reg.CR3.value, 0))
+        return s.E.EventResponse.DENY
+
+    s.vmi.register_event(s.E.RegEvent(s.L.X86Reg.CR3, s.E.RegAccess.W, on_cr3))
+    rounds = s.domain.read_u64("user_rounds")
+    s.listen_until(lambda: s.domain.read_u64("user_rounds") > rounds + 1)
+    assert after and all(cr3 == b for cr3 in after)
+    data_b = s.domain.image.sym("user_data_b").pa
+    assert int.from_bytes(s.domain.read_pa(data_b, 8), "little") > 0  # space B did run

@@ -196,22 +196,23 @@ class Domain:
 
     # --- running --------------------------------------------------------------------------------
     def run(self, budget: int) -> None:
-        """Advance guest time by about `budget` instructions per vCPU, or until a request."""
-        start = sum(v.retired for v in self.vcpus)
-        rounds = 0
-        while not self.paused and self.crashed is None and not self.ring:
-            runnable = [v for v in self.vcpus if v.id not in self.waiting and not v.halted]
-            if not runnable or sum(v.retired for v in self.vcpus) - start >= budget * len(
-                    self.vcpus) or rounds > budget:
+        """Advance guest time: up to `budget` retired instructions per vCPU, round robin in
+        quanta, stopping early when a request is on the ring, the domain is paused or dead."""
+        target = {vcpu.id: vcpu.retired + budget for vcpu in self.vcpus}
+        for _ in range(max(budget, 1)):  # bounds exception storms that retire nothing
+            if self.paused or self.crashed is not None or self.ring:
+                return
+            runnable = [v for v in self.vcpus if v.id not in self.waiting and not v.halted
+                        and v.retired < target[v.id]]
+            if not runnable:
                 return
             for vcpu in runnable:
                 self._enter(vcpu)
                 if vcpu.id in self.waiting or self.crashed:
                     continue
-                self._handle(vcpu, vcpu.run(self.quantum))
+                self._handle(vcpu, vcpu.run(min(self.quantum, target[vcpu.id] - vcpu.retired)))
                 if self.crashed:
                     return
-            rounds += 1
 
     def _enter(self, vcpu: VCpu) -> None:
         """VM entry work: hvm_do_resume's emulation, then the injected event (with MTF, its

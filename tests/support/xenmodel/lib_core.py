@@ -1,9 +1,9 @@
 """libvmi core calls on the model: init, destroy, domain information, pause.
 
 Each function has the C signature of the libvmi call it stands for (the `ctx` first argument is
-bound by `ModelLib`) and returns what the C function returns. Behaviour follows libvmi 8f9b010's
-(the 3.7.1 wheel's) libvmi/core.c, accessors.c and driver/xen/xen.c; where Xen is involved, the domain model
-(domain.py) answers as the hypercall would.
+bound by `ModelLib`) and returns what the C function returns. Behaviour follows libvmi 8f9b010
+(the 3.7.1 wheel's): libvmi/core.c, accessors.c and driver/xen/xen.c; where Xen is involved,
+the domain model (domain.py) answers as the hypercall would.
 """
 
 from __future__ import annotations
