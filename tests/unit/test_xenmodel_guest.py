@@ -90,3 +90,13 @@ def test_image_checksum_matches_the_python_one():
 def test_unknown_switch_is_refused():
     with pytest.raises(ValueError, match="unknown guest switch"):
         build_demo_image(nonsense=1)
+
+
+def test_a_ring3_int3_is_delivered_to_the_ring0_handler_and_returns():
+    domain = booted(user=1)
+    domain.write_pa(domain.image.sym("user_int3_b").pa, (1).to_bytes(8, "little"))
+    domain.run(8_000)
+    rounds = domain.read_u64("user_rounds")
+    assert rounds > 3 and domain.read_u64("bp_count") in (rounds, rounds + 1)
+    assert domain.read_u64("bp_last_rip") == domain.image.sym("user_int3").va + 1
+    assert domain.read_u64("unexpected_count") == 0

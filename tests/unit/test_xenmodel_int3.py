@@ -130,3 +130,21 @@ def test_set_registers_response_moves_rip_past_the_int3():
     s.vmi.register_event(s.E.IntEvent(on_int3))
     s.listen_until(lambda: len(hits) >= 3)
     assert s.domain.read_u64("bp_count") == 0 and s.domain.read_u64("unexpected_count") == 0
+
+
+def test_a_ring3_int3_reinjected_reaches_the_ring0_handler():
+    s = attach(vcpus=1, user=1)
+    s.vmi.write_pa(s.sym("user_int3_a").pa, (1).to_bytes(8, "little"))
+    seen = []
+
+    def on_int3(vmi, event):
+        seen.append((event.gla, vmi.get_vcpureg(29, 0) & 3, s.domain.read_u64("bp_count")))
+        event.reinject = 1
+
+    s.vmi.register_event(s.E.IntEvent(on_int3))
+    s.listen_until(lambda: len(seen) >= 3)
+    user_int3 = s.sym("user_int3").va
+    assert [(gla, cpl) for gla, cpl, _ in seen] == [(user_int3, 3)] * len(seen)
+    assert [count for *_, count in seen] == list(range(len(seen)))
+    assert s.domain.read_u64("bp_last_rip") == user_int3 + 1
+    assert s.domain.read_u64("unexpected_count") == 0

@@ -8,6 +8,7 @@ Physical layout (gfn):                       Virtual layout:
   0x21     kernel entry (handlers, syscall)    0x400000  user text (both address spaces)
   0x22     JIT page (written, then executed)   0x600000  user data (A: 0x41, B: 0x42)
   0x30     data (counters, switches)           0x7ff000  user stack (A: 0x43, B: 0x44)
+                                               (user data: +0 counter, +8 int3 switch)
   0x38..   kernel stacks, 0x3c.. ring-0 stacks
   0x40..   user text, data and stacks
 
@@ -181,6 +182,8 @@ def _page_tables(pages: dict[int, bytearray], symbols: dict[str, Symbol]) -> Non
     symbols["cr3_b"] = Symbol(0, cr3_b)
     symbols["user_data_a"] = Symbol(USER_DATA_VA, UDATA_GFNS[0] * PAGE)
     symbols["user_data_b"] = Symbol(USER_DATA_VA, UDATA_GFNS[1] * PAGE)
+    symbols["user_int3_a"] = Symbol(USER_DATA_VA + 8, UDATA_GFNS[0] * PAGE + 8)  # switches
+    symbols["user_int3_b"] = Symbol(USER_DATA_VA + 8, UDATA_GFNS[1] * PAGE + 8)
 
 
 def _assemble(pages, symbols, addr, gfn, source, exports, va_of) -> None:

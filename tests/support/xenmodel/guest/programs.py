@@ -185,11 +185,15 @@ USER_TEXT = """
 user_entry:
     mov rsp, {user_stack_top}
     inc qword ptr [{user_data}]
+    cmp qword ptr [{user_data} + 8], 0      # this address space's own int3 switch
+    je user_syscall
+user_int3:
+    int3                                    # a ring-3 breakpoint of the guest's own
 user_syscall:
     syscall
 
 .align 8
 __exports:
-    .quad user_entry, user_syscall
+    .quad user_entry, user_int3, user_syscall
 """
-USER_TEXT_EXPORTS = ("user_entry", "user_syscall")
+USER_TEXT_EXPORTS = ("user_entry", "user_int3", "user_syscall")
