@@ -147,3 +147,14 @@ def test_destroy_leaves_the_domain_running_and_unmonitored():
     before = s.domain.read_u64("iterations", 0)
     s.domain.run(5_000)
     assert s.domain.read_u64("iterations", 0) > before
+
+
+def test_pagetable_lookup_walks_the_given_address_space():
+    s = attach(vcpus=1)
+    image = s.domain.image
+    assert s.vmi.pagetable_lookup(image.cr3_a, s.sym("func").va) == s.sym("func").pa
+    assert s.vmi.pagetable_lookup(image.cr3_b, 0x600000) == s.sym("user_data_b").pa
+    with pytest.raises(s.L.LibvmiError):
+        s.vmi.pagetable_lookup(image.cr3_a, 0x1000)  # not mapped
+    with pytest.raises(s.L.LibvmiError):
+        s.vmi.translate_kv2p(s.sym("func").va)  # needs OS init, which the model has not
