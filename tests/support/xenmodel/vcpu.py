@@ -169,7 +169,8 @@ class VCpu:
         self.nowrite = [] if nowrite else None
         self.machine.flush_tlb()
         try:
-            _, _, exit_ = self._slice(1)
+            retired, _, exit_ = self._slice(1)
+            self.retired -= retired  # emulated by the hypervisor, not retired by the guest
         finally:
             self.ignore_ept = False
             if self.nowrite:
