@@ -1,78 +1,29 @@
-"""How a Xen driver gets at libvmi: one `LibvmiBinding`, real or model, and no other difference.
+"""The Xen model's libvmi binding: the same `LibvmiBinding` shape the Xen driver gets in production.
 
-`real_binding()` is what the driver uses in production: the installed wheel's Python package,
-its cffi `ffi`/`lib`, and an ABI-mode view of the wheel's bundled .so for the exports its cdef
-leaves out (notes, bug 7). `model_binding(host)` returns the same shape on the Xen model: the
-same Python package sources loaded again over a model `_libvmi`, and the model's versions of
-the extra exports behind the same cdef. A driver written as
-
-    vmi = binding.libvmi.Libvmi(name, binding.libvmi.INIT_DOMAINNAME | binding.libvmi.INIT_EVENTS,
-                                mode=binding.libvmi.VMIMode.XEN, partial=True)
-    binding.extra.vmi_alloc_gfn(vmi.vmi, gfn)
-
-runs unchanged on both. (Intended home: the Xen driver package; it lives here until the driver
-exists, and `test_xenmodel_binding.py` keeps both shapes identical.)
+`vmigdb.hv.xen.binding.real_binding()` is the installed wheel's Python package, its cffi `ffi`/`lib`,
+and an ABI-mode view of the wheel's bundled .so for the exports its cdef leaves out (notes, bug 7).
+`model_binding(host)` returns the same shape on the Xen model: the same Python package sources
+loaded again over a model `_libvmi`, and the model's versions of the extra exports behind the same
+cdef. The driver runs unchanged on both; `test_xenmodel_binding.py` keeps the shapes identical.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
 import importlib.util
 import itertools
 import os
 import sys
 import types
-from dataclasses import dataclass
-from typing import Any
-
-import cffi
 
 from tests.support.xenmodel.host import XenHost
 from tests.support.xenmodel.lib import FUNCTIONS, LibContext, ModelExtraLib, ModelLib
 from tests.support.xenmodel.lib_slat import EXTRA_FUNCTIONS
+from vmigdb.hv.xen.binding import EXTRA_CDEF, LibvmiBinding, extra_ffi, real_binding
 
-EXTRA_CDEF = """
-int vmi_set_mem_event(void *vmi, uint64_t gfn, uint8_t access, uint16_t slat_id);
-int vmi_alloc_gfn(void *vmi, uint64_t gfn);
-int vmi_free_gfn(void *vmi, uint64_t gfn);
-uint64_t vmi_get_next_available_gfn(void *vmi);
-int vmi_slat_control(void *vmi, bool state);
-int vmi_slat_state(void *vmi, bool *state);
-int vmi_stop_single_step_vcpu(void *vmi, void *event, uint32_t vcpu);
-int vmi_shutdown_single_step(void *vmi);
-"""
+__all__ = ["EXTRA_CDEF", "LibvmiBinding", "model_binding", "real_binding"]
+
 _copies = itertools.count(1)
-
-
-@dataclass(frozen=True)
-class LibvmiBinding:
-    libvmi: types.ModuleType  # the package: Libvmi, X86Reg, MSR, VMIMode, INIT_*, PageMode...
-    event: types.ModuleType   # libvmi.event: IntEvent, MemEvent, RegEvent, EventResponse...
-    ffi: Any                  # _libvmi.ffi (vmi_event_t fields, registers_t, casts)
-    lib: Any                  # _libvmi.lib (constants, vmi_slat_set_domain_state, ...)
-    extra_ffi: Any            # an FFI declaring EXTRA_CDEF
-    extra: Any                # EXTRA_CDEF's functions (the .so's, or the model's)
-
-
-def _extra_ffi() -> cffi.FFI:
-    ffi = cffi.FFI()
-    ffi.cdef(EXTRA_CDEF)
-    return ffi
-
-
-def real_binding() -> LibvmiBinding:
-    import _libvmi
-    import libvmi
-    import libvmi.event
-
-    extra_ffi = _extra_ffi()
-    site = os.path.dirname(os.path.dirname(libvmi.__file__))
-    shared = sorted(glob.glob(os.path.join(site, "libvmi.libs", "libvmi-*.so*")))
-    if not shared:
-        raise ImportError("the libvmi wheel's bundled libvmi .so is missing")
-    return LibvmiBinding(libvmi, libvmi.event, _libvmi.ffi, _libvmi.lib, extra_ffi,
-                         extra_ffi.dlopen(shared[0]))
 
 
 def model_binding(host: XenHost, instructions_per_ms: int = 200) -> LibvmiBinding:
@@ -87,7 +38,7 @@ def model_binding(host: XenHost, instructions_per_ms: int = 200) -> LibvmiBindin
     fake = types.ModuleType("_libvmi")
     fake.ffi, fake.lib = _libvmi.ffi, lib
     package = _load_package_over(fake)
-    return LibvmiBinding(package, package.event, _libvmi.ffi, lib, _extra_ffi(),
+    return LibvmiBinding(package, package.event, _libvmi.ffi, lib, extra_ffi(),
                          ModelExtraLib(ctx, EXTRA_FUNCTIONS))
 
 
