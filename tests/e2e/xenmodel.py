@@ -47,7 +47,8 @@ class XenModelVm:
         env = dict(os.environ)
         env[BINDING_ENV] = "tests.support.xenmodel.launch:binding"
         env[CONFIG_ENV] = json.dumps(config)
-        argv = [sys.executable, "-m", "vmigdb", "xen", "--domain", "guest",
+        verbose = ["-v"] if os.environ.get("VMIGDB_XENMODEL_VERBOSE") else []  # packet traces
+        argv = [sys.executable, "-m", "vmigdb", *verbose, "xen", "--domain", "guest",
                 "--listen", f"127.0.0.1:{self.port}"]
         self.proc = subprocess.Popen(argv, stdout=open(self.stdout_path, "wb"),
                                      stderr=open(self.stderr_path, "wb"), cwd=ROOT, env=env)

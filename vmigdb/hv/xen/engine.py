@@ -128,7 +128,8 @@ class Engine:
 
     def _mode_and_spaces(self, scope: int | None):
         """The paging mode, and the page tables to translate GDB's addresses with."""
-        regs = self.vmi.get_vcpuregs(0).cffi_regs.x86
+        owner = self.vmi.get_vcpuregs(0)  # keep it: `x86` points into its memory
+        regs = owner.cffi_regs.x86
         mode = paging_mode(regs.cr0, regs.cr4, regs.msr_efer)
         if scope is not None:
             return mode, [cr3_tables(scope)]
@@ -255,8 +256,7 @@ class Engine:
     def resume(self, actions: dict[int, str]) -> None:
         """Run: `actions` maps 1-based vCPUs to 'c' or 's'. libvmi has no per-vCPU pause: a vCPU
         not named runs too (as with 'c')."""
-        if self.queued:
-            self.running = True
+        if self.queued:  # a stop that happened while another was being made: report it now
             self._publish(self.queued.pop(0))
             return
         steps = [cpu - 1 for cpu, action in actions.items() if action == "s"]

@@ -37,7 +37,8 @@ _SELECTORS = {"cs": CS_SEL, "ss": SS_SEL, "ds": DS_SEL, "es": ES_SEL, "fs": FS_S
 def read_registers(vmi: Any, libvmi: Any, vcpu: int) -> RegisterFile:
     """vCPU `vcpu` (0-based) of a paused domain."""
     try:
-        x86 = vmi.get_vcpuregs(vcpu).cffi_regs.x86
+        owner = vmi.get_vcpuregs(vcpu)  # keep it: `x86` points into its memory
+        x86 = owner.cffi_regs.x86
         values = {name: int(getattr(x86, field)) for name, field in _FROM_X86.items()}
         for name, reg in _SELECTORS.items():
             values[name] = vmi.get_vcpureg(reg, vcpu)
