@@ -72,7 +72,7 @@ def test_breakpoint_hits_on_both_vcpus_and_the_guest_checksum_never_sees_it(laun
         assert last[f"mismatch{cpu}"] == 0 and last[f"last{cpu}"] == last["expected"]
     offset = func - TEXT_BASE - KTEXT_GFN * 0x1000
     original = vm.image.pages[KTEXT_GFN][offset : offset + 8]
-    assert " ".join(f"0x{byte:02x}" for byte in original) in out  # GDB reads the original too
+    assert "\t".join(f"0x{byte:02x}" for byte in original) in out  # GDB reads the original too
     assert_clean(vm.state())
 
 

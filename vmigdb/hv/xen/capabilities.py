@@ -21,20 +21,20 @@ CAPABILITIES = Capabilities(
         "xen-vcpu-context",
         "vCPU state through libvmi (Xen's HVM context of the paused vCPU)",
         False,
-        "read from the hypervisor while the domain is paused; nothing runs in the guest "
+        why="read from the hypervisor while the domain is paused; nothing runs in the guest "
         "(FPU/SSE registers are not read: libvmi's register API has none, GDB sees zeros)",
     ),
     memory_read=Mechanism(
         "xen-foreign-map",
         "guest-physical reads through libvmi (foreign mappings of the host p2m) + vmigdb's page walk",
         False,
-        "no guest code runs; reads see the original pages, never a shadow",
+        why="no guest code runs; reads see the original pages, never a shadow",
     ),
     memory_write=Mechanism(
         "xen-foreign-write",
         "guest-physical writes through libvmi (shadows of the page re-copied)",
         True,
-        "the guest sees the bytes you write, as asked; nothing else changes",
+        why="the guest sees the bytes you write, as asked; nothing else changes",
     ),
     sw_breakpoint=SPLIT_VIEW,
     hw_breakpoint=SPLIT_VIEW,
@@ -43,14 +43,14 @@ CAPABILITIES = Capabilities(
         "EPT permissions on the watched page (reads trap with writes: Xen cannot trap reads "
         "alone); the access is served from the clean view for one MTF step, then reported",
         False,
-        "no debug register and no guest page-table change; other accesses to the page are "
+        why="no debug register and no guest page-table change; other accesses to the page are "
         "served the same way and not reported",
     ),
     single_step=Mechanism(
         "xen-mtf",
         "Monitor Trap Flag (VT-x), one vCPU at a time",
         False,
-        "RFLAGS.TF is never touched and no #DB reaches the guest",
+        why="RFLAGS.TF is never touched and no #DB reaches the guest",
     ),
     run_control=True,
     register_write=True,
@@ -59,34 +59,34 @@ CAPABILITIES = Capabilities(
             "xen-int3-intercept",
             "int3 intercepted through the exception bitmap (libvmi IntEvent)",
             False,
-            "vmigdb's int3s are consumed; the guest's own are reinjected, its handler runs once",
+            why="vmigdb's int3s are consumed; the guest's own are reinjected, its handler runs once",
         ),
         Mechanism(
             "xen-cr3-intercept",
             "CR3-write intercept: a vCPU entering a scoped address space switches to that "
             "space's view, so scoped breakpoints are live only there",
             False,
-            "CR3 writes complete as the guest asked; only their timing changes",
+            why="CR3 writes complete as the guest asked; only their timing changes",
         ),
         Mechanism(
             "xen-msr-intercept",
             "MSR-write intercept of LSTAR, CSTAR and the SYSENTER MSRs (monitor catch msr-write)",
             False,
-            "the write completes as the guest asked; only its timing changes",
+            why="the write completes as the guest asked; only its timing changes",
         ),
         Mechanism(
             "xen-exec-written",
             "written-then-executed pages by EPT W^X on the guest's pages (monitor catch "
             "exec-written): a page written loses execute, a page executed loses write",
             False,
-            "each page traps once per write/execute alternation; only timing changes",
+            why="each page traps once per write/execute alternation; only timing changes",
         ),
         # Declared, not gated: every stop shows in the TSC, whatever the mechanism.
         Mechanism(
             "xen-tsc",
             "the guest's TSC while vmigdb holds the domain paused",
             True,
-            "Xen keeps the guest's TSC counting while the domain is paused, and every trapped "
+            why="Xen keeps the guest's TSC counting while the domain is paused, and every trapped "
             "access adds a VM exit's latency",
         ),
     ),

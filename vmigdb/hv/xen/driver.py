@@ -153,11 +153,10 @@ class XenDriver(Driver):
             except Exception as exc:  # noqa: BLE001 - a bug: stop the guest, tell GDB
                 log_internal_error(log, "while the Xen guest ran", exc)
                 try:
-                    engine.stop = engine.stop or DriverStop(1, 5)
                     engine.vmi.pause_vm()
                     engine.running = False
-                    stop, engine.stop = engine.stop, None
-                    self._publish(stop)
+                    engine.candidates = []
+                    self._publish(DriverStop(1, 5))
                 except Exception as again:  # noqa: BLE001
                     log_internal_error(log, "stopping the Xen guest after a bug", again)
 

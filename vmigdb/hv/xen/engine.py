@@ -56,6 +56,7 @@ log = logging.getLogger("vmigdb.hv.xen")
 
 SIGINT, SIGTRAP = 2, 5
 WATCH_USER = "watch"
+HOLD_USER = "hold"
 
 
 class Flags:
@@ -77,7 +78,7 @@ class Vcpu:
     clean: bool = False  # in view 0 for one instruction, then home
     written: set[int] = field(default_factory=set)  # pages written during the clean step
     watch: tuple[BreakpointType, int] | None = None  # a watch hit, reported after the access
-    action: str = "c"  # what this run asked of it: 'c' or 's'
+    action: str | None = "c"  # what this run asked of it: 'c', 's', or None (held)
 
 
 class Engine:
@@ -92,11 +93,13 @@ class Engine:
         self.breaks: dict[tuple[int, int, int], ExecBreak] = {}
         self.watches: dict[tuple[int, int, int], Watch] = {}
         self.running = False
-        self.stop: DriverStop | None = None  # the stop this batch decided on
+        self.candidates: list[tuple[DriverStop, bool]] = []  # this batch's stops (queueable?)
+        self._last_cpu = 0  # the vCPU of the last stop reported (the next goes round from it)
         self.queued: list[DriverStop] = []  # stops that happened while another was being made
         self.interrupt_requested = False
         self._events: list[Any] = []  # registered while the views are active
         self._cr3_event: Any = None
+        self._frozen: set[int] = set()  # pages held vCPUs execute from (no execute permission)
         R_ = binding.event.EventResponse
         self.SLAT, self.TOGGLE = R_.SLAT_ID.value, R_.TOGGLE_SINGLESTEP.value
         self.ram_end = vmi.get_max_physical_address()
@@ -250,12 +253,19 @@ class Engine:
             vcpu.written.clear()
         self.breaks.clear()
         self.watches.clear()
+        self._frozen.clear()
 
     # -- run control ----------------------------------------------------------------------------------
 
     def resume(self, actions: dict[int, str]) -> None:
-        """Run: `actions` maps 1-based vCPUs to 'c' or 's'. libvmi has no per-vCPU pause: a vCPU
-        not named runs too (as with 'c')."""
+        """Run: `actions` maps 1-based vCPUs to 'c' or 's'.
+
+        A vCPU not named should stay stopped (GDB steps one thread over a breakpoint so), but Xen
+        pauses whole domains and libvmi has no per-vCPU pause. Such a vCPU is *held* instead: the
+        page it executes from loses execute permission in the guest views, so its next fetch
+        traps and is answered "again" until the stop; a vCPU that does run executes that page's
+        instructions one at a time from the clean view. Whatever a held vCPU meets happens again
+        once it is resumed, or is queued."""
         if self.queued:  # a stop that happened while another was being made: report it now
             self._publish(self.queued.pop(0))
             return
@@ -265,14 +275,16 @@ class Engine:
         elif self.views.active and not self.needed():
             self.deactivate()
         for vcpu in self.vcpus:
-            vcpu.action = "s" if vcpu.index in steps else "c"
+            vcpu.action = actions.get(vcpu.index + 1)
+        self._hold([vcpu for vcpu in self.vcpus if vcpu.action is None])
         if self.views.active:
             for vcpu in self.vcpus:
-                if vcpu.mtf:
-                    continue  # its MTF event comes first and puts it where it belongs
-                if vcpu.index in steps or vcpu.view != self._home_of(vcpu):
-                    self._arm_mtf(vcpu)  # a step, or a vCPU to move to its home view
-        self.stop = None
+                home = self._home_of(vcpu)
+                if vcpu.mtf and not vcpu.clean and vcpu.action == "c" and vcpu.view == home:
+                    self._set_mtf(vcpu, False)  # left from holding it: it runs freely now
+                elif not vcpu.mtf and (vcpu.action == "s" or (vcpu.action and vcpu.view != home)):
+                    self._set_mtf(vcpu, True)  # a step, or a vCPU to move to its home view
+        self.candidates = []
         self.interrupt_requested = False
         self.vmi.resume_vm()
         self.running = True
@@ -280,41 +292,83 @@ class Engine:
     def _home_of(self, vcpu: Vcpu) -> int:
         return self.home_view(self.vmi.get_vcpureg(self.b.libvmi.X86Reg.CR3.value, vcpu.index))
 
-    def _arm_mtf(self, vcpu: Vcpu) -> None:
+    def _hold(self, held: list[Vcpu]) -> None:
+        """Take execute permission from the pages the held vCPUs execute from (and give it back
+        to the pages of the vCPUs held last time)."""
+        frozen: set[int] = set()
+        if held:
+            self.activate()
+            for vcpu in held:
+                if not vcpu.clean:  # a clean step finishes its instruction first, in view 0
+                    gfn = self._code_gfn(vcpu.index)
+                    if gfn is not None:
+                        frozen.add(gfn)
+        for gfn in self._frozen - frozen:
+            self.views.traps.want(gfn, HOLD_USER, 0)
+        for gfn in frozen - self._frozen:
+            self.views.traps.want(gfn, HOLD_USER, X)
+        self._frozen = frozen
+
+    def _code_gfn(self, index: int) -> int | None:
+        owner = self.vmi.get_vcpuregs(index)  # keep it: `x86` points into its memory
+        regs = owner.cffi_regs.x86
+        mode = paging_mode(regs.cr0, regs.cr4, regs.msr_efer)
+        pa = self.translate.pa(cr3_tables(regs.cr3), regs.rip, mode)
+        return None if pa is None else pa // PAGE
+
+    def _set_mtf(self, vcpu: Vcpu, on: bool) -> None:
+        """Arm or disarm MTF on one vCPU, outside callbacks: its event is toggled off (which also
+        unregisters it) and on again, armed only if `enable` is set -- it must stay registered,
+        since callbacks arm MTF by their answer."""
         event = vcpu.step_event
-        event.enable = True
+        event.enable = on
         try:
             self.vmi.toggle_single_step_vcpu(event, vcpu.index, False)
         except self.b.libvmi.LibvmiError:
             pass
         self.vmi.toggle_single_step_vcpu(event, vcpu.index, True)
-        vcpu.mtf = True
+        vcpu.mtf = on
 
     def after_listen(self) -> None:
-        """Between two listens: publish the stop a callback decided on, or honour an interrupt."""
-        if self.stop is None and self.interrupt_requested:
+        """Between two listens: publish the stop the callbacks decided on, or honour an interrupt.
+
+        When several vCPUs stopped in one batch, GDB hears of the one next in turn after the last
+        reported (else the vCPU Xen happens to run first would starve the others); the rest stay
+        on their int3 and hit again later, or are queued if they cannot happen again."""
+        if not self.candidates and self.interrupt_requested:
             self.vmi.pause_vm()
-            self.stop = DriverStop(1, SIGINT)
-        if self.stop is not None:
-            # Answer what is already on the ring, held (it happens again once the guest runs):
-            # no vCPU may wait on a request while stopped, or later find its handler gone.
-            self.vmi.listen(0)
-            self.running = False
-            stop, self.stop = self.stop, None
-            self.interrupt_requested = False
-            self._publish(stop)
+            self.candidates.append((DriverStop(1, SIGINT), False))
+        if not self.candidates:
+            return
+        # Answer what is already on the ring, held (it happens again once the guest runs): no
+        # vCPU may wait on a request while stopped, or later find its handler gone.
+        self.vmi.listen(0)
+        count = len(self.vcpus)
+        order = sorted(range(len(self.candidates)),
+                       key=lambda i: ((self.candidates[i][0].cpu or 1) - self._last_cpu - 1) % count)
+        chosen = self.candidates[order[0]][0]
+        self.queued += [stop for i, (stop, queue) in enumerate(self.candidates)
+                        if queue and i != order[0]]
+        self.candidates = []
+        self.running = False
+        self.interrupt_requested = False
+        self._last_cpu = chosen.cpu or 1
+        self._publish(chosen)
 
     def _stop_here(self, stop: DriverStop, *, queue: bool) -> None:
-        """Stop the machine on this event; while another stop is being made, queue it (a completed
-        access or MSR write) or drop it (a step whose instruction GDB will see anyway)."""
-        if self.stop is None and self.running:
-            self.stop = stop
+        """Stop the machine on this event (`after_listen` chooses among a batch's stops). A held
+        vCPU's is queued (a completed access or MSR write) or dropped (it happens again)."""
+        held = stop.cpu is not None and self.vcpus[stop.cpu - 1].action is None
+        if not self.running or held:
+            if queue:
+                self.queued.append(stop)
+            return
+        if not self.candidates:
             self.vmi.pause_vm()
-        elif queue:
-            self.queued.append(stop)
+        self.candidates.append((stop, queue))
 
     def _holding(self) -> bool:
-        return self.stop is not None or not self.running
+        return bool(self.candidates) or not self.running
 
     # -- callbacks ------------------------------------------------------------------------------------
 
@@ -357,13 +411,18 @@ class Engine:
             event.reinject = 1  # the guest's own: delivered to its handler, once
             return None
         event.reinject = 0  # ours: consumed
-        if vcpu.mtf:
+        if not self.running or vcpu.action is None:
+            return Flags()  # it stays on the int3 and hits again when it runs
+        if vcpu.action == "s":
             return self._clean_step(event, vcpu)  # the instruction being stepped is under it
-        if self._holding():
-            return Flags()  # it stays on the int3 and hits again when the guest runs
         if self._reportable(event):
+            # A hit for GDB: the vCPU stays on the int3 (GDB steps it over, which runs the
+            # original instruction clean, or continues and it hits again).
             self._stop_here(DriverStop(vcpu.index + 1, SIGTRAP), queue=False)
-        return self._clean_step(event, vcpu)
+            return Flags()
+        if self._holding():
+            return Flags()
+        return self._clean_step(event, vcpu)  # not for GDB (another alias, another space)
 
     def _reportable(self, event) -> bool:
         place = (event.gfn, event.offset)
@@ -392,7 +451,9 @@ class Engine:
                 flags |= self.SLAT
         watch, vcpu.watch = vcpu.watch, None
         cpu = vcpu.index + 1
-        stepped, vcpu.action = vcpu.action == "s", "c"
+        stepped = vcpu.action == "s"
+        if stepped:
+            vcpu.action = "c"
         if watch is not None:
             self._stop_here(DriverStop(cpu, SIGTRAP, watch=watch), queue=True)
         elif stepped:
@@ -401,8 +462,8 @@ class Engine:
 
     def _on_mem(self, event) -> Flags:
         vcpu = self._vcpu(event)
-        if self._holding() or vcpu.view == 0:
-            return Flags()  # the access happens again once the guest runs
+        if self._holding() or vcpu.action is None or vcpu.view == 0:
+            return Flags()  # the access happens again once it runs
         gfn, access = event.gfn, event.out_access.value  # a plain Enum: compare its value
         rip, gla = event.x86_regs.rip, event.gla
         stop = None
@@ -414,6 +475,7 @@ class Engine:
         watch = self._watch_hit(event, gfn, access) if self.watches else None
         if stop is not None:
             self._stop_here(stop, queue=True)
+            return Flags()  # the fetch happens again (allowed) once the guest runs
         if watch is not None or same_page or self.views.effective(vcpu.view, gfn) & access:
             if watch is not None:
                 vcpu.watch = watch
