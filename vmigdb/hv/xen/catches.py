@@ -14,14 +14,11 @@ one was given). Each page traps once per write/execute alternation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from vmigdb.hv.base import Catchpoint, DriverError, DriverStop
 from vmigdb.hv.xen.targets import cr3_base
 from vmigdb.hv.xen.views import PAGE, W, X
-
-if TYPE_CHECKING:
-    from vmigdb.hv.xen.engine import Engine
 
 SIGTRAP = 5
 EXEC_USER = "exec-written"
@@ -50,8 +47,8 @@ class ExecWritten:
 
 
 class Catches:
-    def __init__(self, engine: Engine) -> None:
-        self._e = engine
+    def __init__(self, engine: Any) -> None:
+        self._e = engine  # the Engine that owns this (no import: engine.py imports this module)
         self.msr_events: list = []
         self.exec_written: ExecWritten | None = None
 
