@@ -180,12 +180,17 @@ def test_a_cr3_scoped_breakpoint_on_shared_code_fires_only_in_its_address_space(
     show = (f'printf "STOP rip=%lx cr3=%lx thread=%x rounds=%lx\\n", $rip, $cr3, $_thread, '
             f'{u64(vm, "user_rounds")}')
     out = vm.gdb(f"monitor process cr3={cr3_b:#x}", f"break *{entry:#x}",
-                 *(["continue", show] * 3), "monitor info")
+                 *(["continue", show] * 3), "monitor info", "monitor stealth")
     stops = printed(out, "STOP")
     assert len(stops) == 3, out
     assert all(s["rip"] == entry and s["cr3"] == cr3_b and s["thread"] == 1 for s in stops)
     assert stops[2]["rounds"] >= stops[0]["rounds"] + 2  # space A ran it in between, unstopped
     assert f"address space {cr3_b:#x}" in out  # monitor info: the scoped view
+    assert "driver: xen (libvmi 3.7.1" in out and "CR3 write" in out
+    stealth = out[out.index("driver: xen\n"):]  # monitor stealth: each mechanism, honestly
+    assert "software breakpoint: altp2m split view" in stealth
+    assert stealth.count("VISIBLE to the guest") == 2  # memory writes you ask for; the TSC
+    assert "xen-tsc" not in stealth or "the guest's TSC while vmigdb holds" in stealth
     state = vm.state()
     hits = [(cpu, rip, cr3) for cpu, rip, cr3 in state["int3_requests"] if rip == entry]
     # Not filtered after the fact: in space A the breakpoint never even trapped.
