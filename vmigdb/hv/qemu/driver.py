@@ -298,7 +298,12 @@ class QemuDriver(Driver):
             raise DriverError(f"QEMU refused a register write: {reply!r}")
 
     def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+        self,
+        type: BreakpointType,
+        addr: int,
+        length: int,
+        mechanism: str | None = None,
+        scope_cr3: int | None = None,  # QEMU's breakpoints are virtual: the debugger filters hits
     ) -> None:
         if mechanism == PATCHED_INT3:
             self._patched.add((addr, length))
