@@ -1,4 +1,4 @@
-"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb symbols`, `vmigdb guest build`.
+"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb xen`, `vmigdb symbols`, `vmigdb guest build`.
 
 A problem the user must fix (QEMU missing, a kernel path wrong, a port taken) is one line on stderr and
 exit status 2. Each serving subcommand is a `vmigdb.serve.ServeCommand` in `SERVE_COMMANDS`: its
@@ -16,8 +16,9 @@ from pathlib import Path
 from vmigdb.errors import SetupError
 from vmigdb.qemu_cmd import DEMO, QEMU
 from vmigdb.serve import ServeCommand, add_serve_options, serve
+from vmigdb.xen_cmd import XEN
 
-SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO)
+SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO, XEN)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,3 +135,20 @@ remembered: list = []
 def remember(stop) -> bool:
     remembered.append(stop)
     return True
+
+
+@pytest.mark.parametrize("was_running", [True, False])
+def test_attaching_to_a_running_or_paused_vm_owes_nothing(
+    model: QemuStubModel, was_running
+) -> None:
+    """QEMU sends a stop reply on connect only if the VM ran (CHR_EVENT_OPENED, vm_stop)."""
+    if was_running:
+        model.running = True
+        model._stop(2, 2)  # what connecting did
+    channel = channel_for(model)
+    start = time.monotonic()
+    stop = channel.attach()
+    assert time.monotonic() - start < 1.0  # no timeout waited out, no resync
+    assert stop == (b"T02thread:02;" if was_running else b"T05thread:01;")
+    assert not channel.running and channel.resyncs == 0
+    assert channel.request(b"Hg1") == b"OK"

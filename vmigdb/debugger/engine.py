@@ -13,7 +13,8 @@ never reach GDB.
 - `RunControl` (stops.py): running or stopped, the last stop, what GDB and vmigdb asked the
   hypervisor to do, the range step in flight;
 - `StealthPolicy` (policy.py): which mechanisms may be used, and which were;
-- `GuestView` (guest_view.py): OS awareness, attached on first use.
+- `GuestView` (guest_view.py): OS awareness, attached on first use;
+- `CatchTable` (catches.py): the driver's catchpoints that are armed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vmigdb.arch.x86_64.pagemap import Leaf, leaves
 from vmigdb.arch.x86_64.paging import Fault, PagingMode, Translation, Translator, paging_mode
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointTable, Condition
+from vmigdb.debugger.catches import CatchTable
 from vmigdb.debugger.events import StopEvent
 from vmigdb.debugger.guest_view import GuestView
 from vmigdb.debugger.health import HealthWatch
@@ -46,6 +48,7 @@ class Debugger:
         self._scope = ScopeWatch(self.breakpoints)
         self.state = MachineState(driver, self.policy, self._scope)
         self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
+        self.catches = CatchTable(driver)  # the driver's own catchpoints (monitor catch NAME)
         self._arm_health = False  # arm it at the next resume (a client attached)
         self.run_control = RunControl(
             driver,
@@ -182,10 +185,11 @@ class Debugger:
         self._arm_health = self.driver.capabilities.run_control
 
     def detach(self) -> None:
-        """Remove every breakpoint (GDB's and vmigdb's own), drop the process scope, and let the
-        whole machine run: a detached guest carries nothing of the debugger."""
+        """Remove every breakpoint (GDB's and vmigdb's own), disarm the catchpoints, drop the process
+        scope, and let the whole machine run: a detached guest carries nothing of the debugger."""
         self._arm_health = False
         self.health.disarm()
+        self.catches.clear()
         self.set_scope(None)
         self.breakpoints.clear()
         self.run_control.forget_range()

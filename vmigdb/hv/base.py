@@ -113,13 +113,27 @@ class DriverStop:
 
     `cpu` is the 1-based vCPU that stopped (None when the machine is gone). `signal` is the GDB signal
     number the hypervisor gave (5 trap, 2 interrupt). `watch` is set for a watchpoint hit. `exited` holds
-    an exit status once the VM is gone; no further calls are valid then.
+    an exit status once the VM is gone; no further calls are valid then. `catch` names the driver
+    catchpoint (`Driver.catchpoints`) that stopped the machine, and `message` says what happened
+    (shown on GDB's console): such a stop is reported as it is, never filtered.
     """
 
     cpu: int | None
     signal: int
     watch: tuple[BreakpointType, int] | None = None
     exited: int | None = None
+    catch: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Catchpoint:
+    """A kind of guest event a driver can stop on by itself (`monitor catch NAME`), e.g. an MSR write
+    intercepted by the hypervisor."""
+
+    name: str
+    help: str  # one line: what stops the machine
+    scoped: bool = False  # takes a process (an address space) to watch, else the whole machine
 
 
 class DriverError(Exception):
@@ -182,9 +196,17 @@ class Driver(ABC):
     # -- optional: breakpoints (capabilities.sw_breakpoint, hw_breakpoint, watchpoint) ------------
 
     def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+        self,
+        type: BreakpointType,
+        addr: int,
+        length: int,
+        mechanism: str | None = None,
+        scope_cr3: int | None = None,
     ) -> None:
-        """`mechanism`: a declared mechanism's key to use instead of the type's default one."""
+        """`mechanism`: a declared mechanism's key to use instead of the type's default one.
+        `scope_cr3`: the breakpoint counts only in the address space whose page tables are there
+        (the debugger filters hits by it anyway; a driver may use it to keep the breakpoint out of
+        other address spaces, and to translate `addr`)."""
         raise Unsupported(f"the {self.name} driver has no breakpoints")
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
@@ -208,6 +230,17 @@ class Driver(ABC):
     def wait_stop(self, timeout: float) -> DriverStop:
         """Block until the running machine stops (after `interrupt`, or a step)."""
         raise Unsupported(f"the {self.name} driver cannot run the guest")
+
+    # -- optional: catchpoints (monitor catch NAME) -----------------------------------------------
+
+    def catchpoints(self) -> tuple[Catchpoint, ...]:
+        """The guest events this driver can stop on by itself; each stop carries `catch`."""
+        return ()
+
+    def set_catch(self, name: str, on: bool, scope_cr3: int | None = None) -> str:
+        """Arm or disarm catchpoint `name` (while stopped); returns a one-line status.
+        `scope_cr3`: only that address space (for a `scoped` catchpoint)."""
+        raise Unsupported(f"the {self.name} driver has no catchpoint {name!r}")
 
     def kill(self) -> None:
         """Power the VM off and end the hypervisor process. A driver with no process (a dump)

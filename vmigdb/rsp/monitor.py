@@ -15,8 +15,10 @@ from vmigdb.arch.x86_64.pagemap import canonical
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
+from vmigdb.debugger.catches import UnknownCatchpoint
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
+from vmigdb.debugger.model import ProcessScope
 from vmigdb.guest.base import GuestError
 from vmigdb.hv.base import DriverError
 from vmigdb.rsp.qemu_monitor import CHANGES_THE_VM, INFO_COMMANDS, QemuMonitor, QemuMonitorError
@@ -129,10 +131,18 @@ class Monitor:
         return "\n".join(lines)
 
     def cmd_process(self, args: list[str]) -> str:
-        """process PID|NAME|kernel|all — debug one process's address space (or the whole machine)"""
+        """process PID|NAME|cr3=ADDR|kernel|all — debug one process's address space (or the whole machine)"""
         if len(args) != 1:
-            raise MonitorError("usage: monitor process PID|NAME|kernel|all")
+            raise MonitorError("usage: monitor process PID|NAME|cr3=ADDR|kernel|all")
         which = args[0]
+        if which.startswith("cr3="):
+            # An address space by its page tables alone: for a guest vmigdb cannot analyse.
+            cr3 = _parse_addr(which[4:])
+            self._debugger.set_scope(ProcessScope(None, "", cr3))
+            return (
+                f"scope: the address space with page tables at {cr3:#x}; "
+                "its memory reads through them, new breakpoints fire only in it"
+            )
         if which in ("kernel", "all"):
             self._debugger.set_scope(None)
             return (
@@ -151,14 +161,44 @@ class Monitor:
         )
 
     def cmd_catch(self, args: list[str]) -> str:
-        """catch [panic on|off] — stop GDB when the guest kernel oopses or panics (on by default)"""
+        """catch [NAME [on|off] [PID|cr3=ADDR]] — stop GDB on guest events (panic: on by default)"""
         health = self._debugger.health
+        catches = self._debugger.catches
         if not args:
-            return f"panic: {health.status}"
-        if len(args) != 2 or args[0] != "panic" or args[1] not in ("on", "off"):
-            raise MonitorError("usage: monitor catch [panic on|off]")
-        health.enabled = args[1] == "on"
-        return f"panic: {health.arm()}"
+            lines = [f"panic: {health.status}"]
+            for catchpoint in catches.available():
+                scope = " [PID|cr3=ADDR]" if catchpoint.scoped else ""
+                lines.append(f"{catchpoint.name}{scope}: {catches.status(catchpoint.name)}")
+                lines.append(f"    ({catchpoint.help})")
+            return "\n".join(lines)
+        if args[0] == "panic":
+            if len(args) != 2 or args[1] not in ("on", "off"):
+                raise MonitorError("usage: monitor catch panic on|off")
+            health.enabled = args[1] == "on"
+            return f"panic: {health.arm()}"
+        name, rest = args[0], args[1:]
+        on = True
+        if rest and rest[0] in ("on", "off"):
+            on = rest.pop(0) == "on"
+        if len(rest) > 1 or (rest and not on):
+            raise MonitorError(f"usage: monitor catch {name} [on|off] [PID|cr3=ADDR]")
+        try:
+            scope_cr3 = self._scope_cr3(rest[0]) if rest else None
+            return f"{name}: {catches.set(name, on, scope_cr3)}"
+        except (UnknownCatchpoint, DriverError) as exc:
+            raise MonitorError(str(exc)) from None
+
+    def _scope_cr3(self, which: str) -> int:
+        """The page tables of a process named by PID (or given as cr3=ADDR)."""
+        if which.startswith("cr3="):
+            return _parse_addr(which[4:])
+        if not (which.isascii() and which.isdigit()):
+            raise MonitorError(f"not a process: {which!r} (a PID, or cr3=ADDR)")
+        try:
+            scope = self._guest(lambda guest: processes.scope_for(guest, which))
+        except processes.ProcessNotFound as exc:
+            raise MonitorError(str(exc)) from None
+        return scope.cr3
 
     def _guest(self, query: Callable[[GuestView], T]) -> T:
         """Run a guest-awareness query; an unanalysable guest, or OS data that cannot be read

@@ -223,6 +223,22 @@ class RegisterFile:
             buf[dst : dst + end - src] = payload[src:end]
         return cls(bytes(buf), long_mode)
 
+    @classmethod
+    def from_values(cls, values: dict[str, int], long_mode: bool = True) -> RegisterFile:
+        """A register file from integer values by name; registers not named are zero.
+
+        For hypervisors that hand over registers one by one (libvmi), not as a gdbstub payload.
+
+        :raises KeyError: for a name that is no register.
+        """
+        buf = bytearray(G_PACKET_SIZE)
+        for name, value in values.items():
+            regnum = REGISTER_INDEX[name]
+            size = _SIZES[regnum]
+            off = REGISTER_OFFSETS[regnum]
+            buf[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        return cls(bytes(buf), long_mode)
+
     def to_g(self) -> bytes:
         """The canonical binary ``g`` payload."""
         return self.data

@@ -223,8 +223,7 @@ class QemuDriver(Driver):
 
     def attach(self) -> DriverStop:
         """Take over QEMU's gdbstub right after connecting (QEMU pauses the VM on connect)."""
-        self._channel.running = True  # connecting stopped the VM: QEMU owes that stop's reply
-        stop = self.wait_stop(10.0)
+        stop = self._note(parse_stop(self._channel.attach()) or DriverStop(cpu=None, signal=2))
         features = self._channel.request(b"qSupported:swbreak+;hwbreak+;vContSupported+")
         log.debug("QEMU gdbstub features: %s", features)
         # GDB's address in M packets is physical from now on: vmigdb translates virtual addresses itself.
@@ -299,7 +298,12 @@ class QemuDriver(Driver):
             raise DriverError(f"QEMU refused a register write: {reply!r}")
 
     def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+        self,
+        type: BreakpointType,
+        addr: int,
+        length: int,
+        mechanism: str | None = None,
+        scope_cr3: int | None = None,  # QEMU's breakpoints are virtual: the debugger filters hits
     ) -> None:
         if mechanism == PATCHED_INT3:
             self._patched.add((addr, length))
