@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,15 +160,25 @@ def test_disassemble_assemble_patch(server, s: Session) -> None:
 
 
 def test_session_detaches_on_exception(server) -> None:
+    """An exception out of a callback leaves the machine stopped at the breakpoint: leaving the
+    `with` block still detaches, with nothing left behind, and the guest runs on."""
     getpid = ksym(server, "__x64_sys_getpid")
-    with pytest.raises(RuntimeError, match="script failed"):
+
+    def fail(stop):
+        raise RuntimeError(f"script failed at {stop.address:#x}")
+
+    with pytest.raises(RuntimeError, match=f"script failed at {getpid:#x}"):
         with Session.connect(server.address) as session:
-            session.on_break(getpid, lambda stop: False)
-            session.run(timeout=1)
-            raise RuntimeError("script failed")
+            session.on_break(getpid, fail)
+            session.run(timeout=30)
+    rounds = len(re.findall(r"ticker pid=\d+ round=", console(server)))
     with Session.connect(server.address) as session:
         info = session.monitor("info")
         assert "breakpoints: 0 requested" in info, info
+    deadline = time.monotonic() + 30
+    while len(re.findall(r"ticker pid=\d+ round=", console(server))) <= rounds:
+        assert time.monotonic() < deadline, "the guest did not run on"
+        time.sleep(0.2)
 
 
 def test_example_trace_openat(server, s: Session, capsys) -> None:
