@@ -102,3 +102,12 @@ def test_no_import_circles() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_scripts_talk_to_vmigdb_only_through_gdb() -> None:
+    """vmigdb.script drives a GDB against a vmigdb server; it never reaches into the server's
+    layers, and nothing inside the server depends on it."""
+    for inner in ("vmigdb.rsp", "vmigdb.debugger", "vmigdb.hv", "vmigdb.guest", "vmigdb.arch"):
+        assert importers(inner, "vmigdb.script") == []
+    outside = [m for m in importers("vmigdb.script", "vmigdb") if not m.startswith("vmigdb.script")]
+    assert outside == []

@@ -11,7 +11,7 @@ ELF = bytes(range(256)) * 40  # has '#', '$', '}' and '*' bytes: pread data must
 
 
 def server() -> VFileServer:
-    return VFileServer(lambda: {"/vmigdb/vmlinux-test": ELF})
+    return VFileServer({"/vmigdb/vmlinux-test": ELF}.get)
 
 
 def hexname(name: str) -> bytes:

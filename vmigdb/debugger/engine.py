@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from vmigdb.arch.x86_64.paging import Fault, Translation, Translator
+from vmigdb.arch.x86_64.pagemap import Leaf, leaves
+from vmigdb.arch.x86_64.paging import Fault, PagingMode, Translation, Translator, paging_mode
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointTable, Condition
 from vmigdb.debugger.catches import CatchTable
@@ -107,6 +108,18 @@ class Debugger:
 
     def translate(self, cpu: int, addr: int) -> Translation | Fault:
         return self.state.translate(cpu, addr)
+
+    def mappings(self, cpu: int, cr3: int | None = None) -> tuple[PagingMode, list[Leaf]]:
+        """Every present page of an address space, from its page tables: the one GDB's
+        addresses go through (the scoped process's, else `cpu`'s), or the one rooted at `cr3`
+        (in `cpu`'s paging mode)."""
+        if cr3 is None:
+            cr3, mode = self.state.space(cpu)
+        else:
+            regs = self.registers(cpu)
+            mode = paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+        self.policy.record("memory read", self.driver.capabilities.memory_read)
+        return mode, list(leaves(self.driver.read_physical, cr3, mode))
 
     def read_memory(self, cpu: int, addr: int, length: int) -> bytes:
         """Read up to `length` bytes; stops at the first unreadable byte (GDB's `m` semantics)."""

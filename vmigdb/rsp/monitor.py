@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from vmigdb.arch.x86_64.pagemap import canonical
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
@@ -20,6 +21,7 @@ from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
 from vmigdb.debugger.model import ProcessScope
 from vmigdb.guest.base import GuestError
 from vmigdb.hv.base import DriverError
+from vmigdb.rsp.qemu_monitor import CHANGES_THE_VM, INFO_COMMANDS, QemuMonitor, QemuMonitorError
 
 T = TypeVar("T")
 
@@ -45,6 +47,7 @@ class Monitor:
         self._debugger = debugger
         self._current_cpu = current_cpu  # the vCPU GDB's requests are about (the session knows)
         self._host_files = host_files  # may commands write files on vmigdb's host?
+        self._qemu = QemuMonitor(debugger, current_cpu)
 
     def run(self, line: str) -> str:
         words = line.split()
@@ -52,8 +55,17 @@ class Monitor:
             return self.cmd_help([])
         handler = getattr(self, f"cmd_{words[0].replace('-', '_')}", None)
         if handler is None:
-            raise MonitorError(f"unknown monitor command {words[0]!r}; try 'monitor help'")
-        return handler(words[1:])
+            if words[0] in CHANGES_THE_VM:
+                raise MonitorError(
+                    f"{words[0]!r} is a QEMU monitor command that would change the machine or its "
+                    "host: vmigdb never passes monitor commands to QEMU, and serves only the "
+                    "read-only ones (see 'monitor help')"
+                )
+            raise MonitorError(f"unknown command: {words[0]!r}; try 'monitor help'")
+        try:
+            return handler(words[1:])
+        except QemuMonitorError as exc:
+            raise MonitorError(str(exc)) from None
 
     def _commands(self) -> list[tuple[str, str]]:
         out = []
@@ -65,10 +77,14 @@ class Monitor:
 
     def cmd_help(self, args: list[str]) -> str:
         """help — list the monitor commands"""
-        return "\n".join(f"  {doc}" for _, doc in self._commands())
+        lines = [f"  {doc}" for _, doc in self._commands()]
+        lines += [f"  info {name} — {doc}" for name, doc in INFO_COMMANDS.items()]
+        return "\n".join(sorted(lines))
 
     def cmd_info(self, args: list[str]) -> str:
         """info — what vmigdb is attached to and how"""
+        if args:
+            return self._qemu.info(args)
         dbg = self._debugger
         lines = [f"{label}: {value}" for label, value in dbg.driver.describe()]
         lines.append(f"state: {'running' if dbg.running else 'stopped'}")
@@ -240,6 +256,48 @@ class Monitor:
         return (
             f"wrote {length} bytes from {addr:#x} to {path} in {seconds:.3f} s "
             f"({length / seconds / 1e6:.0f} MB/s){note}"
+        )
+
+    def cmd_xp(self, args: list[str]) -> str:
+        """xp /FMT ADDR — guest-physical memory, as QEMU's xp prints it (FMT: count, x d u o c, b h w g)"""
+        return self._qemu.examine(args, physical=True)
+
+    def cmd_x(self, args: list[str]) -> str:
+        """x /FMT ADDR — virtual memory of the debugged address space, as QEMU's x prints it"""
+        return self._qemu.examine(args, physical=False)
+
+    def cmd_gva2gpa(self, args: list[str]) -> str:
+        """gva2gpa ADDR — the guest-physical address behind a virtual one (QEMU's format)"""
+        return self._qemu.gva2gpa(args)
+
+    def cmd_gpa2hva(self, args: list[str]) -> str:
+        """gpa2hva ADDR — refused: host addresses are not served (pwndbg: set kernel-vmmap monitor)"""
+        raise MonitorError(
+            "gpa2hva: vmigdb does not expose the hypervisor's host addresses; read guest RAM "
+            "with 'monitor xp' or 'monitor phys on' (pwndbg: 'set kernel-vmmap monitor')"
+        )
+
+    def cmd_pages(self, args: list[str]) -> str:
+        """pages [user] — every present page of the debugged address space: VA PA SIZE PERMS"""
+        if args not in ([], ["user"]):
+            raise MonitorError("usage: monitor pages [user]")
+        mode, pages = self._debugger.mappings(self._current_cpu())
+        lines = [
+            f"{canonical(p.va, mode) & ((1 << 64) - 1):#018x} {p.pa:#x} {p.size:#x} "
+            f"{'u' if p.user else '-'}r{'w' if p.writable else '-'}{'-' if p.nx else 'x'}"
+            for p in pages
+            if p.user or not args
+        ]
+        return "\n".join(lines) if lines else "(no pages)"
+
+    def cmd_ram(self, args: list[str]) -> str:
+        """ram — the guest-physical RAM ranges (what `phys on` and `dump-memory` can read)"""
+        try:
+            ranges = self._debugger.driver.physical_ranges()
+        except DriverError as exc:
+            raise MonitorError(f"the driver cannot list guest RAM: {exc}") from None
+        return "\n".join(
+            f"{start:#018x}-{end:#018x} ({(end - start) >> 20} MiB)" for start, end in ranges
         )
 
     def cmd_regs(self, args: list[str]) -> str:

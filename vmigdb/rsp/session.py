@@ -37,6 +37,8 @@ from vmigdb.rsp.parse import (
     thread_id,
     v_cont_actions,
 )
+from vmigdb.rsp.procfs import GuestProcfs, region_info
+from vmigdb.rsp.qemu_packets import QemuPackets
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
 from vmigdb.wire import codec
@@ -104,11 +106,13 @@ class Session:
     def __init__(self, debugger: Debugger, *, host_files: bool = True) -> None:
         self.debugger = debugger
         self.no_ack = False
+        self._lldb = False  # the client said qHostInfo: LLDB (see `_kill`)
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
         self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
-        self._vfile = VFileServer(self._guest_files)
+        self._procfs = GuestProcfs(debugger, self.current_cpu)
+        self._vfile = VFileServer(self._guest_file)
         driver = debugger.driver
         self.features = Features.probe(driver.name, driver.capabilities)
         # (prefix, handler, the feature it needs): tried in this order, the first prefix wins.
@@ -130,6 +134,9 @@ class Session:
             (b"vCont;", self._v_cont, "run_control"),
             (b"vKill", self._kill, None),
             (b"vMustReplyEmpty", lambda _: b"", None),
+            (b"qHostInfo", self._q_host_info, None),
+            (b"qMemoryRegionInfo:", self._q_memory_region_info, None),
+            *((prefix, handler, None) for prefix, handler in QemuPackets(debugger).entries()),
             (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
             (b"g", self._read_registers, None),
             (b"G", self._write_registers, "register_write"),
@@ -280,13 +287,16 @@ class Session:
             return b"E01"
         return codec.escape_binary(xfer_slice(name.encode(), offset, length))
 
-    def _guest_files(self) -> dict[str, bytes]:
-        """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood."""
+    def _guest_file(self, path: str) -> bytes | None:
+        """What vFile may open: the synthesized kernel symbol ELF, when the guest is understood,
+        and the /proc files debugger plugins read (`vmigdb.rsp.procfs`)."""
         try:
             guest_os = self.debugger.guest.os()
         except GuestUnavailable:
-            return {}
-        return {guest_os.exec_file_name: guest_os.symbol_elf}
+            guest_os = None
+        if guest_os is not None and path == guest_os.exec_file_name:
+            return guest_os.symbol_elf
+        return self._procfs.contents(path)
 
     def _start_no_ack(self, _: bytes) -> bytes:
         self.no_ack = True
@@ -427,4 +437,20 @@ class Session:
         return Outcome([b"OK"], action=Detach())
 
     def _kill(self, _: bytes) -> Outcome:
+        """GDB's `kill` powers the guest off. LLDB 16 sends the same `k` when it quits after
+        `gdb-remote` (it only detaches from processes it attached to itself), so an LLDB
+        client's `k` detaches: quitting LLDB never takes the VM down."""
+        if self._lldb:
+            log.info("LLDB sent k (it does on quit): detaching; the guest keeps running")
+            return Outcome([b"OK"], action=Detach())
         return Outcome([b"OK"], action=Kill())
+
+    def _q_memory_region_info(self, args: bytes) -> bytes:
+        """LLDB's `memory region`: the mapped run (or the gap) holding an address."""
+        mode, pages = self.debugger.mappings(self.current_cpu())
+        return region_info(mode, pages, hex_number(args))
+
+    def _q_host_info(self, _: bytes) -> bytes:
+        """Only LLDB asks this. Unanswered, LLDB takes the registers from target.xml."""
+        self._lldb = True
+        return b""
