@@ -12,7 +12,9 @@ from vmigdb.serve import ServeCommand, Target
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--domain", required=True, metavar="NAME", help="the domain's name (xl list)")
+    parser.add_argument(
+        "--domain", required=True, metavar="NAME", help="the domain's name (xl list)"
+    )
 
 
 async def _open(args: argparse.Namespace) -> Target:

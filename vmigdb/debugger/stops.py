@@ -241,7 +241,9 @@ class RunControl:
             return self._report(StopEvent(StopReason.WATCH, cpu, SIGTRAP, stop.watch, None, regs))
         if stop.catch is not None:
             message = stop.message or f"vmigdb: catchpoint {stop.catch}"
-            return self._report(StopEvent(StopReason.CATCH, cpu, SIGTRAP, None, None, regs, message))
+            return self._report(
+                StopEvent(StopReason.CATCH, cpu, SIGTRAP, None, None, regs, message)
+            )
         if stop.signal == SIGINT:
             return self._report(StopEvent(StopReason.INTERRUPT, cpu, SIGINT, None, None, regs))
         if self._driving.get(cpu) == "s" and stop.signal == SIGTRAP:

@@ -23,6 +23,7 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
+from vmigdb.hv.qemu.version import known_defects
 from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -218,6 +219,7 @@ class QemuDriver(Driver):
         self._armed: set[int] = set()
         self.leftover_steps = 0  # stops of that kind absorbed (monitor info shows them)
         self._interrupting = False  # an interrupt was asked: the next stop is reported as it is
+        self.qemu_version: tuple[int, int, int] | None = None  # set by whoever started QEMU
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -423,8 +425,11 @@ class QemuDriver(Driver):
 
     def describe(self) -> list[tuple[str, str]]:
         time = self.capabilities.guest_time
+        version = ".".join(map(str, self.qemu_version)) if self.qemu_version else "?"
+        warnings = [("warning", text) for text in known_defects(self.qemu_version)]
         return [
-            ("driver", f"qemu ({self.accel})"),
+            ("driver", f"qemu {version} ({self.accel})"),
+            *warnings,
             ("vcpus", str(len(self._cpus))),
             ("guest RAM", f"{self._memory.size // (1 << 20)} MiB shared, read directly"),
             (

@@ -52,6 +52,7 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
         driver = QemuDriver(
             client, process.memory, process.accel, process.config.time_mode, process.time_reason
         )
+        driver.qemu_version = process.version
         stop = driver.attach()
         qmp = await Qmp.connect(process.qmp_socket)
         process.unlink_paths()

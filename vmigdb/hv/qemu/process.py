@@ -56,6 +56,7 @@ from typing import TypeVar
 from vmigdb.errors import SetupError
 from vmigdb.hv.qemu.accel import resolve_accel
 from vmigdb.hv.qemu.memory import PhysicalMemory, pc_below_4g
+from vmigdb.hv.qemu.version import known_defects, qemu_version
 from vmigdb.hv.qemu.workdir import make_workdir
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -362,6 +363,7 @@ class QemuProcess:
     memory: PhysicalMemory
     pid: int
     command_line: list[str]
+    version: tuple[int, int, int] | None = None  # QEMU's, once started
 
     def __init__(self, config: QemuConfig, accel: str) -> None:
         """Not started yet: use `QemuProcess.start`."""
@@ -445,6 +447,9 @@ class QemuProcess:
                 os.close(ram_fd)
             self._abort_start()
             raise
+        self.version = qemu_version(binary)
+        for defect in known_defects(self.version):
+            log.warning("%s", defect)
         log.info("QEMU pid %d up (accel %s), workdir %s", self.pid, accel, self.workdir)
         return self
 

@@ -264,7 +264,9 @@ class XenDriver(Driver):
 
     def kill(self) -> None:
         """vmigdb does not destroy Xen domains: GDB's kill detaches, leaving the domain running."""
-        log.warning("kill: vmigdb leaves Xen domain %s running, with nothing of the debugger", self.domain)
+        log.warning(
+            "kill: vmigdb leaves Xen domain %s running, with nothing of the debugger", self.domain
+        )
 
     def close(self) -> None:
         if self._engine is not None and not self._gone and not self._finish:

@@ -221,8 +221,9 @@ class Engine:
         self._events = [int3, mem]
         for vcpu in self.vcpus:
             # One event per vCPU, registered dormant: toggling arms MTF on every vCPU of the mask.
-            vcpu.step_event = E.SingleStepEvent([vcpu.index], self._guarded(self._on_step),
-                                                enable=False)
+            vcpu.step_event = E.SingleStepEvent(
+                [vcpu.index], self._guarded(self._on_step), enable=False
+            )
             self._events.append(vcpu.step_event)
         try:
             for event in self._events:
@@ -249,7 +250,13 @@ class Engine:
             self.vmi.slat_switch(0)
             self.views.teardown()
         for vcpu in self.vcpus:
-            vcpu.view, vcpu.mtf, vcpu.clean, vcpu.watch, vcpu.step_event = 0, False, False, None, None
+            vcpu.view, vcpu.mtf, vcpu.clean, vcpu.watch, vcpu.step_event = (
+                0,
+                False,
+                False,
+                None,
+                None,
+            )
             vcpu.written.clear()
         self.breaks.clear()
         self.watches.clear()
@@ -344,11 +351,14 @@ class Engine:
         # vCPU may wait on a request while stopped, or later find its handler gone.
         self.vmi.listen(0)
         count = len(self.vcpus)
-        order = sorted(range(len(self.candidates)),
-                       key=lambda i: ((self.candidates[i][0].cpu or 1) - self._last_cpu - 1) % count)
+        order = sorted(
+            range(len(self.candidates)),
+            key=lambda i: ((self.candidates[i][0].cpu or 1) - self._last_cpu - 1) % count,
+        )
         chosen = self.candidates[order[0]][0]
-        self.queued += [stop for i, (stop, queue) in enumerate(self.candidates)
-                        if queue and i != order[0]]
+        self.queued += [
+            stop for i, (stop, queue) in enumerate(self.candidates) if queue and i != order[0]
+        ]
         self.candidates = []
         self.running = False
         self.interrupt_requested = False
@@ -535,9 +545,12 @@ class Engine:
         where = ", ".join(f"CPU#{v.index}: view {v.view}" for v in self.vcpus)
         events = []
         if views.active:
-            events += ["int3 (exception bitmap)", f"MTF single-step x{len(self.vcpus)}",
-                       f"EPT access on {views.traps.trapped_pages()} page(s) in view(s) "
-                       f"{', '.join(map(str, views.guest_views()))}"]
+            events += [
+                "int3 (exception bitmap)",
+                f"MTF single-step x{len(self.vcpus)}",
+                f"EPT access on {views.traps.trapped_pages()} page(s) in view(s) "
+                f"{', '.join(map(str, views.guest_views()))}",
+            ]
         if self._cr3_event is not None:
             events.append("CR3 write")
         events += self.catches.describe()

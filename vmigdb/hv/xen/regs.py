@@ -49,10 +49,17 @@ def read_registers(vmi: Any, libvmi: Any, vcpu: int) -> RegisterFile:
 
 
 def _write_ids(libvmi: Any) -> dict[str, int]:
-    ids = {name: getattr(libvmi.X86Reg, field.upper()).value for name, field in _FROM_X86.items()
-           if hasattr(libvmi.X86Reg, field.upper())}
-    ids |= {"fs_base": FS_BASE, "gs_base": GS_BASE, "k_gs_base": SHADOW_GS,
-            "efer": libvmi.MSR.EFER.value}
+    ids = {
+        name: getattr(libvmi.X86Reg, field.upper()).value
+        for name, field in _FROM_X86.items()
+        if hasattr(libvmi.X86Reg, field.upper())
+    }
+    ids |= {
+        "fs_base": FS_BASE,
+        "gs_base": GS_BASE,
+        "k_gs_base": SHADOW_GS,
+        "efer": libvmi.MSR.EFER.value,
+    }
     return ids
 
 

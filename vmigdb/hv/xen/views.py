@@ -61,7 +61,7 @@ class Views:
     def activate(self) -> None:
         if self._b.lib.vmi_slat_set_domain_state(self._vmi.vmi, True) != 0:
             raise DriverError(
-                "Xen refused to enable altp2m on the domain: create it with altp2m = \"external\""
+                'Xen refused to enable altp2m on the domain: create it with altp2m = "external"'
             )
         self.home = self._vmi.slat_create()
 
