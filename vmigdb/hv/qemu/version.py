@@ -20,7 +20,7 @@ from functools import lru_cache
 STEP_CORRUPTS_FLAGS = (
     "QEMU {version}'s single-step corrupts a vCPU's RFLAGS about once in 20,000 steps (measured: "
     "3 guest deaths in 65,164 step-overs; none in 70,659 on QEMU 10.0.2): stepping and "
-    "conditional breakpoints can kill the guest. Use QEMU 10 (scripts/setup installs it)"
+    "conditional breakpoints can crash the guest. Use QEMU 10 (scripts/setup installs it)"
 )
 
 
