@@ -73,6 +73,7 @@ class GuestConsole:
     antidebug_pid: int = 0
     ready: bool = False
     boots: int = 0
+    last_round: int = 0
 
     def poll(self) -> None:
         """Read whatever the guest printed since the last poll (whole lines only)."""
@@ -111,6 +112,11 @@ class GuestConsole:
             names = tuple(m.group(3).split(",")) if m.group(3) else ()
             number, detections, outliers, worst = (int(m.group(i)) for i in (1, 2, 4, 5))
             self.rounds.append(Round(number, detections, names, outliers, worst, self.tag, line))
+            if self.last_round and number != self.last_round + 1:
+                # A verdict we could not read (a kernel message cut through it): not clean.
+                missing = f"rounds {self.last_round + 1}..{number - 1}"
+                self.garbled_detections.append((self.tag, f"antidebug {missing} unreadable"))
+            self.last_round = number
             self._progress(self.antidebug_pid, offset, now)
         elif (m := DETECTIONS.search(line)) and int(m.group(1)):
             self.garbled_detections.append((self.tag, line))  # a verdict we could not parse
