@@ -341,9 +341,11 @@ def w_range(binary, line, after_line, loop_pid, scoped):
     resume("next")
     here = gdb.find_pc_line(gdb.selected_frame().pc()).line
     delta = value("vmigdb_loop_sink") - before
+    once = count * (count - 1) // 2
     check(
-        here == after_line and delta == count * (count - 1) // 2,
-        f"next over {count} iterations: at line {here} (want {after_line}), sum grew by {delta}",
+        here == after_line and delta == once,
+        f"next over line {line} ({count} iterations): stopped at line {here} (want "
+        f"{after_line}) having run the loop {delta / once:g} times, not once",
     )
     sane("next")
     op("range step", 1, iterations=count)
