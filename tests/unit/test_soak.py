@@ -93,6 +93,7 @@ def test_server_log_sorts_errors_from_session_chatter(tmp_path: Path) -> None:
         "vmigdb: QEMU lost a single-step at 0x401615 on CPU#0; stepping again\n"
         "vmigdb: the channel to QEMU's gdbstub fell out of step (T02); resynchronising\n"
         "vmigdb: internal error on b'g'\n"
+        "vmigdb: gdb <- b'F10000;deferred_error_apic_exit'\n"
         "Traceback (most recent call last):\n",
     )
     s = ServerLog(log)
@@ -102,6 +103,7 @@ def test_server_log_sorts_errors_from_session_chatter(tmp_path: Path) -> None:
         "vmigdb: internal err",
         "Traceback (most rece",
     ]
+    assert s.traces == 1
     assert list(s.other) == ["vmigdb: QEMU lost a single-step at NxN on CPU#N; stepping again"]
 
 

@@ -21,6 +21,7 @@ EXPECTED = re.compile(
     r"GDB connected from|GDB at \S+ (detached|went away)|guest time:|starting QEMU|QEMU pid \d+ up|"
     r"QEMU \d+ up|KERNELOFFSET|kallsyms:|KASLR offset|listening on|shutting down"
 )
+TRACE = re.compile(r"vmigdb: (gdb|qemu) (<-|->) ")  # vmigdb -v packet traces
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ServerLog:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (tag, line)
     other: Counter = field(default_factory=Counter)
     lines: int = 0
+    traces: int = 0
 
     def poll(self) -> None:
         try:
@@ -45,7 +47,9 @@ class ServerLog:
         for raw in data[: end + 1].splitlines():
             line = raw.decode(errors="replace")
             self.lines += 1
-            if ERROR.search(line):
+            if TRACE.match(line):
+                self.traces += 1  # -v: a packet's bytes, whatever words they hold
+            elif ERROR.search(line):
                 self.errors.append((self.tag, line))
             elif not EXPECTED.search(line):
                 self.other[re.sub(r"\d+", "N", line)[:160]] += 1
