@@ -13,6 +13,7 @@ the same table, so the ``g`` packet and the XML cannot disagree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -224,7 +225,7 @@ class RegisterFile:
         return cls(bytes(buf), long_mode)
 
     @classmethod
-    def from_values(cls, values: dict[str, int], long_mode: bool = True) -> RegisterFile:
+    def from_values(cls, values: Mapping[str, int], long_mode: bool = True) -> RegisterFile:
         """A register file from integer values by name; registers not named are zero.
 
         For hypervisors that hand over registers one by one (libvmi), not as a gdbstub payload.
@@ -238,6 +239,10 @@ class RegisterFile:
             off = REGISTER_OFFSETS[regnum]
             buf[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         return cls(bytes(buf), long_mode)
+
+    def values(self) -> dict[str, int]:
+        """Every register by name, as unsigned integers (canonical order)."""
+        return {r.name: self[r.name] for r in REGISTERS}
 
     def to_g(self) -> bytes:
         """The canonical binary ``g`` payload."""
