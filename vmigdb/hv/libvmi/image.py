@@ -96,6 +96,10 @@ class DumpImage:
         """Guest-physical RAM as ``(start, end)`` ranges, end exclusive."""
         return self.memory.ranges()
 
+    def scan_ranges(self) -> list[tuple[int, int]]:
+        """RAM that can hold anything but zeros (`LibvmiMemory.data_ranges`): what a scan reads."""
+        return self.memory.data_ranges()
+
     def cpus(self) -> list[int]:
         """1-based vCPU numbers."""
         return [v.number for v in self.vcpus]
@@ -279,7 +283,7 @@ def _locate(
     if locate is None:
         raise SetupError(f"{path} has {what}: {fix}")
     try:
-        return locate(memory.read, memory.ranges())
+        return locate(memory.read, memory.data_ranges())
     except Exception as e:  # noqa: BLE001 - any reason the locator gives is the user's answer
         raise SetupError(
             f"{path} has {what} and no Linux kernel was found in it ({e}): {fix}"

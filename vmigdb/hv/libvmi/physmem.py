@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import stat
@@ -165,6 +166,34 @@ class LibvmiMemory:
     def ranges(self) -> list[tuple[int, int]]:
         """Guest-physical RAM as ``(start, end)`` ranges, end exclusive."""
         return list(self._ranges)
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """The parts of RAM the file holds data for: its holes (``SEEK_HOLE``) read as zeros.
+
+        A flattened dump leaves the guest's all-zero memory as holes, so a scan for something
+        non-zero (the kernel's VMCOREINFO text) need only read these: on the 4 GiB demo guest,
+        ~170 MiB instead of 4 GiB. Without hole support it is all of RAM.
+        """
+        if self._fd < 0:
+            return []
+        extents = []
+        pos = 0
+        try:
+            while pos < self.file_size:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                end = os.lseek(self._fd, start, os.SEEK_HOLE)
+                extents.append((start, end))
+                pos = end
+        except OSError as e:  # ENXIO: no data past pos; EINVAL: no SEEK_DATA here
+            if e.errno != errno.ENXIO:
+                return self.ranges()
+        out = []
+        for a, b in self._ranges:
+            for c, d in extents:
+                lo, hi = max(a, c), min(b, d)
+                if lo < hi:
+                    out.append((lo, hi))
+        return out
 
     def _check(self, pa: int, length: int) -> None:
         if length < 0:
