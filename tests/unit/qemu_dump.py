@@ -171,3 +171,37 @@ def write_core(
         for _, data in blocks:
             f.write(data)
     return path
+
+
+def write_sparse_core(
+    path: Path, layout: list[tuple[int, int]], pieces: dict[int, bytes], cpus: list[Cpu]
+) -> Path:
+    """A dump of RAM blocks ``(paddr, size)`` that costs no disk: zeros are holes in the file.
+
+    *pieces* maps guest-physical addresses to the bytes there (each inside one block).
+    """
+    notes = b"".join(note(b"CORE", 1, prstatus64(c, i + 1)) for i, c in enumerate(cpus))
+    notes += b"".join(note(b"QEMU", 0, qemu_cpustate(c)) for c in cpus)
+    phnum = 1 + len(layout)
+    phoff = 64
+    offset = phoff + 56 * phnum + len(notes)
+    phdrs = struct.pack("<IIQQQQQQ", 4, 0, phoff + 56 * phnum, 0, 0, len(notes), len(notes), 0)
+    where = {}
+    for paddr, size in layout:
+        phdrs += struct.pack("<IIQQQQQQ", 1, 0, offset, paddr, paddr, size, size, 0)
+        where[paddr] = (offset, size)
+        offset += size
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    ehdr = struct.pack(
+        "<16sHHIQQQIHHHHHH", ident, 4, EM_X86_64, 1, 0, phoff, 0, 0, 8, 56, phnum, 0, 0, 0
+    )
+    with open(path, "wb") as f:
+        f.write(ehdr + phdrs + notes)
+        f.truncate(offset)
+        for pa, data in pieces.items():
+            base = max(p for p in where if p <= pa)
+            file_offset, size = where[base]
+            assert pa + len(data) <= base + size
+            f.seek(file_offset + pa - base)
+            f.write(data)
+    return path

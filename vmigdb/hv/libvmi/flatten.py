@@ -16,6 +16,7 @@ temporary name and renamed, so a killed vmigdb never leaves a half-made one unde
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,26 +110,47 @@ def _usable(path: Path, size: int, key: str) -> bool:
     return isinstance(meta, dict) and meta.get("key") == key
 
 
+def _extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``[start, end)`` of file *fd* that hold data (all of it without SEEK_DATA)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # no SEEK_DATA on this filesystem: read it all
+                yield pos, end
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
 def _copy(core: ElfCore, src: int, dst: int) -> int:
-    """Copy every PT_LOAD to its physical offset, skipping all-zero 64 KiB runs. Bytes written."""
+    """Copy every PT_LOAD to its physical offset, skipping all-zero 64 KiB runs and the dump's
+    own holes (QEMU writes every byte, but a copy made with ``cp --sparse`` has holes). Returns
+    the bytes written."""
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     written = 0
     for seg in core.loads:
-        pos = 0
-        while pos < seg.filesz:
-            n = min(_CHUNK, seg.filesz - pos)
-            got = os.preadv(src, [view[:n]], seg.offset + pos)
-            if got != n:
-                raise OSError(f"short read at {seg.offset + pos} in {core.path}")
-            # bytearray == bytes is a memcmp; most of an idle guest's RAM is zero.
-            if not (buf == _ZERO if n == _CHUNK else buf[:n] == _ZERO[:n]):
-                for sub in range(0, n, _SUB):
-                    part = buf[sub : min(n, sub + _SUB)]
-                    if part != _ZERO_SUB[: len(part)]:
-                        os.pwrite(dst, part, seg.paddr + pos + sub)
-                        written += len(part)
-            pos += n
+        for start, end in _extents(src, seg.offset, seg.offset + seg.filesz):
+            pos = start
+            while pos < end:
+                n = min(_CHUNK, end - pos)
+                got = os.preadv(src, [view[:n]], pos)
+                if got != n:
+                    raise OSError(f"short read at {pos} in {core.path}")
+                # bytearray == bytes is a memcmp; most of an idle guest's RAM is zero.
+                if not (buf == _ZERO if n == _CHUNK else buf[:n] == _ZERO[:n]):
+                    pa = seg.paddr + pos - seg.offset
+                    for sub in range(0, n, _SUB):
+                        part = buf[sub : min(n, sub + _SUB)]
+                        if part != _ZERO_SUB[: len(part)]:
+                            os.pwrite(dst, part, pa + sub)
+                            written += len(part)
+                pos += n
     return written
 
 
