@@ -17,6 +17,7 @@ import pytest
 from vmigdb.arch.x86_64.paging import Translation, Translator, paging_mode
 from vmigdb.guest.linux.kernel import find_kernel
 from vmigdb.hv.libvmi import DumpDriver
+from vmigdb.hv.qemu.dump import DumpRefused, dump_guest_memory
 from vmigdb.hv.qemu.launch import QemuMachine, launch_qemu
 from vmigdb.hv.qemu.process import QemuConfig
 
@@ -52,16 +53,20 @@ async def _boot_and_dump(tmp: Path, guest_image) -> tuple[QemuMachine, Path, flo
                 raise AssertionError("the demo guest did not boot")
             await asyncio.sleep(0.2)
         await asyncio.sleep(0.5)  # let it settle into its idle loop
+        dump = tmp / "guest.elf"
+        with pytest.raises(DumpRefused, match="the guest is running: stop it first"):
+            await dump_guest_memory(machine.qmp, dump)
+        assert not dump.exists()
         machine.driver.interrupt()
         machine.driver.wait_stop(10.0)
-        dump = tmp / "guest.elf"
-        start = time.perf_counter()
-        await machine.qmp.execute(
-            "dump-guest-memory", {"paging": False, "protocol": f"file:{dump}"}
-        )
-        seconds = time.perf_counter() - start
-        assert await machine.qmp.status() in ("debug", "paused")  # still stopped
-        return machine, dump, seconds
+        before = await machine.qmp.status()
+        written = await dump_guest_memory(machine.qmp, dump)
+        assert written.size == dump.stat().st_size > 512 << 20
+        assert await machine.qmp.status() == before  # still stopped, as the gdbstub left it
+        with pytest.raises(DumpRefused, match="File exists"):
+            await dump_guest_memory(machine.qmp, dump)  # never over an existing file
+        assert dump.stat().st_size == written.size
+        return machine, dump, written.seconds
     except BaseException:
         await machine.shutdown()
         raise
@@ -87,7 +92,7 @@ def driver(saved):
 
 
 def test_dump_is_private_and_timed(saved) -> None:
-    assert os.stat(saved.dump).st_mode & 0o077 == 0
+    assert os.stat(saved.dump).st_mode & 0o777 == 0o600
     print(f"dump-guest-memory of 512 MiB: {saved.dump_seconds:.2f} s")
 
 
