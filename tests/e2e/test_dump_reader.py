@@ -16,7 +16,8 @@ import pytest
 
 from vmigdb.arch.x86_64.paging import Translation, Translator, paging_mode
 from vmigdb.guest.linux.kernel import find_kernel
-from vmigdb.hv.libvmi import DumpDriver
+from vmigdb.hv.libvmi import DumpDriver, open_image
+from vmigdb.hv.libvmi.regsfile import write_registers_file
 from vmigdb.hv.qemu.dump import DumpRefused, dump_guest_memory
 from vmigdb.hv.qemu.launch import QemuMachine, launch_qemu
 from vmigdb.hv.qemu.process import QemuConfig
@@ -138,3 +139,37 @@ def test_same_kernel_and_translations(saved, driver) -> None:
         assert isinstance(t, Translation)
         assert driver.image.memory.translate(regs["cr3"], regs["rip"]) == t.pa  # libvmi agrees
         assert driver.read_physical(t.pa, 16) == saved.memory.read(t.pa, 16)
+
+
+def _locate(read_phys, ranges):
+    kernel = find_kernel(read_phys, ranges)
+    return kernel.kernel_cr3, kernel.la57
+
+
+def test_raw_image_with_and_without_registers(saved, tmp_path) -> None:
+    """The same guest as a raw physical image: with a registers file written from the live
+    registers, and with none (the kernel's page tables found in RAM)."""
+    ((start, end),) = saved.memory.ranges()  # 512 MiB: all below the PCI hole
+    raw = tmp_path / "guest.raw"
+    with open(raw, "wb") as f:
+        for pa in range(start, end, CHUNK):
+            f.write(saved.memory.read(pa, min(CHUNK, end - pa)))
+    regs = tmp_path / "regs.json"
+    write_registers_file(regs, [saved.registers[cpu] for cpu in saved.cpus])
+    live = find_kernel(saved.memory.read, saved.memory.ranges())
+    stext = live.symbol("_stext")
+    assert stext is not None
+    with open_image(raw, registers=regs) as image:
+        assert image.cpus() == saved.cpus
+        for cpu in saved.cpus:
+            assert image.registers(cpu).to_g() == saved.registers[cpu].to_g()
+        assert image.memory.translate(live.kernel_cr3, stext) == live.kernel_image_pa(stext)
+
+    with open_image(raw, locate_kernel=_locate) as image:
+        (vcpu,) = image.vcpus
+        regs_ = vcpu.registers
+        assert regs_["cr3"] == live.kernel_cr3
+        mode = paging_mode(regs_["cr0"], regs_["cr4"], regs_["efer"])
+        t = Translator(image.read).translate(regs_["cr3"], stext, mode)
+        assert isinstance(t, Translation) and t.pa == live.kernel_image_pa(stext)
+        assert image.read(t.pa, 64) == saved.memory.read(t.pa, 64)
