@@ -1,7 +1,9 @@
 """The driver for a saved guest (`vmigdb dump`): registers and memory, read-only, nothing runs.
 
-Thin on purpose: `vmigdb.hv.libvmi.image` does the work. Everything that would run, stop or
-change the guest is refused with `DriverError`, and the capabilities say so up front.
+Thin on purpose: `vmigdb.hv.libvmi.image` does the work. The capabilities say up front that there
+is no run control and no write of any kind (`run_control=False`, `register_write=False`,
+`memory_write=None`); the base class answers every such verb with `Unsupported`, and the session
+refuses those packets before they get here.
 """
 
 from __future__ import annotations
@@ -10,36 +12,33 @@ import os
 from pathlib import Path
 
 from vmigdb.arch.x86_64.registers import RegisterFile
-from vmigdb.hv.base import (
-    BreakpointType,
-    Capabilities,
-    Driver,
-    DriverError,
-    DriverStop,
-    Mechanism,
-)
+from vmigdb.hv.base import Capabilities, Driver, DriverError, Mechanism
 from vmigdb.hv.libvmi.image import DumpImage, KernelLocator, open_image
 
 __all__ = ["DUMP_CAPABILITIES", "DumpDriver"]
+
+_SAVED = "a saved copy: the guest is not running and cannot see it read"
 
 DUMP_CAPABILITIES = Capabilities(
     registers=Mechanism(
         "dump-vcpu-state",
         "vCPU state saved in the dump (QEMU's notes, or a registers file)",
         False,
-        why="a saved copy: the guest is not running and cannot see it read",
+        why=_SAVED,
     ),
     memory_read=Mechanism(
         "libvmi-file",
         "libvmi's File driver (vmi_read_pa) on the saved RAM + vmigdb's page walk",
         False,
-        why="a saved copy: the guest is not running and cannot see it read",
+        why=_SAVED,
     ),
     memory_write=None,
     sw_breakpoint=None,
     hw_breakpoint=None,
     watchpoint=None,
     single_step=None,
+    run_control=False,
+    register_write=False,
 )
 
 
@@ -88,40 +87,12 @@ class DumpDriver(Driver):
         except KeyError:
             raise DriverError(f"no vCPU {cpu} in this dump") from None
 
-    def _refuse(self, what: str) -> DriverError:
-        return DriverError(f"{what}: this is a saved guest (a dump), read-only; nothing runs")
-
-    def write_physical(self, pa: int, data: bytes) -> None:
-        raise self._refuse("cannot write memory")
-
-    def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
-        raise self._refuse("cannot write registers")
-
-    def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
-    ) -> None:
-        raise self._refuse("no breakpoints or watchpoints")
-
-    def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
-        raise self._refuse("no breakpoints or watchpoints")
-
-    def resume(self, actions: dict[int, str]) -> None:
-        raise self._refuse("cannot continue or step")
-
-    def stop_fileno(self) -> int:
-        raise self._refuse("never runs")
-
-    def poll_stop(self) -> DriverStop | None:
-        raise self._refuse("never runs")
-
-    def interrupt(self) -> None:
-        raise self._refuse("never runs")
-
-    def wait_stop(self, timeout: float) -> DriverStop:
-        raise self._refuse("never runs")
-
-    def kill(self) -> None:
-        raise self._refuse("cannot kill")
+    def absent_registers(self, cpu: int) -> frozenset[str]:
+        """Registers the dump did not save for *cpu* (GDB shows them as <unavailable>)."""
+        try:
+            return frozenset(self.image.vcpu(cpu).absent)
+        except KeyError:
+            return frozenset()
 
     def close(self) -> None:
         self.image.close()
