@@ -12,10 +12,11 @@ QEMU writes two notes per vCPU (target/i386/arch_dump.c, unchanged from 7.2 to 1
   so in 7.2 and 10.x: 440 bytes). ``flags`` is QEMU's descriptor cache word: bit 21 is L (64-bit
   code), bit 22 D/B.
 
-Neither note holds x87/SSE state, CR8, EFER or the debug registers: those are listed as absent
-(served as 0). EFER's LME/LMA are derived: long mode is active when paging and PAE are on and the
-vCPU runs 64-bit code (CS.L) or QEMU marked the dump EM_X86_64 (its first vCPU had EFER.LMA set);
-SCE and NXE cannot be known and read 0.
+Neither note holds x87/SSE state, CR8, EFER or the debug registers: those are listed as absent,
+and GDB shows them as <unavailable> (they read 0 inside vmigdb). For vmigdb's own page walk only,
+EFER's LME/LMA are derived (GDB still shows EFER as unavailable): long mode is active when paging
+and PAE are on and the vCPU runs 64-bit code (CS.L) or QEMU marked the dump EM_X86_64 (its first
+vCPU had EFER.LMA set); SCE and NXE cannot be known and read 0.
 """
 
 from __future__ import annotations
@@ -184,10 +185,12 @@ class VcpuState:
     """One vCPU as the dump saved it.
 
     :ivar number: 1-based, as GDB's thread ids and QEMU's gdbstub number vCPUs.
-    :ivar registers: What GDB is served.
+    :ivar registers: What GDB is served; a register the dump did not save (absent or derived)
+        is in ``registers.unavailable``: GDB shows <unavailable>, vmigdb's page walk reads the
+        derived value (or 0).
     :ivar source: Which note(s) the registers came from.
-    :ivar absent: Registers the dump does not hold (served as 0).
-    :ivar derived: Registers computed from others, each with how.
+    :ivar absent: Registers the dump does not hold.
+    :ivar derived: Registers computed from others, for vmigdb's page walk, each with how.
     """
 
     number: int
@@ -218,9 +221,8 @@ def _from_cpustate(number: int, st: QemuCpuState, dump_is_64bit: bool) -> VcpuSt
     values["efer"] = derive_efer(st.cr[0], st.cr[4], seg["cs"].long, dump_is_64bit)
     derived = ("efer: LME/LMA from CR0.PG, CR4.PAE and CS.L; SCE/NXE unknown (0)",)
     source = f"QEMU note (QEMUCPUState v{st.version}, {st.size} bytes)"
-    return VcpuState(
-        number, RegisterFile.from_values(values, seg["cs"].long), source, tuple(absent), derived
-    )
+    registers = RegisterFile.from_values(values, seg["cs"].long, (*absent, "efer"))
+    return VcpuState(number, registers, source, tuple(absent), derived)
 
 
 def _from_prstatus(number: int, pr: PrStatus) -> VcpuState:
@@ -239,7 +241,7 @@ def _from_prstatus(number: int, pr: PrStatus) -> VcpuState:
     absent = (*ABSENT_FROM_QEMU_NOTE, "cr0", "cr2", "cr3", "cr4", "efer", "k_gs_base")
     if pr.bits == 32:
         absent += ("fs_base", "gs_base")
-    registers = RegisterFile.from_values(values, pr.bits == 64)
+    registers = RegisterFile.from_values(values, pr.bits == 64, absent)
     return VcpuState(number, registers, f"NT_PRSTATUS ({pr.bits}-bit)", absent, ())
 
 
@@ -309,8 +311,10 @@ def page_table_registers(cr3: int, la57: bool = False) -> VcpuState:
         "cr4": _CR4_PAE | (_CR4_LA57 if la57 else 0),
         "efer": _EFER_LME | _EFER_LMA,
     }
-    registers = RegisterFile.from_values(values, True)
-    known = set(values)
-    absent = tuple(r for r in registers.values() if r not in known)
-    derived = ("cr3: the kernel's page tables (init_top_pgt), found from VMCOREINFO in RAM",)
+    names = RegisterFile.from_values({}).values()
+    absent = tuple(r for r in names if r not in values)
+    registers = RegisterFile.from_values(values, True, names)  # GDB is shown none of them
+    derived = (
+        "cr0/cr3/cr4/efer: the kernel's page tables (init_top_pgt), found from VMCOREINFO in RAM",
+    )
     return VcpuState(1, registers, "the kernel's page tables (no registers)", absent, derived)

@@ -61,6 +61,9 @@ _OTHER_FORMATS = (
     (b"PAGEDU64", "a Windows crash dump (dump-guest-memory format=win-dmp)"),
     (b"PAGEDUMP", "a 32-bit Windows crash dump"),
     (b"QEVM", "a QEMU migration stream (savevm/migrate), not a memory dump"),
+    (b"\x1f\x8b", "gzip-compressed (decompress it first)"),
+    (b"\xfd7zXZ\x00", "xz-compressed (decompress it first)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed (decompress it first)"),
 )
 
 

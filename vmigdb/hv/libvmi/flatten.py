@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmigdb.errors import SetupError
-from vmigdb.hv.libvmi.elfcore import ElfCore
+from vmigdb.hv.libvmi.elfcore import ElfCore, read_elf_core
 
-__all__ = ["TRAILER_MAGIC", "Flattened", "cache_dir", "flatten", "raw_size"]
+__all__ = ["TRAILER_MAGIC", "Flattened", "cache_dir", "flatten", "raw_copy", "raw_size"]
 
 log = logging.getLogger("vmigdb.hv.libvmi")
 
@@ -224,3 +224,20 @@ def flatten(core: ElfCore, fd: int, directory: Path | None = None) -> Flattened:
         f"cannot write the raw copy of {core.path} that libvmi reads (needs up to {data >> 20} MiB "
         f"of disk, sparse): {'; '.join(errors)}"
     )
+
+
+def raw_copy(path: str | os.PathLike[str], directory: Path | None = None) -> Flattened:
+    """`flatten` the ELF dump at *path*: done right after a dump is written, the first
+    ``vmigdb dump --image`` of it need not make the copy.
+
+    :raises SetupError: (DumpFormatError for a bad dump) with a one-line reason.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SetupError(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        return flatten(read_elf_core(fd, path), fd, directory)
+    finally:
+        os.close(fd)

@@ -126,7 +126,9 @@ class DumpImage:
         lines.append(("registers", "; ".join(sources)))
         absent = sorted(set().union(*(v.absent for v in self.vcpus)), key=_register_order)
         if absent:
-            lines.append(("not saved (read as 0)", _summarise(absent)))
+            lines.append(("not saved (GDB shows <unavailable>)", _summarise(absent)))
+        if "rip" in absent:
+            lines.append(("rip", "not saved: shown as 0 (GDB cannot do without a PC)"))
         for note in sorted(set().union(*(v.derived for v in self.vcpus))):
             lines.append(("derived", note))
         return lines
@@ -183,10 +185,11 @@ def _with_page_tables(v: VcpuState, cr3: int, la57: bool) -> VcpuState:
         values[name] = base[name]
     absent = tuple(n for n in v.absent if n not in ("cr0", "cr3", "cr4", "efer"))
     derived = (*v.derived, "cr0/cr3/cr4/efer: the kernel's page tables, found from VMCOREINFO")
-    return replace(
-        v, registers=RegisterFile.from_values(values, v.registers.long_mode), absent=absent,
-        derived=derived,
-    )  # fmt: skip
+    long_mode = v.registers.long_mode
+    registers = RegisterFile(  # still not saved: GDB shows them unavailable
+        RegisterFile.from_values(values, long_mode).data, long_mode, v.registers.unavailable
+    )
+    return replace(v, registers=registers, absent=absent, derived=derived)
 
 
 def open_image(

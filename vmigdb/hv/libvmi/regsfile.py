@@ -17,8 +17,8 @@ known, come in a file like this (every field but ``vcpus`` optional)::
   for x86-64 (``rax``..``r15``, ``rip``, ``eflags``, ``cs``..``gs``, ``fs_base``, ``gs_base``,
   ``k_gs_base``, ``cr0``..``cr4``, ``cr8``, ``efer``, ``st0``.., ``xmm0``.., ``mxcsr``; ``rflags``
   and ``kernel_gs_base`` are accepted too). Values are integers or strings Python's ``int(s, 0)``
-  reads ("0x10", "16"). A register not given reads 0 and is reported absent, except ``efer``:
-  LME|LMA when ``cr0`` has PG and ``cr4`` PAE.
+  reads ("0x10", "16"). A register not given is reported absent (GDB shows <unavailable>);
+  without ``efer``, vmigdb's page walk takes LME|LMA when ``cr0`` has PG and ``cr4`` PAE.
 - ``ram``: guest-physical RAM as ``[start, end)`` pairs; default: the whole file.
 
 `write_registers_file` writes one from live registers (owner-only), every register in hex.
@@ -78,11 +78,12 @@ def _vcpu(number: int, entry: Any, path: Path) -> VcpuState:
     if "efer" not in values:
         values["efer"] = derive_efer(values.get("cr0", 0), values.get("cr4", 0), False, True)
         derived = ("efer: LME/LMA from cr0.PG and cr4.PAE (not in the registers file)",)
+    given = set(values) - ({"efer"} if derived else set())
+    absent = tuple(n for n in REGISTER_INDEX if n not in values)
     try:
-        registers = RegisterFile.from_values(values)
+        registers = RegisterFile.from_values(values, True, set(REGISTER_INDEX) - given)
     except ValueError as e:
         raise ValueError(f"vcpus[{number - 1}]: {e}") from None
-    absent = tuple(n for n in registers.values() if n not in values)
     return VcpuState(number, registers, f"registers file {path}", absent, derived)
 
 

@@ -71,6 +71,9 @@ async def dump_guest_memory(qmp: Qmp, path: str | os.PathLike[str]) -> DumpWritt
         except QmpError:
             pass
         raise DumpRefused(f"QEMU could not dump the guest: {e}") from None
+    except BaseException:  # cancelled (vmigdb is ending): no half-written dump is left
+        path.unlink(missing_ok=True)
+        raise
     finally:
         if fd >= 0:
             os.close(fd)
