@@ -44,7 +44,7 @@ async def _open(args: argparse.Namespace) -> Target:
     async def close() -> None:
         driver.close()
 
-    return Target(driver=driver, close=close, gone=lambda: "the dump went away")
+    return Target(driver=driver, close=close, gone=lambda: "the dump went away", analyse_first=True)
 
 
 DUMP = ServeCommand(

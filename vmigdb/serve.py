@@ -45,6 +45,9 @@ class Target:
     # `monitor dump FILE`: save the whole stopped machine to a new file, for `vmigdb dump`
     # (see `vmigdb.rsp.monitor.SaveMachine`); None where the hypervisor cannot.
     save_machine: Callable[[str], Awaitable[str]] | None = None
+    # A machine that never changes (a dump): analyse the guest before listening, so that GDB's
+    # first prompt does not wait for it.
+    analyse_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ async def serve(command: ServeCommand, args: argparse.Namespace) -> int:
     server = None
     try:
         debugger = Debugger(target.driver, StealthMode(args.stealth))
+        if target.analyse_first:
+            debugger.guest.prepare()
         if target.run_at_start:
             debugger.resume({cpu: "c" for cpu in debugger.cpus()})
         server = RspServer(debugger, local=address.is_loopback(), save_machine=target.save_machine)

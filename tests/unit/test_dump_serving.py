@@ -158,10 +158,11 @@ def test_monitor_dump_awaits_the_save_and_says_what_it_wrote(tmp_path: Path) -> 
 
     target = tmp_path / "guest.elf"
     outcome = monitor(live(save), f"dump {target}")
-    assert console(outcome.replies) == f"saving the guest to {target}...\n"
+    assert console(outcome.replies) == f"saving the guest to {target} "
+    assert outcome.action.keepalive == b"O2e"  # a progress dot
     replies = run_later(outcome)
     assert asked == [str(target)]
-    assert console(replies) == f"wrote {target}\n" and replies[-1] == b"OK"
+    assert console(replies) == f"\nwrote {target}\n" and replies[-1] == b"OK"
 
 
 def test_monitor_dump_failures_are_one_line(tmp_path: Path) -> None:
@@ -169,13 +170,13 @@ def test_monitor_dump_failures_are_one_line(tmp_path: Path) -> None:
         raise VmigdbError("QEMU could not dump the guest: no space left")
 
     replies = run_later(monitor(live(refuse), f"dump {tmp_path}/x"))
-    assert console(replies) == "QEMU could not dump the guest: no space left\n"
+    assert console(replies) == "\nQEMU could not dump the guest: no space left\n"
     assert replies[-1] == b"E01"
 
     async def buggy(path: str) -> str:
         raise KeyError("a bug")
 
-    assert run_later(monitor(live(buggy), f"dump {tmp_path}/x")) == [b"Eff"]
+    assert run_later(monitor(live(buggy), f"dump {tmp_path}/x"))[-1] == b"Eff"
 
 
 async def never(path: str) -> str:
@@ -224,9 +225,10 @@ def test_the_server_holds_packets_while_the_machine_is_saved(tmp_path: Path) -> 
         packets: list[bytes] = []
 
         async def read_for(seconds: float) -> None:
+            deadline = asyncio.get_running_loop().time() + seconds
             try:
-                while True:
-                    decoder.feed(await asyncio.wait_for(reader.read(1 << 16), seconds))
+                while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                    decoder.feed(await asyncio.wait_for(reader.read(1 << 16), left))
                     packets.extend(e.data for e in decoder.events() if isinstance(e, codec.Packet))
             except TimeoutError:
                 pass
@@ -239,8 +241,8 @@ def test_the_server_holds_packets_while_the_machine_is_saved(tmp_path: Path) -> 
             writer.write(codec.encode_packet(b"qC"))
             await writer.drain()
             await asyncio.wait_for(saving.wait(), 5)
-            await read_for(0.3)
-            held = len(packets) == 1  # only the note: the reads wait for the save
+            await read_for(1.4)
+            held = packets[1:] == [b"O2e"]  # the note and a dot: the reads wait for the save
             release.set()
             await read_for(0.5)
         finally:
@@ -250,10 +252,11 @@ def test_the_server_holds_packets_while_the_machine_is_saved(tmp_path: Path) -> 
 
     packets, held = asyncio.run(scenario())
     assert held
-    assert [codec.decode_hex(p[1:]) for p in packets[:2]] == [
-        f"saving the guest to {tmp_path}/guest.elf...\n".encode(),
-        f"wrote {tmp_path}/guest.elf\n".encode(),
+    assert [codec.decode_hex(p[1:]) for p in packets[:3]] == [
+        f"saving the guest to {tmp_path}/guest.elf ".encode(),
+        b".",
+        f"\nwrote {tmp_path}/guest.elf\n".encode(),
     ]
-    assert packets[2] == b"OK"
-    assert len(packets[3]) == 8 and packets[4] == b"QC1"
-    assert len(packets) == 5
+    assert packets[3] == b"OK"
+    assert len(packets[4]) == 8 and packets[5] == b"QC1"
+    assert len(packets) == 6

@@ -44,8 +44,8 @@ class MonitorError(Exception):
 
 @dataclass(frozen=True)
 class Later:
-    """A command's answer that takes a while: `note` is shown at once, then `work` is awaited
-    (it returns the text, or raises `MonitorError`)."""
+    """A command's answer that takes a while: `note` is shown at once (on a line it leaves open
+    for progress dots), then `work` is awaited (it returns the text, or raises `MonitorError`)."""
 
     note: str
     work: Coroutine[Any, Any, str]
@@ -348,7 +348,7 @@ class Monitor:
         path = os.path.abspath(args[0])
         if os.path.lexists(path):
             raise MonitorError(f"{path} exists: vmigdb never overwrites a file, name a new one")
-        return Later(f"saving the guest to {path}...", self._save(path))
+        return Later(f"saving the guest to {path} ", self._save(path))
 
     async def _save(self, path: str) -> str:
         assert self._save_machine is not None

@@ -284,8 +284,10 @@ class GdbConnection(asyncio.Protocol):
                 self._send(reply)
             self.waiting_for_stop = not refused
         elif isinstance(action, Await):
-            self.pending = asyncio.get_running_loop().create_task(action.replies)
+            loop = asyncio.get_running_loop()
+            self.pending = loop.create_task(action.replies)
             self.pending.add_done_callback(self._on_answer)
+            loop.call_later(1.0, self._keep_alive, self.pending, action.keepalive)
         elif isinstance(action, Detach):
             log.info("GDB at %s detached", self.peer)
             self.done = True
@@ -327,6 +329,12 @@ class GdbConnection(asyncio.Protocol):
         for reply in replies:
             self._send(reply)
         self._drain()
+
+    def _keep_alive(self, task: asyncio.Task[list[bytes]], packet: bytes) -> None:
+        """Tell GDB, once a second, that the monitor command still works (see `Await`)."""
+        if self.pending is task and not self.done:
+            self._send(packet)
+            asyncio.get_running_loop().call_later(1.0, self._keep_alive, task, packet)
 
     def cancel_pending(self) -> None:
         if self.pending is not None:

@@ -103,9 +103,12 @@ class Resume:
 @dataclass(frozen=True, slots=True)
 class Await:
     """Await `replies` (a long monitor command, e.g. `monitor dump`), then send what it returns.
-    The machine stays stopped; the server holds GDB's other packets until then."""
+    The machine stays stopped; the server holds GDB's other packets until then, and sends
+    `keepalive` every second meanwhile: GDB waits for a `qRcmd` answer as long as it takes, but
+    says "Ignoring packet error, continuing..." after 3 silent timeouts (6 s by default)."""
 
     replies: Coroutine[Any, Any, list[bytes]]
+    keepalive: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,17 +374,19 @@ class Session:
             # GDB decodes any qRcmd reply as hex: a refusal's text goes to its console instead.
             return [*console_output(str(exc)), b"E01"]
         if isinstance(answer, Later):
-            return Outcome(console_output(answer.note), Await(self._later(command, answer)))
+            # The note, then a dot a second (GDB prints them as they come), then the answer.
+            note = b"O" + codec.encode_hex(answer.note.encode())
+            return Outcome([note], Await(self._later(command, answer), b"O2e"))
         return [*console_output(answer), b"OK"]
 
     async def _later(self, command: str, answer: Later) -> list[bytes]:
         try:
             text = await answer.work
         except MonitorError as exc:
-            return [*console_output(str(exc)), b"E01"]
+            return [*console_output(f"\n{exc}"), b"E01"]
         except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
-            return [error_reply(exc, b"qRcmd " + command.encode()[:48])]
-        return [*console_output(text), b"OK"]
+            return [*console_output("\n"), error_reply(exc, b"qRcmd " + command.encode()[:48])]
+        return [*console_output(f"\n{text}"), b"OK"]
 
     # -- registers --------------------------------------------------------------------------------
 
