@@ -13,9 +13,13 @@ from pathlib import Path
 from tests.e2e.conftest import ROOT, free_port
 
 
-def gdb(address: str, *commands: str, timeout: float = 120) -> dict[str, str]:
+def gdb(
+    address: str, *commands: str, timeout: float = 120, remote_timeout: int | None = None
+) -> dict[str, str]:
     """Run GDB in batch mode; what each command printed, by its index (and "connect")."""
     argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off"]
+    if remote_timeout is not None:
+        argv += ["-ex", f"set remotetimeout {remote_timeout}"]
     argv += ["-ex", f"target remote {address}", "-ex", "echo @@ 0\\n"]
     for i, command in enumerate(commands, 1):
         argv += ["-ex", command, "-ex", f"echo @@ {i}\\n"]
