@@ -155,7 +155,7 @@ def test_replay_of_the_dump_shows_what_gdb_showed_live(live: Live, replay) -> No
     assert out[9].split()[1:] == ["0x54"] and "0x27" in out["info registers rax"], out["all"]
     info = out["monitor info"]
     assert "driver: libvmi File driver (post-mortem, read-only)" in info, info
-    assert f"image: {live.dump} (QEMU ELF dump, 2 vCPU(s))" in info, info
+    assert f"image: {live.dump} (QEMU ELF dump, 2 vCPU(s), written 20" in info, info
     assert f"vmi_read_pa) on {live.dump}.vmigdb-raw" in info, info
     assert "state: stopped for good" in info and "guest: Linux 6.1" in info, info
 

@@ -219,7 +219,7 @@ def _from_cpustate(number: int, st: QemuCpuState, dump_is_64bit: bool) -> VcpuSt
     else:
         values["k_gs_base"] = st.kernel_gs_base
     values["efer"] = derive_efer(st.cr[0], st.cr[4], seg["cs"].long, dump_is_64bit)
-    derived = ("efer: LME/LMA from CR0.PG, CR4.PAE and CS.L; SCE/NXE unknown (0)",)
+    derived = ("efer, for vmigdb's page walk: LME/LMA from CR0.PG, CR4.PAE and CS.L; SCE, NXE 0",)
     source = f"QEMU note (QEMUCPUState v{st.version}, {st.size} bytes)"
     registers = RegisterFile.from_values(values, seg["cs"].long, (*absent, "efer"))
     return VcpuState(number, registers, source, tuple(absent), derived)

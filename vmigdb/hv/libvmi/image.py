@@ -78,6 +78,7 @@ class DumpImage:
         flattened: Flattened | None = None,
         elf: ElfCore | None = None,
         opened_in: float = 0.0,
+        written: float | None = None,
     ) -> None:
         self.path = path
         self.kind = kind
@@ -86,6 +87,7 @@ class DumpImage:
         self.flattened = flattened
         self.elf = elf
         self.opened_in = opened_in
+        self.written = written  # the file's mtime: when the guest was saved
         self._by_number = {v.number: v for v in vcpus}
 
     def read(self, pa: int, length: int) -> bytes:
@@ -116,7 +118,10 @@ class DumpImage:
         """(label, value) lines saying what this is and where each piece came from."""
         ram = self.ranges()
         total = sum(b - a for a, b in ram)
-        lines = [("image", f"{self.path} ({self.kind}, {len(self.vcpus)} vCPU(s))")]
+        when = ""
+        if self.written is not None:
+            when = f", written {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.written))}"
+        lines = [("image", f"{self.path} ({self.kind}, {len(self.vcpus)} vCPU(s){when})")]
         where = f"libvmi File driver (vmi_read_pa) on {self.memory.path}"
         if self.flattened is not None:
             how = "reused" if self.flattened.reused else f"made in {self.flattened.seconds:.1f} s"
@@ -273,7 +278,10 @@ def open_image(
         raise
     os.close(fd)  # libvmi holds the raw image open; the ELF itself is no longer needed
     seconds = time.perf_counter() - start
-    image = DumpImage(path, kind, memory, vcpus, flattened=flattened, elf=elf, opened_in=seconds)
+    image = DumpImage(
+        path, kind, memory, vcpus, flattened=flattened, elf=elf, opened_in=seconds,
+        written=st.st_mtime,
+    )  # fmt: skip
     log.info("opened %s: %s, %d vCPU(s), in %.2f s", path, kind, len(vcpus), seconds)
     return image
 
