@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmigdb.arch.x86_64.registers import REGISTER_INDEX, RegisterFile
+from vmigdb.arch.x86_64.registers import REGISTER_INDEX, REGISTERS, RegisterFile
 from vmigdb.errors import SetupError
 from vmigdb.hv.libvmi.cpustate import VcpuState, derive_efer
 
@@ -73,17 +73,20 @@ def _vcpu(number: int, entry: Any, path: Path) -> VcpuState:
         name = _ALIASES.get(key, key)
         if name not in REGISTER_INDEX:
             raise ValueError(f"vcpus[{number - 1}]: no register named {key!r}")
-        values[name] = _int(raw, f"vcpus[{number - 1}].{key}")
+        value = _int(raw, f"vcpus[{number - 1}].{key}")
+        bits = REGISTERS[REGISTER_INDEX[name]].bitsize
+        if value >> bits:
+            raise ValueError(
+                f"vcpus[{number - 1}]: register {name} is {bits} bits wide: {value:#x} does not fit"
+            )
+        values[name] = value
     derived: tuple[str, ...] = ()
     if "efer" not in values:
         values["efer"] = derive_efer(values.get("cr0", 0), values.get("cr4", 0), False, True)
         derived = ("efer: LME/LMA from cr0.PG and cr4.PAE (not in the registers file)",)
     given = set(values) - ({"efer"} if derived else set())
     absent = tuple(n for n in REGISTER_INDEX if n not in values)
-    try:
-        registers = RegisterFile.from_values(values, True, set(REGISTER_INDEX) - given)
-    except ValueError as e:
-        raise ValueError(f"vcpus[{number - 1}]: {e}") from None
+    registers = RegisterFile.from_values(values, True, set(REGISTER_INDEX) - given)
     return VcpuState(number, registers, f"registers file {path}", absent, derived)
 
 
