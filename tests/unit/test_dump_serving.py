@@ -260,3 +260,19 @@ def test_the_server_holds_packets_while_the_machine_is_saved(tmp_path: Path) -> 
     assert packets[3] == b"OK"
     assert len(packets[4]) == 8 and packets[5] == b"QC1"
     assert len(packets) == 6
+
+
+def test_a_dump_is_analysed_before_gdb_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vmigdb dump` analyses the guest and builds its symbol file before listening: GDB's first
+    packets then find both ready; a guest that cannot be analysed is no error there."""
+    monkeypatch.setattr(registry, "_KNOWN", (("toy kernel", ToyOS.attach),))
+    ToyOS.attached = 0
+    dbg = Debugger(ToyDump(1))
+    dbg.guest.prepare()
+    assert ToyOS.attached == 1
+    dbg.halt()
+    dbg.client_attached()
+    session = Session(dbg)
+    (name,) = session.handle(b"qXfer:exec-file:read::0,100").replies
+    assert name == b"l/vmigdb/toy-kernel" and ToyOS.attached == 1  # not analysed again
+    Debugger(DumpDriver(1)).guest.prepare()  # lists no RAM: nothing to analyse, no error
