@@ -145,6 +145,9 @@ def test_replay_of_the_dump_shows_what_gdb_showed_live(live: Live, replay) -> No
         f"x/1xb {live.buf:#x}",
         "info registers rax",
         "monitor info",
+        "monitor phys on",
+        f"x/4xb {RAM - 4:#x}",
+        f"x/4xb {RAM:#x}",  # past the end of RAM
     )
     cannot_run = "Remote failure reply: E.vmigdb: the libvmi-file driver cannot run the guest"
     assert out["continue"].count(cannot_run) == 1 and "stopped" in out["continue"], out["all"]
@@ -158,6 +161,8 @@ def test_replay_of_the_dump_shows_what_gdb_showed_live(live: Live, replay) -> No
     assert f"image: {live.dump} (QEMU ELF dump, 2 vCPU(s), written 20" in info, info
     assert f"vmi_read_pa) on {live.dump}.vmigdb-raw" in info, info
     assert "state: stopped for good" in info and "guest: Linux 6.1" in info, info
+    assert out[13].startswith(f"{RAM - 4:#x}:\t0x"), out["all"]
+    assert out[14] == f"{RAM:#x}:\tCannot access memory at address {RAM:#x}\n", out["all"]
 
     again = gdb(served.address, "info registers rip")  # the server stayed up
     assert "<__x64_sys_getpid>" in again["info registers rip"], again["all"]

@@ -276,3 +276,14 @@ def test_a_dump_is_analysed_before_gdb_connects(monkeypatch: pytest.MonkeyPatch)
     (name,) = session.handle(b"qXfer:exec-file:read::0,100").replies
     assert name == b"l/vmigdb/toy-kernel" and ToyOS.attached == 1  # not analysed again
     Debugger(DumpDriver(1)).guest.prepare()  # lists no RAM: nothing to analyse, no error
+
+
+def test_a_read_past_the_end_of_ram_is_an_error_reply(dump) -> None:
+    driver, _, session = dump
+    assert monitor(session, "phys on").replies[-1] == b"OK"
+    end = len(driver.ram)
+    (last,) = session.handle(b"m%x,4" % (end - 4)).replies
+    assert last == codec.encode_hex(driver.ram[end - 4 :])
+    assert session.handle(b"m%x,4" % end).replies == [b"E0e"]
+    (partial,) = session.handle(b"m%x,8" % (end - 4)).replies  # GDB's `m`: what can be read
+    assert partial == last
