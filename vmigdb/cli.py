@@ -1,4 +1,5 @@
-"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb xen`, `vmigdb symbols`, `vmigdb guest build`.
+"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb dump`, `vmigdb xen`, `vmigdb symbols`,
+`vmigdb guest build`.
 
 A problem the user must fix (QEMU missing, a kernel path wrong, a port taken) is one line on stderr and
 exit status 2. Each serving subcommand is a `vmigdb.serve.ServeCommand` in `SERVE_COMMANDS`: its
@@ -13,12 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
+from vmigdb.dump_cmd import DUMP
 from vmigdb.errors import SetupError
 from vmigdb.qemu_cmd import DEMO, QEMU
 from vmigdb.serve import ServeCommand, add_serve_options, serve
 from vmigdb.xen_cmd import XEN
 
-SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO, XEN)
+SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO, DUMP, XEN)
 
 
 def build_parser() -> argparse.ArgumentParser:

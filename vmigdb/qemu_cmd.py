@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmigdb.hv.qemu.process import DEFAULT_TIME_MODE, TIME_MODE_CHOICES
 from vmigdb.serve import ServeCommand, Target
+
+if TYPE_CHECKING:
+    from vmigdb.hv.qemu.launch import QemuMachine
 
 
 def _add_machine_options(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +63,9 @@ async def _boot(
         status = machine.process.poll()
         return f"QEMU exited (status {status})" + (f"; its last words:\n{words}" if words else "")
 
+    async def save_machine(path: str) -> str:
+        return await save_dump(machine, path)
+
     return Target(
         driver=machine.driver,
         close=machine.shutdown,
@@ -65,6 +73,36 @@ async def _boot(
         console=machine.process.console_log if args.serial is None else None,
         show_console=demo,
         gone=gone,
+        save_machine=save_machine,
+    )
+
+
+async def save_dump(machine: QemuMachine, path: str) -> str:
+    """`monitor dump FILE`: QEMU writes an ELF dump of the stopped guest into a file vmigdb
+    creates (owner-only, never over an existing file); then the raw copy libvmi reads is made
+    beside it, so that `vmigdb dump --image FILE` starts at once.
+
+    :raises VmigdbError: (DumpRefused, SetupError) saying why nothing was saved.
+    """
+    from vmigdb.errors import SetupError
+    from vmigdb.hv.libvmi.flatten import raw_copy
+    from vmigdb.hv.qemu.dump import dump_guest_memory
+
+    written = await dump_guest_memory(machine.qmp, path)
+    vcpus = len(machine.driver.cpus())
+    text = (
+        f"wrote {written.path} ({written.size >> 20} MiB: all guest RAM and the registers of "
+        f"{vcpus} vCPU(s); ELF, owner-only) in {written.seconds:.1f} s; the guest is still stopped"
+    )
+    try:
+        # In a thread: reading the dump back takes seconds and the loop must stay responsive.
+        made = await asyncio.to_thread(raw_copy, written.path)
+    except SetupError as exc:
+        return f"{text}\nno raw copy for libvmi made now ({exc}); vmigdb dump will make it"
+    how = "found" if made.reused else f"made in {made.seconds:.1f} s"
+    return (
+        f"{text}\nraw copy for libvmi: {made.path} ({how})\n"
+        f"serve it with: vmigdb dump --image {written.path}"
     )
 
 

@@ -42,6 +42,12 @@ class Target:
     show_console: bool = False  # ... and copied to stdout as it grows (the demo)
     # What to say (stderr, exit status 1) when the machine ends by itself, e.g. QEMU's last words.
     gone: Callable[[], str] = lambda: "the machine went away"
+    # `monitor dump FILE`: save the whole stopped machine to a new file, for `vmigdb dump`
+    # (see `vmigdb.rsp.monitor.SaveMachine`); None where the hypervisor cannot.
+    save_machine: Callable[[str], Awaitable[str]] | None = None
+    # A machine that never changes (a dump): analyse the guest before listening, so that GDB's
+    # first prompt does not wait for it.
+    analyse_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,9 +140,11 @@ async def serve(command: ServeCommand, args: argparse.Namespace) -> int:
     server = None
     try:
         debugger = Debugger(target.driver, StealthMode(args.stealth))
+        if target.analyse_first:
+            debugger.guest.prepare()
         if target.run_at_start:
             debugger.resume({cpu: "c" for cpu in debugger.cpus()})
-        server = RspServer(debugger, local=address.is_loopback())
+        server = RspServer(debugger, local=address.is_loopback(), save_machine=target.save_machine)
         await server.start(listener)
         if target.console is not None and target.show_console:
             log.info("guest console (also in %s):", target.console)

@@ -45,7 +45,7 @@ class Debugger:
         self.policy = StealthPolicy(stealth, driver.capabilities)
         self.breakpoints = BreakpointTable(driver, self.policy)
         self.guest = GuestView(driver)
-        self._scope = ScopeWatch(self.breakpoints)
+        self._scope = ScopeWatch(self.breakpoints, watch_exit=driver.capabilities.run_control)
         self.state = MachineState(driver, self.policy, self._scope)
         self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
         self.catches = CatchTable(driver)  # the driver's own catchpoints (monitor catch NAME)

@@ -3,13 +3,19 @@
 Each command is a method `cmd_<name>(args) -> str`; its docstring's first line is its help. A usage
 error raises `MonitorError`, which the session sends as console text followed by an error reply, so
 GDB prints the message and scripts see the command fail.
+
+A command that takes a while and runs on the event loop (`monitor dump`: QEMU writes the whole guest
+through QMP) returns `Later` instead: the server awaits its work with the machine stopped and GDB's
+other packets held, then sends its text (GDB waits for a `qRcmd` answer as long as it takes).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from vmigdb.arch.x86_64.pagemap import canonical
 from vmigdb.arch.x86_64.paging import Fault
@@ -19,15 +25,30 @@ from vmigdb.debugger.catches import UnknownCatchpoint
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
 from vmigdb.debugger.model import ProcessScope
+from vmigdb.errors import VmigdbError
 from vmigdb.guest.base import GuestError
 from vmigdb.hv.base import DriverError
 from vmigdb.rsp.qemu_monitor import CHANGES_THE_VM, INFO_COMMANDS, QemuMonitor, QemuMonitorError
 
 T = TypeVar("T")
 
+SaveMachine = Callable[[str], Awaitable[str]]
+"""``await save(path) -> str``: write a consistent dump of the whole stopped machine (all RAM,
+every vCPU's registers) to a new, owner-only file *path*; returns what to tell the user. Raises
+`VmigdbError` with the reason when it cannot. Given by what opened the machine (`Target`)."""
+
 
 class MonitorError(Exception):
     """A monitor command was misused; the message says how to use it."""
+
+
+@dataclass(frozen=True)
+class Later:
+    """A command's answer that takes a while: `note` is shown at once (on a line it leaves open
+    for progress dots), then `work` is awaited (it returns the text, or raises `MonitorError`)."""
+
+    note: str
+    work: Coroutine[Any, Any, str]
 
 
 def _parse_addr(text: str) -> int:
@@ -42,14 +63,20 @@ def _parse_addr(text: str) -> int:
 
 class Monitor:
     def __init__(
-        self, debugger: Debugger, current_cpu: Callable[[], int], *, host_files: bool = True
+        self,
+        debugger: Debugger,
+        current_cpu: Callable[[], int],
+        *,
+        host_files: bool = True,
+        save_machine: SaveMachine | None = None,
     ) -> None:
         self._debugger = debugger
         self._current_cpu = current_cpu  # the vCPU GDB's requests are about (the session knows)
         self._host_files = host_files  # may commands write files on vmigdb's host?
         self._qemu = QemuMonitor(debugger, current_cpu)
+        self._save_machine = save_machine  # `monitor dump`, where the hypervisor can
 
-    def run(self, line: str) -> str:
+    def run(self, line: str) -> str | Later:
         words = line.split()
         if not words:
             return self.cmd_help([])
@@ -87,7 +114,10 @@ class Monitor:
             return self._qemu.info(args)
         dbg = self._debugger
         lines = [f"{label}: {value}" for label, value in dbg.driver.describe()]
-        lines.append(f"state: {'running' if dbg.running else 'stopped'}")
+        if not dbg.driver.capabilities.run_control:
+            lines.append("state: stopped for good (a saved machine: it never runs)")
+        else:
+            lines.append(f"state: {'running' if dbg.running else 'stopped'}")
         lines.append(f"current vCPU: CPU#{self._current_cpu() - 1}")
         lines.append(
             "addresses: " + ("guest-physical (phys on)" if dbg.physical_addresses else "virtual")
@@ -300,12 +330,45 @@ class Monitor:
             f"{start:#018x}-{end:#018x} ({(end - start) >> 20} MiB)" for start, end in ranges
         )
 
+    def cmd_dump(self, args: list[str]) -> Later:
+        """dump FILE — save the whole stopped guest (RAM, every vCPU) for `vmigdb dump --image`"""
+        if len(args) != 1:
+            raise MonitorError("usage: monitor dump FILE")
+        if not self._host_files:
+            raise MonitorError(
+                "dump writes files on vmigdb's host: refused while serving a non-loopback address"
+            )
+        driver = self._debugger.driver
+        if self._save_machine is None:
+            if not driver.capabilities.run_control:
+                raise MonitorError("this machine is already a saved one: copy its image instead")
+            raise MonitorError(f"the {driver.name} driver cannot save the machine")
+        if self._debugger.running:
+            raise MonitorError("the guest is running: stop it first")
+        path = os.path.abspath(args[0])
+        if os.path.lexists(path):
+            raise MonitorError(f"{path} exists: vmigdb never overwrites a file, name a new one")
+        return Later(f"saving the guest to {path} ", self._save(path))
+
+    async def _save(self, path: str) -> str:
+        assert self._save_machine is not None
+        try:
+            return await self._save_machine(path)
+        except VmigdbError as exc:
+            raise MonitorError(str(exc)) from None
+
     def cmd_regs(self, args: list[str]) -> str:
         """regs — the current vCPU's general and system registers"""
         regs = self._debugger.registers(self._current_cpu())
-        names = [r.name for r in REGISTERS if r.bitsize <= 64 and not r.name.startswith("f")]
-        names = [n for n in names if not n.startswith("st")]
-        rows = [f"{name:>9} {regs[name]:#018x}" for name in names]
+        # general, segment and system registers: no x87 (80-bit st, f* control) or SSE
+        names = [
+            r.name for r in REGISTERS if r.bitsize <= 64 and r.group not in ("float", "vector")
+        ]
+        unknown = {REGISTERS[i].name for i in regs.unavailable}
+        rows = [
+            f"{name:>9} {'<unavailable>' if name in unknown else f'{regs[name]:#018x}':<18}"
+            for name in names
+        ]
         return "\n".join("  ".join(rows[i : i + 3]) for i in range(0, len(rows), 3))
 
     def cmd_phys(self, args: list[str]) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 
 from vmigdb.arch.x86_64.pagemap import Leaf, canonical, regions
 from vmigdb.arch.x86_64.paging import PagingMode
-from vmigdb.arch.x86_64.registers import RegisterFile
+from vmigdb.arch.x86_64.registers import REGISTERS, RegisterFile
 
 _PG_PSE = 1 << 7
 _ALL = (1 << 64) - 1
@@ -83,24 +83,35 @@ def info_registers(regs: RegisterFile) -> str:
     """`info registers`, the lines vmigdb knows exactly: the general registers, RIP and RFLAGS
     with the privilege level, the control registers and EFER. QEMU's segment caches, descriptor
     tables and debug registers are not in the gdbstub's register set, so those lines are left
-    out rather than guessed (a parser looking for `IDT=` finds none)."""
+    out rather than guessed (a parser looking for `IDT=` finds none); so is a line holding a
+    register whose value is not known (a dump that did not save EFER)."""
     names = [
         ("RAX", "rax"), ("RBX", "rbx"), ("RCX", "rcx"), ("RDX", "rdx"),
         ("RSI", "rsi"), ("RDI", "rdi"), ("RBP", "rbp"), ("RSP", "rsp"),
         ("R8 ", "r8"), ("R9 ", "r9"), ("R10", "r10"), ("R11", "r11"),
         ("R12", "r12"), ("R13", "r13"), ("R14", "r14"), ("R15", "r15"),
     ]  # fmt: skip
-    cells = [f"{label}={regs[name]:016x}" for label, name in names]
-    lines = [" ".join(cells[i : i + 4]) for i in range(0, 16, 4)]
+    unknown = {REGISTERS[regnum].name for regnum in regs.unavailable}
+    lines: list[str] = []
+
+    def line(text: str, *uses: str) -> None:
+        if not unknown.intersection(uses):
+            lines.append(text)
+
+    for i in range(0, 16, 4):
+        row = names[i : i + 4]
+        line(" ".join(f"{label}={regs[name]:016x}" for label, name in row), *(n for _, n in row))
     rflags = regs["eflags"]
-    lines.append(
-        f"RIP={regs['rip']:016x} RFL={rflags:08x} [{_eflags(rflags)}] CPL={regs['cs'] & 3}"
-    )
-    lines.append(
+    line(
+        f"RIP={regs['rip']:016x} RFL={rflags:08x} [{_eflags(rflags)}] CPL={regs['cs'] & 3}",
+        "rip", "eflags", "cs",
+    )  # fmt: skip
+    line(
         f"CR0={regs['cr0'] & 0xFFFF_FFFF:08x} CR2={regs['cr2']:016x} "
-        f"CR3={regs['cr3']:016x} CR4={regs['cr4'] & 0xFFFF_FFFF:08x}"
-    )
-    lines.append(f"EFER={regs['efer']:016x}")
+        f"CR3={regs['cr3']:016x} CR4={regs['cr4'] & 0xFFFF_FFFF:08x}",
+        "cr0", "cr2", "cr3", "cr4",
+    )  # fmt: skip
+    line(f"EFER={regs['efer']:016x}", "efer")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 `Session.handle(payload)` takes one packet's payload and returns an `Outcome`: the reply payloads to
 send, in order, and at most one `Action` the server must carry out (resume the machine and wait for a
-stop, detach, kill). Stop events come back through `stop_reply()`.
+stop, await a long monitor command's replies, detach, kill). Stop events come back through
+`stop_reply()`.
 
 Every packet is parsed and validated here, never passed through to the hypervisor. A malformed packet
 gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Every other
@@ -13,20 +14,29 @@ a resume the server carries out (`run`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
-from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTERS, split_g
+from vmigdb.arch.x86_64.registers import (
+    G_PACKET_SIZE,
+    REGISTER_INDEX,
+    REGISTER_OFFSETS,
+    REGISTER_SIZES,
+    REGISTERS,
+    RegisterFile,
+    split_g,
+)
 from vmigdb.debugger.breakpoints import Condition, ConditionError
 from vmigdb.debugger.engine import Action as RunAction
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
-from vmigdb.hv.base import BreakpointType
+from vmigdb.hv.base import BreakpointType, Unsupported
 from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate
 from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
 from vmigdb.rsp.features import PACKET_SIZE, Features
-from vmigdb.rsp.monitor import Monitor, MonitorError
+from vmigdb.rsp.monitor import Later, Monitor, MonitorError, SaveMachine
 from vmigdb.rsp.parse import (
     addr_len,
     binary_data,
@@ -50,6 +60,30 @@ MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
 
 
+_PC = REGISTER_INDEX["rip"]
+
+
+def _unknown(regs: RegisterFile) -> frozenset[int]:
+    """The registers GDB is told are unavailable: all whose value is unknown but the PC. GDB 13
+    cannot stand an unavailable PC ("PC register is not available", and the target is dropped
+    at connect), so an unknown rip is sent as its value in the file: 0."""
+    return regs.unavailable - {_PC}
+
+
+def registers_hex(regs: RegisterFile) -> bytes:
+    """The `g` reply: every register in hex, `xx` for each byte of one whose value is unknown
+    (GDB 13 then shows it as <unavailable>: remote.c, process_g_packet)."""
+    text = codec.encode_hex(regs.to_g())
+    unknown = _unknown(regs)
+    if not unknown:
+        return text
+    out = bytearray(text)
+    for regnum in unknown:
+        start = 2 * REGISTER_OFFSETS[regnum]
+        out[start : start + 2 * REGISTER_SIZES[regnum]] = b"x" * (2 * REGISTER_SIZES[regnum])
+    return bytes(out)
+
+
 def console_output(text: str) -> list[bytes]:
     """`O` packets carrying `text` to GDB's console, each kept small; GDB prints them as they come."""
     if not text:
@@ -67,6 +101,17 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class Await:
+    """Await `replies` (a long monitor command, e.g. `monitor dump`), then send what it returns.
+    The machine stays stopped; the server holds GDB's other packets until then, and sends
+    `keepalive` every second meanwhile: GDB waits for a `qRcmd` answer as long as it takes, but
+    says "Ignoring packet error, continuing..." after 3 silent timeouts (6 s by default)."""
+
+    replies: Coroutine[Any, Any, list[bytes]]
+    keepalive: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Detach:
     pass
 
@@ -76,7 +121,7 @@ class Kill:
     pass
 
 
-Action = Resume | Detach | Kill
+Action = Resume | Await | Detach | Kill
 
 
 @dataclass(slots=True)
@@ -103,14 +148,22 @@ def _condition(expr: AgentExpr) -> Condition:
 class Session:
     """Protocol state for one client. See the module docstring."""
 
-    def __init__(self, debugger: Debugger, *, host_files: bool = True) -> None:
+    def __init__(
+        self,
+        debugger: Debugger,
+        *,
+        host_files: bool = True,
+        save_machine: SaveMachine | None = None,
+    ) -> None:
         self.debugger = debugger
         self.no_ack = False
         self._lldb = False  # the client said qHostInfo: LLDB (see `_kill`)
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml = target_xml().encode()
-        self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
+        self._monitor = Monitor(
+            debugger, self.current_cpu, host_files=host_files, save_machine=save_machine
+        )
         self._procfs = GuestProcfs(debugger, self.current_cpu)
         self._vfile = VFileServer(self._guest_file)
         driver = debugger.driver
@@ -206,6 +259,8 @@ class Session:
         parts = [b"T%02xthread:%x;" % (event.signal & 0xFF, event.cpu)]
         if event.registers is not None:
             for regnum in _EXPEDITED:
+                if regnum in _unknown(event.registers):
+                    continue  # GDB reads it with `g` and is told it is unavailable
                 parts.append(b"%x:%s;" % (regnum, codec.encode_hex(event.registers.raw(regnum))))
         if event.reason is StopReason.SW_BREAK:
             parts.append(b"swbreak:;")
@@ -311,19 +366,34 @@ class Session:
             return b"E00"
         return codec.escape_binary(xfer_slice(self._target_xml, offset, length))
 
-    def _q_rcmd(self, args: bytes) -> list[bytes]:
+    def _q_rcmd(self, args: bytes) -> Outcome | list[bytes]:
         command = hex_data(args).decode("utf-8", "replace")
         try:
-            return [*console_output(self._monitor.run(command)), b"OK"]
-        except MonitorError as exc:
+            answer = self._monitor.run(command)
+        except (MonitorError, Unsupported) as exc:
+            # GDB decodes any qRcmd reply as hex: a refusal's text goes to its console instead.
             return [*console_output(str(exc)), b"E01"]
+        if isinstance(answer, Later):
+            # The note, then a dot a second (GDB prints them as they come), then the answer.
+            note = b"O" + codec.encode_hex(answer.note.encode())
+            return Outcome([note], Await(self._later(command, answer), b"O2e"))
+        return [*console_output(answer), b"OK"]
+
+    async def _later(self, command: str, answer: Later) -> list[bytes]:
+        try:
+            text = await answer.work
+        except MonitorError as exc:
+            return [*console_output(f"\n{exc}"), b"E01"]
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
+            return [*console_output("\n"), error_reply(exc, b"qRcmd " + command.encode()[:48])]
+        return [*console_output(f"\n{text}"), b"OK"]
 
     # -- registers --------------------------------------------------------------------------------
 
     def _read_registers(self, args: bytes) -> bytes:
         if args:
             raise PacketError("g takes no argument")
-        return codec.encode_hex(self.debugger.registers(self.current_cpu()).to_g())
+        return registers_hex(self.debugger.registers(self.current_cpu()))
 
     def _write_registers(self, args: bytes) -> bytes:
         data = hex_data(args)
@@ -348,7 +418,10 @@ class Session:
 
     def _read_register(self, args: bytes) -> bytes:
         regnum = self._regnum(args)
-        return codec.encode_hex(self.debugger.registers(self.current_cpu()).raw(regnum))
+        regs = self.debugger.registers(self.current_cpu())
+        if regnum in _unknown(regs):
+            return b"xx" * REGISTER_SIZES[regnum]  # GDB: <unavailable>
+        return codec.encode_hex(regs.raw(regnum))
 
     def _write_register(self, args: bytes) -> bytes:
         num, sep, value = args.partition(b"=")

@@ -13,6 +13,7 @@ the same table, so the ``g`` packet and the XML cannot disagree.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "REGISTERS",
     "REGISTER_INDEX",
     "REGISTER_OFFSETS",
+    "REGISTER_SIZES",
     "Register",
     "RegisterFile",
     "split_g",
@@ -122,6 +124,8 @@ REGISTER_INDEX: dict[str, int] = {r.name: i for i, r in enumerate(REGISTERS)}
 """Register name -> canonical regnum."""
 
 _SIZES: tuple[int, ...] = tuple(r.bitsize // 8 for r in REGISTERS)
+REGISTER_SIZES = _SIZES
+"""Bytes of each canonical register."""
 
 
 def _offsets(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -186,11 +190,14 @@ class RegisterFile:
     :ivar data: The canonical ``g`` payload (`G_PACKET_SIZE` bytes, binary).
     :ivar long_mode: Whether QEMU reported the vCPU in 64-bit code (it then takes 8-byte
         values for every register in `P` writes; otherwise 4 for `QEMU_SHORT_REGISTERS`).
+    :ivar unavailable: Register numbers whose value is not known (a dump that did not save
+        them): they read 0 here, and GDB is told they are unavailable.
     :raises ValueError: if *data* is not `G_PACKET_SIZE` bytes.
     """
 
     data: bytes
     long_mode: bool = True
+    unavailable: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if len(self.data) != G_PACKET_SIZE:
@@ -224,10 +231,17 @@ class RegisterFile:
         return cls(bytes(buf), long_mode)
 
     @classmethod
-    def from_values(cls, values: dict[str, int], long_mode: bool = True) -> RegisterFile:
-        """A register file from integer values by name; registers not named are zero.
+    def from_values(
+        cls,
+        values: Mapping[str, int],
+        long_mode: bool = True,
+        unavailable: Iterable[str] = (),
+    ) -> RegisterFile:
+        """A register file from register name -> unsigned value; registers not named are 0.
 
-        For hypervisors that hand over registers one by one (libvmi), not as a gdbstub payload.
+        For sources that give registers by name rather than as a QEMU ``g`` payload (a dump's
+        notes, a registers file) or one by one (libvmi). A value is kept to its register's width.
+        *unavailable* names the registers whose value is not known.
 
         :raises KeyError: for a name that is no register.
         """
@@ -237,7 +251,12 @@ class RegisterFile:
             size = _SIZES[regnum]
             off = REGISTER_OFFSETS[regnum]
             buf[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        return cls(bytes(buf), long_mode)
+        missing = frozenset(REGISTER_INDEX[name] for name in unavailable)
+        return cls(bytes(buf), long_mode, missing)
+
+    def values(self) -> dict[str, int]:
+        """Every register by name, as unsigned integers (canonical order)."""
+        return {r.name: self[r.name] for r in REGISTERS}
 
     def to_g(self) -> bytes:
         """The canonical binary ``g`` payload."""
@@ -283,7 +302,7 @@ class RegisterFile:
         _check(regnum, value)
         off = REGISTER_OFFSETS[regnum]
         data = self.data[:off] + bytes(value) + self.data[off + len(value) :]
-        return RegisterFile(data, self.long_mode)
+        return RegisterFile(data, self.long_mode, self.unavailable - {regnum})
 
 
 def _check(regnum: int, value: bytes) -> None:
