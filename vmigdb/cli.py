@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="the demo guest image")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
     guest_sub.add_parser("build", help="fetch the kernel, build the initramfs, print their paths")
+    guest_sub.add_parser(
+        "build-disk",
+        help="build (once) the Debian 12 test disk image (systemd, GRUB; needs root), print its path",
+    )
     return parser
 
 
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         if args.command == "guest":
-            return _guest_build()
+            return _guest_build_disk() if args.guest_command == "build-disk" else _guest_build()
         if args.command == "symbols":
             return _symbols(args)
         command = next(c for c in SERVE_COMMANDS if c.name == args.command)
@@ -79,6 +83,16 @@ def _guest_build() -> int:
     image = build_guest()
     print(f"kernel: {image.kernel}")
     print(f"initrd: {image.initrd}")
+    return 0
+
+
+def _guest_build_disk() -> int:
+    from vmigdb.images.disk import build_disk
+
+    image = build_disk()
+    print(f"disk: {image.path}")
+    print(f"kernel release: {image.release}")
+    print(f"programs: {image.programs}")
     return 0
 
 

@@ -42,6 +42,8 @@ class Target:
     show_console: bool = False  # ... and copied to stdout as it grows (the demo)
     # What to say (stderr, exit status 1) when the machine ends by itself, e.g. QEMU's last words.
     gone: Callable[[], str] = lambda: "the machine went away"
+    # Serve one GDB session, then end (an attached VM, which `close` puts back as it was found).
+    single_session: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,9 @@ async def serve(command: ServeCommand, args: argparse.Namespace) -> int:
         debugger = Debugger(target.driver, StealthMode(args.stealth))
         if target.run_at_start:
             debugger.resume({cpu: "c" for cpu in debugger.cpus()})
-        server = RspServer(debugger, local=address.is_loopback())
+        server = RspServer(
+            debugger, local=address.is_loopback(), single_session=target.single_session
+        )
         await server.start(listener)
         if target.console is not None and target.show_console:
             log.info("guest console (also in %s):", target.console)

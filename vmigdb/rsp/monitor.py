@@ -8,7 +8,9 @@ GDB prints the message and scripts see the command fail.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from vmigdb.arch.x86_64.paging import Fault
@@ -16,6 +18,7 @@ from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
+from vmigdb.debugger.snapshots import SnapshotError
 from vmigdb.guest.base import GuestError
 
 T = TypeVar("T")
@@ -23,6 +26,15 @@ T = TypeVar("T")
 
 class MonitorError(Exception):
     """A monitor command was misused; the message says how to use it."""
+
+
+@dataclass(frozen=True)
+class LongCommand:
+    """A command that takes seconds (a snapshot): the server runs `run` while GDB waits for the
+    answer, and keeps GDB from timing out meanwhile. `run` returns the text, or raises
+    MonitorError."""
+
+    run: Callable[[], Awaitable[str]]
 
 
 def _parse_addr(text: str) -> int:
@@ -43,7 +55,7 @@ class Monitor:
         self._current_cpu = current_cpu  # the vCPU GDB's requests are about (the session knows)
         self._host_files = host_files  # may commands write files on vmigdb's host?
 
-    def run(self, line: str) -> str:
+    def run(self, line: str) -> str | LongCommand:
         words = line.split()
         if not words:
             return self.cmd_help([])
@@ -132,6 +144,42 @@ class Monitor:
             f"scope: process {scope.pid} ({scope.comm}), page tables at {scope.cr3:#x}; "
             "its user memory reads through them, new breakpoints fire only in it"
         )
+
+    def cmd_snapshot(self, args: list[str]) -> LongCommand:
+        """snapshot save|load|delete NAME, snapshot list — whole-VM snapshots (detonation loops)"""
+        verb = args[0] if args else ""
+        if not (verb == "list" and len(args) == 1) and not (
+            verb in ("save", "load", "delete") and len(args) == 2
+        ):
+            raise MonitorError("usage: monitor snapshot save|load|delete NAME, or snapshot list")
+        name = args[1] if len(args) == 2 else ""
+        if name and not all(c.isalnum() or c in "-_.:" for c in name):
+            raise MonitorError(f"snapshot names use letters, digits and -_.: only, not {name!r}")
+        snapshots = self._debugger.snapshots
+
+        async def run() -> str:
+            try:
+                if verb == "save":
+                    seconds = await snapshots.save(name)
+                    return f"snapshot {name} saved in {seconds:.2f} s"
+                if verb == "delete":
+                    seconds = await snapshots.delete(name)
+                    return f"snapshot {name} deleted in {seconds:.2f} s"
+                if verb == "list":
+                    return _snapshot_table(await snapshots.list())
+                loaded = await snapshots.load(name)
+            except SnapshotError as exc:
+                raise MonitorError(str(exc)) from None
+            lines = [
+                f"snapshot {name} loaded in {loaded.seconds:.2f} s: the guest is at its state.",
+                "GDB shows the old state until its next stop: `continue` or `stepi` stops at "
+                "once at the snapshot's state, with no guest code run.",
+            ]
+            if loaded.scope_note:
+                lines.append(loaded.scope_note)
+            return "\n".join(lines)
+
+        return LongCommand(run)
 
     def cmd_catch(self, args: list[str]) -> str:
         """catch [panic on|off] — stop GDB when the guest kernel oopses or panics (on by default)"""
@@ -223,3 +271,16 @@ class Monitor:
             else ("off: addresses are virtual (current vCPU's page tables)")
         )
         return f"phys {state}"
+
+
+def _snapshot_table(snapshots: list) -> str:
+    if not snapshots:
+        return "(no snapshots)"
+    lines = [f"{'NAME':<20} {'VM STATE':>10} {'SAVED':<19} GUEST CLOCK"]
+    for snap in snapshots:
+        saved = datetime.fromtimestamp(snap.date).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(
+            f"{snap.name:<20} {snap.vm_state_size / (1 << 20):>7.1f} MiB {saved:<19} "
+            f"{snap.vm_clock:.3f} s"
+        )
+    return "\n".join(lines)

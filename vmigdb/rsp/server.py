@@ -25,10 +25,15 @@ from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.errors import log_internal_error
 from vmigdb.hv.base import DriverError, MachineGone
 from vmigdb.rsp.errors import EINVAL
-from vmigdb.rsp.session import Detach, Kill, Outcome, Resume, Session
+from vmigdb.rsp.monitor import MonitorError
+from vmigdb.rsp.session import Background, Detach, Kill, Outcome, Resume, Session
 from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
+
+# GDB waits 2 s (its `remote timeout`) for each packet of a monitor command's answer, three
+# times, then gives up on it; an empty `O` packet prints nothing and restarts its wait.
+KEEPALIVE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +96,14 @@ def bind_listener(address: ListenAddress) -> socket.socket:
 class RspServer:
     """Serves one Debugger to GDB clients, one at a time."""
 
-    def __init__(self, debugger: Debugger, *, local: bool = True) -> None:
+    def __init__(
+        self, debugger: Debugger, *, local: bool = True, single_session: bool = False
+    ) -> None:
         self.debugger = debugger
         self.local = local  # serving loopback or a unix socket only: host-file commands allowed
+        # One GDB session only (an attached VM): when it ends, serving ends, and the machine is
+        # left for the owner of the VM to put back as it was found (not resumed here).
+        self.single_session = single_session
         self.active: GdbConnection | None = None
         self.finished: asyncio.Future[StopEvent | None] | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -131,8 +141,12 @@ class RspServer:
             self._server.close()
         if self._unix_path and os.path.exists(self._unix_path):
             os.unlink(self._unix_path)
-        if self.active is not None:
-            self.active.transport.close()
+        active, self.active = self.active, None
+        if active is not None:
+            if active.background is not None:
+                active.background.cancel()
+            active.done = True
+            active.transport.close()
 
     def finish(self, event: StopEvent | None) -> None:
         """The machine is gone (or killed): stop serving."""
@@ -178,6 +192,7 @@ class GdbConnection(asyncio.Protocol):
         self.peer = "?"
         self._queued: list[codec.Event] = []
         self.done = False  # detached or killed: nothing more from this client is served
+        self.background: asyncio.Task[None] | None = None  # a long monitor command running
 
     # -- asyncio callbacks ------------------------------------------------------------------------
 
@@ -209,6 +224,9 @@ class GdbConnection(asyncio.Protocol):
         for event in self.decoder.events():
             if self.done:
                 return  # what a client sends after D or k is not served: the guest is let go
+            if self.background is not None:
+                self._queued.append(event)  # answered once the monitor command is done
+                continue
             if self.waiting_for_stop and not isinstance(event, codec.Interrupt):
                 self._queued.append(event)  # all-stop: answered once the machine stops
                 continue
@@ -217,7 +235,11 @@ class GdbConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.server.active is not self:
             return
-        log.info("GDB at %s went away; leaving the machine running", self.peer)
+        self.done = True
+        if self.background is not None:
+            log.info("GDB at %s went away during a monitor command; releasing after it", self.peer)
+            return  # _finish_background releases the machine
+        log.info("GDB at %s went away; releasing the machine", self.peer)
         self.server.active = None
         self._release_machine()
 
@@ -265,6 +287,8 @@ class GdbConnection(asyncio.Protocol):
             for reply in refused:
                 self._send(reply)
             self.waiting_for_stop = not refused
+        elif isinstance(action, Background):
+            self.background = asyncio.ensure_future(self._run_background(action))
         elif isinstance(action, Detach):
             log.info("GDB at %s detached", self.peer)
             self.done = True
@@ -300,16 +324,56 @@ class GdbConnection(asyncio.Protocol):
             else:
                 self._on_event(item)
 
+    async def _run_background(self, action: Background) -> None:
+        """Run a long monitor command, keeping GDB waiting patiently, then answer it."""
+        work = asyncio.ensure_future(action.command.run())
+        try:
+            while True:
+                done, _ = await asyncio.wait([work], timeout=KEEPALIVE_SECONDS)
+                if done:
+                    break
+                if not self.done:
+                    self._send(b"O")
+            try:
+                replies = Session.monitor_done(work.result())
+            except MonitorError as exc:
+                replies = Session.monitor_failed(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug: logged where the fuzz tests look
+                log_internal_error(log, "running a monitor command", exc)
+                replies = Session.monitor_failed(f"vmigdb: internal error: {exc}")
+        finally:
+            if not work.done():
+                work.cancel()
+            self.background = None
+        if self.done:  # GDB went away meanwhile
+            if self.server.active is self:
+                self.server.active = None
+                self._release_machine()
+            return
+        for reply in replies:
+            self._send(reply)
+        queued, self._queued = self._queued, []
+        for item in queued:
+            if self.done:
+                return
+            if self.waiting_for_stop or self.background is not None:
+                self._queued.append(item)
+            else:
+                self._on_event(item)
+
     def _send(self, payload: bytes) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("gdb <- %r", payload[:200])
         self.transport.write(codec.encode_packet(payload))
 
     def _release_machine(self) -> None:
-        """Leave the guest running with no breakpoint of ours."""
+        """Leave the guest running with no breakpoint of ours; for a single session, take the
+        debugger off and end serving: the VM's owner puts it back as it was found."""
         try:
             if self.debugger.running:
                 self.debugger.halt()
-            self.debugger.detach()
+            self.debugger.detach(run=not self.server.single_session)
         except (DriverError, TimeoutError) as exc:
             log.error("could not release the machine cleanly: %s", exc)
+        if self.server.single_session:
+            self.server.finish(None)

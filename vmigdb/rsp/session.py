@@ -26,7 +26,7 @@ from vmigdb.hv.base import BreakpointType
 from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate
 from vmigdb.rsp.errors import ESRCH, PacketError, error_reply
 from vmigdb.rsp.features import PACKET_SIZE, Features
-from vmigdb.rsp.monitor import Monitor, MonitorError
+from vmigdb.rsp.monitor import LongCommand, Monitor, MonitorError
 from vmigdb.rsp.parse import (
     addr_len,
     binary_data,
@@ -74,7 +74,15 @@ class Kill:
     pass
 
 
-Action = Resume | Detach | Kill
+@dataclass(frozen=True, slots=True)
+class Background:
+    """A monitor command that takes seconds: the server runs it, then sends `finish(text)` or, if
+    it raised MonitorError, `fail(message)`."""
+
+    command: LongCommand
+
+
+Action = Resume | Detach | Kill | Background
 
 
 @dataclass(slots=True)
@@ -177,14 +185,14 @@ class Session:
     def run(self, resume: Resume) -> list[bytes]:
         """Start the machine as `resume` asks (the server calls this for a Resume outcome).
 
-        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else the error
-        reply GDB gets instead of a stop reply.
+        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else what GDB
+        gets instead: an error reply, or a stop that was due before running (a snapshot loaded).
         """
         try:
-            self.debugger.resume(resume.actions)
+            event = self.debugger.resume(resume.actions)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
             return [error_reply(exc, b"resume %r" % sorted(resume.actions.items()))]
-        return []
+        return [] if event is None else self.stop_replies(event)
 
     def stop_replies(self, event: StopEvent) -> list[bytes]:
         """What GDB gets for a stop: the console message if any, then the stop reply."""
@@ -301,12 +309,25 @@ class Session:
             return b"E00"
         return codec.escape_binary(xfer_slice(self._target_xml, offset, length))
 
-    def _q_rcmd(self, args: bytes) -> list[bytes]:
+    def _q_rcmd(self, args: bytes) -> Outcome | list[bytes]:
         command = hex_data(args).decode("utf-8", "replace")
         try:
-            return [*console_output(self._monitor.run(command)), b"OK"]
+            result = self._monitor.run(command)
         except MonitorError as exc:
-            return [*console_output(str(exc)), b"E01"]
+            return self.monitor_failed(str(exc))
+        if isinstance(result, LongCommand):
+            return Outcome(action=Background(result))
+        return self.monitor_done(result)
+
+    @staticmethod
+    def monitor_done(text: str) -> list[bytes]:
+        """The answer to a monitor command that succeeded."""
+        return [*console_output(text), b"OK"]
+
+    @staticmethod
+    def monitor_failed(message: str) -> list[bytes]:
+        """The answer to a monitor command that failed: GDB prints the text, scripts see E01."""
+        return [*console_output(message), b"E01"]
 
     # -- registers --------------------------------------------------------------------------------
 

@@ -122,6 +122,13 @@ class QemuChannel:
                 return packet
         raise DriverError("internal: waiting for a stop while the guest is stopped")
 
+    def query_stop(self) -> bytes:
+        """QEMU's account of the stopped VM (`?`) when it owes no stop reply: connecting to the
+        gdbstub of a VM that was already paused stops nothing, so QEMU sends nothing."""
+        if self.running:
+            raise DriverError("internal: `?` asked of QEMU while the guest runs (not sent)")
+        return self._ask_stop()
+
     def _ask_stop(self) -> bytes:
         """QEMU's account of why the stopped VM is stopped (`?`), as a stop reply."""
         self._client.send(b"?")
