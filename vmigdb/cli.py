@@ -1,4 +1,4 @@
-"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb symbols`, `vmigdb guest build`.
+"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb attach`, `vmigdb symbols`, `vmigdb guest build`.
 
 A problem the user must fix (QEMU missing, a kernel path wrong, a port taken) is one line on stderr and
 exit status 2. Each serving subcommand is a `vmigdb.serve.ServeCommand` in `SERVE_COMMANDS`: its
@@ -13,11 +13,12 @@ import logging
 import sys
 from pathlib import Path
 
+from vmigdb.attach_cmd import ATTACH
 from vmigdb.errors import SetupError
 from vmigdb.qemu_cmd import DEMO, QEMU
 from vmigdb.serve import ServeCommand, add_serve_options, serve
 
-SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO)
+SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO, ATTACH)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,7 +91,9 @@ def _require_tools() -> None:
             raise SetupError(f"{tool} not found: install it with 'apt-get install {package}'")
     for name in ("boot.img", "diskboot.img", "biosdisk.mod"):
         if not (GRUB_DIR / name).is_file():
-            raise SetupError(f"{GRUB_DIR / name} missing: install it with 'apt-get install grub-pc-bin'")
+            raise SetupError(
+                f"{GRUB_DIR / name} missing: install it with 'apt-get install grub-pc-bin'"
+            )
     if os.geteuid() != 0:
         raise SetupError(
             "building the test disk image needs root (mmdebstrap --mode=root makes device nodes "
@@ -332,5 +334,7 @@ def build_disk(cache_dir: Path | None = None, *, log: logging.Logger = LOG) -> D
         for old in disk_dir.glob("debian12-*"):
             if not old.name.startswith(f"debian12-{key}"):
                 old.unlink(missing_ok=True)  # an image from an older recipe
-        log.info("test disk built in %.0f s: %s (kernel %s)", time.monotonic() - start, image, release)
+        log.info(
+            "test disk built in %.0f s: %s (kernel %s)", time.monotonic() - start, image, release
+        )
         return DiskImage(image, release, program_dir, root_uuid)

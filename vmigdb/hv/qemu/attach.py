@@ -171,8 +171,17 @@ class Attachment:
 
 
 async def _chardevs(monitor: QemuMonitor) -> frozenset[str]:
+    """The labels of QEMU's chardevs, less the one QEMU's gdbstub makes for itself: at the first
+    `gdbserver` of its life, QEMU 7.2 creates an anonymous chardev ("#chrNNN", filename "gdb")
+    that carries the gdbstub's `monitor` commands to an internal HMP monitor; that monitor holds
+    it until QEMU exits, so nobody can remove it, and every later gdbstub reuses it. It reaches
+    nothing outside QEMU."""
     devs = await monitor.execute("query-chardev") or []
-    return frozenset(str(d.get("label")) for d in devs)  # type: ignore[union-attr]
+    return frozenset(
+        str(d.get("label"))
+        for d in devs  # type: ignore[union-attr]
+        if not (str(d.get("label")).startswith("#chr") and d.get("filename") == "gdb")
+    )
 
 
 async def _find_memory(monitor: QemuMonitor, pid: int):
@@ -256,10 +265,23 @@ async def attach(monitor: QemuMonitor, label: str) -> Attachment:
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if extra:
-        driver.capabilities = dataclasses.replace(
-            driver.capabilities, extra=driver.capabilities.extra + tuple(extra)
-        )
+    added = Mechanism(
+        "attached-gdbstub",
+        "a gdbstub added to QEMU at run time (HMP gdbserver on a private unix socket), "
+        "removed at detach",
+        False,
+        "host-side only; connecting stops the VM for a moment, and its clocks stop with it",
+    )
+    driver.capabilities = dataclasses.replace(
+        driver.capabilities,
+        memory_read=Mechanism(
+            "attached-ram",
+            f"reads of guest RAM ({memory.how}) + vmigdb's page walk",
+            False,
+            "no guest code runs and no page is touched or mapped in the guest",
+        ),
+        extra=(*driver.capabilities.extra, added, *extra),
+    )
     argv = _cmdline(pid)
     driver.notes = [
         ("attached to", f"{label} (QEMU pid {pid}{', ' + shlex.join(argv[:1]) if argv else ''})"),
@@ -267,5 +289,7 @@ async def attach(monitor: QemuMonitor, label: str) -> Attachment:
         *notes,
     ]
     driver.snapshots = QemuSnapshots(monitor)
-    log.info("attached to %s in %.2f s (VM was %s)", label, time.monotonic() - started, found.status)
+    log.info(
+        "attached to %s in %.2f s (VM was %s)", label, time.monotonic() - started, found.status
+    )
     return Attachment(monitor, driver, found, memory.close, label)

@@ -47,7 +47,7 @@ def parse_ram_map(mtree: str) -> list[Segment]:
     views = re.split(r"^FlatView #\d+", mtree, flags=re.M)
     view = next((v for v in views if re.search(r'^\s*AS "memory"', v, re.M)), None)
     if view is None:
-        raise SetupError("QEMU's `info mtree -f` shows no \"memory\" address space")
+        raise SetupError('QEMU\'s `info mtree -f` shows no "memory" address space')
     segments = [
         Segment(int(m[1], 16), int(m[2], 16) + 1, m[4], int(m[5] or "0", 16))
         for m in _FLATVIEW_LINE.finditer(view)
@@ -88,9 +88,7 @@ class SegmentedMemory:
             raise ValueError(f"negative read length {length}")
         out = bytearray()
         while length > 0:
-            index = next(
-                (i for i, s in enumerate(self._segments) if s.start <= pa < s.end), None
-            )
+            index = next((i for i, s in enumerate(self._segments) if s.start <= pa < s.end), None)
             if index is None:
                 raise _error(pa)
             segment = self._segments[index]
