@@ -1,0 +1,108 @@
+"""The pure parts of disk images and attaching: --drive parsing and QEMU arguments, QEMU's memory
+map read from `info mtree -f`, reads across RAM segments, what guest time attaching finds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vmigdb.arch.x86_64.paging import PhysicalMemoryError
+from vmigdb.errors import SetupError
+from vmigdb.hv.qemu.attach import time_findings
+from vmigdb.hv.qemu.drives import VMSTATE_NODE, Drive, drive_args, vmstate_args
+from vmigdb.hv.qemu.hostram import Segment, SegmentedMemory, parse_ram_map
+from vmigdb.hv.qemu.process import QemuConfig, build_command_line
+
+MTREE = """\
+FlatView #0
+ AS "cpu-smm-0", root: memory
+ Root memory region: memory
+  0000000000000000-000000000009ffff (prio 0, ram): ram0
+
+FlatView #2
+ AS "memory", root: system
+ AS "cpu-memory-0", root: system
+ Root memory region: system
+  0000000000000000-000000000009ffff (prio 0, ram): ram0
+  00000000000a0000-00000000000bffff (prio 1, i/o): vga-lowmem
+  00000000000e0000-00000000000fffff (prio 0, rom): pc.bios @0000000000020000
+  0000000000100000-00000000bfffffff (prio 0, ram): ram0 @0000000000100000
+  00000000fd000000-00000000fdffffff (prio 1, ram): vga.vram
+  0000000100000000-000000013fffffff (prio 0, ram): ram0 @00000000c0000000
+"""
+
+
+def test_drive_spec(tmp_path: Path):
+    qcow = tmp_path / "a.img"
+    qcow.write_bytes(b"QFI\xfb" + bytes(60))
+    raw = tmp_path / "b.img"
+    raw.write_bytes(bytes(64))
+    assert Drive.parse(str(qcow)) == Drive(qcow, "qcow2")
+    assert Drive.parse(f"{raw},format=raw,if=ide,readonly=on") == Drive(raw, "raw", "ide", True)
+    with pytest.raises(SetupError, match="unknown option"):
+        Drive.parse(f"{raw},cache=none")
+    with pytest.raises(SetupError, match="does not exist"):
+        Drive.parse(str(tmp_path / "missing.img"))
+
+
+def test_drive_and_vmstate_arguments():
+    args = drive_args((Drive(Path("/d/a,b.qcow2"), "qcow2"), Drive(Path("/d/r"), "raw", "ide")))
+    assert args[:6] == [
+        "-blockdev",
+        "driver=file,node-name=disk0-file,filename=/d/a,,b.qcow2",
+        "-blockdev",
+        "driver=qcow2,node-name=disk0,file=disk0-file",
+        "-device",
+        "virtio-blk-pci,drive=disk0,bootindex=0",
+    ]
+    assert args[-1] == "ide-hd,drive=disk1,bootindex=1"
+    assert vmstate_args(Path("/w/v.qcow2")) == [
+        "-blockdev",
+        f"driver=qcow2,node-name={VMSTATE_NODE},file.driver=file,file.filename=/w/v.qcow2",
+    ]
+
+
+def test_a_disk_boots_without_a_kernel():
+    config = QemuConfig(drives=(Drive(Path("/d/a"), "qcow2"),), time_mode="host")
+    cmd = build_command_line(
+        config, "tcg", Path("/r"), Path("/g"), Path("/q"), Path("/c"), Path("/w/v.qcow2")
+    )
+    assert "-kernel" not in cmd and "-append" not in cmd
+    assert "virtio-blk-pci,drive=disk0,bootindex=0" in cmd
+    assert any(VMSTATE_NODE in a for a in cmd)
+    # The VM-state node has no device: only the disk has one.
+    assert sum(a == "-device" for a in cmd) == 1
+
+
+def test_ram_map_from_mtree():
+    segments = parse_ram_map(MTREE)
+    assert segments == [
+        Segment(0, 0xA0000, "ram0", 0),
+        Segment(0x100000, 0xC0000000, "ram0", 0x100000),
+        Segment(0x1_0000_0000, 0x1_4000_0000, "ram0", 0xC0000000),
+    ]
+    with pytest.raises(SetupError):
+        parse_ram_map('FlatView #0\n AS "I/O", root: io\n')
+
+
+def test_segmented_reads_cross_segments_and_stop_outside_ram():
+    segments = [Segment(0, 0x1000, "r", 0), Segment(0x1000, 0x2000, "r", 0x1000)]
+    backing = bytes(range(256)) * 32
+    memory = SegmentedMemory(
+        segments, lambda i, off, n: backing[segments[i].offset + off :][:n], "test"
+    )
+    assert memory.read(0xFFE, 4) == backing[0xFFE:0x1002]
+    assert memory.ranges() == [(0, 0x2000)]
+    with pytest.raises(PhysicalMemoryError) as info:
+        memory.read(0x1FFE, 4)
+    assert info.value.address == 0x2000
+
+
+def test_time_attaching_cannot_change():
+    mode, extra, notes = time_findings("Host - Guest clock  0 ms\n", ["qemu", "-rtc", "clock=vm"])
+    assert mode == "icount" and extra == []
+    assert "RTC stops with the VM" in notes[0][1]
+    mode, extra, notes = time_findings("TB count 3\n", ["qemu", "-m", "512"])
+    assert mode == "host"
+    assert [m.key for m in extra] == ["attached-rtc-host"] and extra[0].guest_visible
