@@ -58,6 +58,7 @@ async def _open(args: argparse.Namespace) -> Target:
         close=attachment.release,
         run_at_start=attachment.found.running,  # QEMU stopped it for our gdbstub: run it again
         single_session=True,
+        analyse_first=True,
         gone=lambda: "QEMU went away",
     )
 

@@ -44,6 +44,9 @@ class Target:
     gone: Callable[[], str] = lambda: "the machine went away"
     # Serve one GDB session, then end (an attached VM, which `close` puts back as it was found).
     single_session: bool = False
+    # Analyse the guest OS before listening (a guest that is up already, e.g. an attached VM), so
+    # GDB's first requests are answered at once rather than after seconds of analysis.
+    analyse_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ async def serve(command: ServeCommand, args: argparse.Namespace) -> int:
     server = None
     try:
         debugger = Debugger(target.driver, StealthMode(args.stealth))
+        if target.analyse_first:
+            debugger.guest.available()  # a guest it cannot analyse is said once, and served
         if target.run_at_start:
             debugger.resume({cpu: "c" for cpu in debugger.cpus()})
         server = RspServer(

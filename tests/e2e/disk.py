@@ -76,3 +76,13 @@ class DiskVm(Vm):
         self.wait_console(LOGIN, 900)
         self.boot_seconds = time.monotonic() - self.started
         self.ksyms = {}
+
+    def gdb(self, *commands: str, timeout: float = 300) -> str:
+        # GDB's first requests make vmigdb analyse the guest (1-2 s, longer on a loaded host):
+        # wait longer than GDB's default 2 s for them.
+        argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off", "-ex", "set remotetimeout 30"]
+        argv += ["-ex", f"target remote {self.address}"]
+        for command in commands:
+            argv += ["-ex", command]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return result.stdout + result.stderr

@@ -115,7 +115,7 @@ def test_awareness_with_no_configuration(vm, symbols):
 def test_snapshot_loop_three_rounds(vm, symbols):
     runner, sample = symbols["runner"], symbols["sample"]
     go, marker, detonated = runner["runner_go"], runner["runner_marker"], sample["sample_detonated"]
-    gdb = Gdb(vm.address)
+    gdb = Gdb(vm.address, remote_timeout=30)
     try:
         jiffies = int(
             re.search(r"0x[0-9a-f]+", _console_text(gdb, "monitor sym jiffies_64")).group(0), 16
