@@ -106,3 +106,4 @@ def test_time_attaching_cannot_change():
     mode, extra, notes = time_findings("TB count 3\n", ["qemu", "-m", "512"])
     assert mode == "host"
     assert [m.key for m in extra] == ["attached-rtc-host"] and extra[0].guest_visible
+    assert extra[0].limit is None and "RTC keeps counting" in extra[0].why

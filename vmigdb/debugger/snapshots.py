@@ -101,7 +101,7 @@ class SnapshotControl:
         last = self._run.last_stop
         cpus = self._state.cpus()
         cpu = last.cpu if last is not None and last.cpu in cpus else cpus[0]
-        message = f"vmigdb: at snapshot {name!r}'s state (loaded); no guest code ran"
+        message = f"vmigdb: the guest is at snapshot {name}'s state (loaded); no guest code ran"
         self._run.arrive(
             StopEvent(
                 StopReason.SIGNAL,

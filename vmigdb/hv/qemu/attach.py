@@ -102,7 +102,7 @@ def time_findings(jit: str, argv: list[str]) -> tuple[str, list[Mechanism], list
                 "attached-rtc-host",
                 "guest RTC on host time (QEMU started without -rtc clock=vm)",
                 True,
-                "the RTC keeps counting while vmigdb holds the VM stopped: a guest comparing it "
+                why="the RTC keeps counting while vmigdb holds the VM stopped: a guest comparing it "
                 "with its own clocks sees each stop's length; attaching cannot change it",
             )
         )
@@ -270,7 +270,7 @@ async def attach(monitor: QemuMonitor, label: str) -> Attachment:
         "a gdbstub added to QEMU at run time (HMP gdbserver on a private unix socket), "
         "removed at detach",
         False,
-        "host-side only; connecting stops the VM for a moment, and its clocks stop with it",
+        why="host-side only; connecting stops the VM for a moment, and its clocks stop with it",
     )
     driver.capabilities = dataclasses.replace(
         driver.capabilities,
@@ -278,7 +278,7 @@ async def attach(monitor: QemuMonitor, label: str) -> Attachment:
             "attached-ram",
             f"reads of guest RAM ({memory.how}) + vmigdb's page walk",
             False,
-            "no guest code runs and no page is touched or mapped in the guest",
+            why="no guest code runs and no page is touched or mapped in the guest",
         ),
         extra=(*driver.capabilities.extra, added, *extra),
     )
