@@ -107,3 +107,56 @@ def test_time_attaching_cannot_change():
     assert mode == "host"
     assert [m.key for m in extra] == ["attached-rtc-host"] and extra[0].guest_visible
     assert extra[0].limit is None and "RTC keeps counting" in extra[0].why
+
+
+class FakeQmp:
+    """Answers the queries QemuSnapshots makes; records the jobs it is asked to run."""
+
+    def __init__(self, disks: list[dict], own_node: bool) -> None:
+        self.disks = disks
+        self.own_node = own_node
+        self.commands: list[tuple[str, dict | None]] = []
+
+    async def execute(self, cmd: str, args: dict | None = None) -> object:
+        self.commands.append((cmd, args))
+        if cmd == "query-block":
+            return [
+                {"qdev": f"/machine/peripheral-anon/device[{i}]/virtio-backend", "inserted": d}
+                for i, d in enumerate(self.disks)
+            ]
+        if cmd == "query-named-block-nodes":
+            nodes = [{"node-name": d["node-name"], "image": {}} for d in self.disks]
+            return nodes + ([{"node-name": VMSTATE_NODE, "image": {}}] if self.own_node else [])
+        if cmd == "query-jobs":
+            return [{"id": args_id, "status": "concluded"} for args_id in self._job_ids()]
+        return {}
+
+    def _job_ids(self) -> list[str]:
+        return [a["job-id"] for c, a in self.commands if a and "job-id" in a]
+
+
+def _disk(node: str, drv: str, ro: bool = False) -> dict:
+    return {"node-name": node, "drv": drv, "ro": ro, "file": f"/d/{node}.img"}
+
+
+def test_snapshot_plan_refuses_a_writable_raw_disk():
+    import asyncio
+
+    from vmigdb.hv.base import DriverError
+    from vmigdb.hv.qemu.snapshots import QemuSnapshots
+
+    store = QemuSnapshots(FakeQmp([_disk("disk0", "qcow2"), _disk("disk1", "raw")], True))
+    with pytest.raises(DriverError, match="convert it to qcow2"):
+        asyncio.run(store.save("clean"))
+    # Read-only raw disks do not matter; the VM state goes to vmigdb's own node.
+    fake = FakeQmp([_disk("disk0", "qcow2"), _disk("cd", "raw", ro=True)], True)
+    asyncio.run(QemuSnapshots(fake).save("clean"))
+    job = next(a for c, a in fake.commands if c == "snapshot-save")
+    assert job["vmstate"] == VMSTATE_NODE and job["devices"] == [VMSTATE_NODE, "disk0"]
+    # An attached VM without vmigdb's node keeps the state in its first qcow2 disk.
+    fake = FakeQmp([_disk("drive-virtio-disk0", "qcow2")], False)
+    asyncio.run(QemuSnapshots(fake).save("clean"))
+    job = next(a for c, a in fake.commands if c == "snapshot-save")
+    assert job["vmstate"] == "drive-virtio-disk0"
+    with pytest.raises(DriverError, match="no qcow2 disk"):
+        asyncio.run(QemuSnapshots(FakeQmp([], False)).save("clean"))
