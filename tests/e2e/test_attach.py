@@ -118,6 +118,7 @@ def test_paused_vm_stays_paused_and_snapshots_go_to_its_disk(plain_qemu, tmp_pat
     )
     assert f"shared file {machine.ram_file}" in out, out
     assert "found: paused" in out
+    assert "gdbstub channel: 0 resynchronisation(s)" in out  # no stop was owed, none awaited
     assert "snapshot paused1 saved" in out, out
     assert re.search(r"^paused1\s+[\d.]+ MiB", out, re.M), out
     assert "snapshot paused1 loaded" in out
