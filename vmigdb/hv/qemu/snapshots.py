@@ -23,10 +23,11 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from vmigdb.hv.base import DriverError, SnapshotInfo, SnapshotStore
 from vmigdb.hv.qemu.drives import VMSTATE_NODE
-from vmigdb.hv.qemu.qmp import Qmp, QmpError
+from vmigdb.hv.qemu.qmp import QmpError
 
 log = logging.getLogger("vmigdb.hv.qemu")
 
@@ -34,20 +35,25 @@ JOB_TIMEOUT = 600.0
 _job_ids = itertools.count(1)
 
 
+class QmpLike(Protocol):
+    """What the store needs of a QMP connection (qmp.Qmp, or libvirt's pass-through)."""
+
+    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> object: ...
+
+
 @dataclass(frozen=True)
 class _Disk:
     node: str  # the format node QEMU's block layer knows it by
-    device: str  # what the guest has it as (qdev id or path), for messages
     format: str
     readonly: bool
     file: str
 
 
 class QemuSnapshots(SnapshotStore):
-    """Snapshots of one QEMU over its QMP connection. `call` runs a QMP command (a coroutine), so
-    the same store serves a QMP socket and libvirt's monitor pass-through."""
+    """Snapshots of one QEMU over its QMP connection: a QMP socket, or libvirt's monitor
+    pass-through, alike."""
 
-    def __init__(self, qmp: Qmp | QmpLike) -> None:
+    def __init__(self, qmp: QmpLike) -> None:
         self._qmp = qmp
 
     # -- what is there -----------------------------------------------------------------------------
@@ -59,11 +65,9 @@ class QemuSnapshots(SnapshotStore):
             inserted = block.get("inserted")
             if not inserted:
                 continue
-            device = block.get("qdev") or block.get("device") or inserted.get("node-name", "?")
             disks.append(
                 _Disk(
                     node=inserted.get("node-name", ""),
-                    device=str(device).rsplit("/", 2)[-2] if "/" in str(device) else str(device),
                     format=inserted.get("drv", "?"),
                     readonly=bool(inserted.get("ro")),
                     file=inserted.get("file", "?"),
@@ -181,9 +185,3 @@ class QemuSnapshots(SnapshotStore):
         if not await self._exists(name):
             raise DriverError(f"no snapshot named {name!r} (monitor snapshot list)")
         return await self._job("snapshot-delete", {"tag": name, "devices": devices})
-
-
-class QmpLike:
-    """What the store needs of a QMP connection (Qmp, or libvirt's pass-through)."""
-
-    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> object: ...
