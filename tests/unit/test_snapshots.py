@@ -52,7 +52,8 @@ def _monitor(session: Session, line: str) -> str:
         except Exception as exc:  # noqa: BLE001 - MonitorError: shown as GDB would
             return f"ERROR {exc}"
         return text
-    return b"".join(codec.decode_hex(r[1:]) for r in outcome.replies if r.startswith(b"O")).decode()
+    out = [r for r in outcome.replies if r.startswith(b"O") and r != b"OK"]
+    return b"".join(codec.decode_hex(r[1:]) for r in out).decode()
 
 
 def _machine():
@@ -103,3 +104,30 @@ def test_no_store_and_bad_names_are_one_line_errors():
     assert outcome.replies[-1] == b"E01"
     outcome = session.handle(b"qRcmd," + codec.encode_hex(b"snapshot frobnicate x"))
     assert outcome.replies[-1] == b"E01"
+
+
+def test_process_scope_is_found_again_or_dropped_after_a_load(monkeypatch):
+    from tests.unit.test_guest_interface import ToyDriver, ToyOS
+    from vmigdb.guest import registry
+    from vmigdb.guest.base import Process
+
+    names = {"7": "app"}
+
+    class ShiftingOS(ToyOS):
+        def _all(self):
+            return [Process(1, 0, "init", 0x1000, "S"), Process(7, 1, names["7"], 0x5000, "R")]
+
+    monkeypatch.setattr(registry, "_KNOWN", (("toy kernel", ShiftingOS.attach),))
+    fake = ToyDriver(1)
+    fake.snapshots = MemoryStore(fake)
+    debugger = Debugger(fake)
+    debugger.halt()
+    session = Session(debugger)
+    assert "scope: process 7 (app)" in _monitor(session, "process app")
+    _monitor(session, "snapshot save clean")
+    assert "scope: process 7 (app) again" in _monitor(session, "snapshot load clean")
+    assert debugger.scope is not None and debugger.scope.pid == 7
+    names["7"] = "sample"  # in the loaded state, pid 7 is another program
+    loaded = _monitor(session, "snapshot load clean")
+    assert "scope dropped: pid 7 is 'sample' in the snapshot, not 'app'" in loaded
+    assert debugger.scope is None
