@@ -139,8 +139,10 @@ async def serve(command: ServeCommand, args: argparse.Namespace) -> int:
     server = None
     try:
         debugger = Debugger(target.driver, StealthMode(args.stealth))
-        if target.analyse_first:
-            debugger.guest.available()  # a guest it cannot analyse is said once, and served
+        if target.analyse_first and debugger.guest.available():
+            # GDB's first request is for the symbol file: have it built before GDB waits for it
+            # (a guest it cannot analyse is said once, and served all the same).
+            _ = debugger.guest.os().symbol_elf
         if target.run_at_start:
             debugger.resume({cpu: "c" for cpu in debugger.cpus()})
         server = RspServer(

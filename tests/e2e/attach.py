@@ -173,6 +173,8 @@ class Attached:
             "-ex",
             "set pagination off",
             "-ex",
+            "set remotetimeout 30",  # a loaded host: GDB's 2 s default is not the point here
+            "-ex",
             f"target remote {self.address}",
         ]
         for command in commands:

@@ -110,5 +110,6 @@ def create_vmstate_image(path: Path) -> bool:
         capture_output=True,
         text=True,
         check=False,
+        umask=0o077,  # the VM's memory will be written into it: owner only, like the RAM file
     )
     return res.returncode == 0
