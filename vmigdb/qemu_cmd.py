@@ -97,7 +97,10 @@ async def _open_demo(args: argparse.Namespace) -> Target:
 
 
 QEMU = ServeCommand(
-    "qemu", "boot a kernel or a disk image under QEMU and serve it to GDB", _add_qemu_arguments, _open_qemu
+    "qemu",
+    "boot a kernel or a disk image under QEMU and serve it to GDB",
+    _add_qemu_arguments,
+    _open_qemu,
 )
 DEMO = ServeCommand(
     "demo", "build (once) and serve the demo Linux guest", _add_machine_options, _open_demo

@@ -1,10 +1,9 @@
 """A disk-image guest, and snapshots for a detonation loop, with real GDB.
 
 The guest is the Debian 12 test disk (vmigdb/images/disk.py) booted by `vmigdb qemu --drive` from
-its own GRUB (no --kernel), 1 GiB of RAM, 1 vCPU, on a private qcow2 overlay, with `--time host`:
-TCG then runs the guest as fast as the host allows (icount, the default with 1 vCPU, caps it at
-125 M instructions/s, and a systemd boot is billions); the time-mode tests and antidebug cover
-icount. With VMIGDB_SLOW=1 it boots with the default settings.
+its own GRUB (no --kernel), 1 GiB of RAM, 1 vCPU, default settings (so guest time is icount: under
+`--time host`, QEMU keeps the TSC monotonic across a load, and it jumps by the time since the save;
+see hv/qemu/snapshots.py), on a private qcow2 overlay.
 Ground truth: the guest's console (systemd's login prompt; `runner pid=N go=... marker=...`), and
 the test programs' own symbols (host copies of the same static binaries).
 
@@ -22,7 +21,6 @@ the test programs' own symbols (host copies of the same static binaries).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -44,8 +42,7 @@ def image():
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory, image):
     tmp = tmp_path_factory.mktemp("disk")
-    extra = () if os.environ.get("VMIGDB_SLOW") == "1" else ("--time", "host")
-    machine = DiskVm(tmp, overlay(image.path, tmp), extra=extra)
+    machine = DiskVm(tmp, overlay(image.path, tmp))
     FIGURES["boot to login prompt (s)"] = machine.boot_seconds
     try:
         yield machine

@@ -145,18 +145,28 @@ def test_snapshot_plan_refuses_a_writable_raw_disk():
     from vmigdb.hv.base import DriverError
     from vmigdb.hv.qemu.snapshots import QemuSnapshots
 
-    store = QemuSnapshots(FakeQmp([_disk("disk0", "qcow2"), _disk("disk1", "raw")], True))
+    store = QemuSnapshots(
+        FakeQmp([_disk("disk0", "qcow2"), _disk("disk1", "raw")], True), icount=True
+    )
     with pytest.raises(DriverError, match="convert it to qcow2"):
         asyncio.run(store.save("clean"))
     # Read-only raw disks do not matter; the VM state goes to vmigdb's own node.
     fake = FakeQmp([_disk("disk0", "qcow2"), _disk("cd", "raw", ro=True)], True)
-    asyncio.run(QemuSnapshots(fake).save("clean"))
+    asyncio.run(QemuSnapshots(fake, icount=True).save("clean"))
     job = next(a for c, a in fake.commands if c == "snapshot-save")
     assert job["vmstate"] == VMSTATE_NODE and job["devices"] == [VMSTATE_NODE, "disk0"]
     # An attached VM without vmigdb's node keeps the state in its first qcow2 disk.
     fake = FakeQmp([_disk("drive-virtio-disk0", "qcow2")], False)
-    asyncio.run(QemuSnapshots(fake).save("clean"))
+    asyncio.run(QemuSnapshots(fake, icount=True).save("clean"))
     job = next(a for c, a in fake.commands if c == "snapshot-save")
     assert job["vmstate"] == "drive-virtio-disk0"
     with pytest.raises(DriverError, match="no qcow2 disk"):
-        asyncio.run(QemuSnapshots(FakeQmp([], False)).save("clean"))
+        asyncio.run(QemuSnapshots(FakeQmp([], False), icount=False).save("clean"))
+
+
+def test_a_load_without_icount_says_the_tsc_jumps():
+    from vmigdb.hv.qemu.snapshots import QemuSnapshots
+
+    assert QemuSnapshots(FakeQmp([], True), icount=True).load_caveat() is None
+    caveat = QemuSnapshots(FakeQmp([], True), icount=False).load_caveat()
+    assert caveat is not None and "TSC" in caveat and "--time icount" in caveat

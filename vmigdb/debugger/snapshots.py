@@ -40,6 +40,7 @@ class Loaded:
     name: str
     seconds: float
     scope_note: str | None  # what became of the process scope, if there was one
+    caveat: str | None = None  # what the load could not put back (the hypervisor says)
 
 
 class SnapshotControl:
@@ -111,7 +112,7 @@ class SnapshotControl:
                 message=message,
             )
         )
-        return Loaded(name, seconds, note)
+        return Loaded(name, seconds, note, store.load_caveat())
 
     def _forget(self) -> None:
         self._state.forget()

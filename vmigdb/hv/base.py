@@ -156,6 +156,10 @@ class SnapshotStore(ABC):
         """Where the snapshots are kept, for `monitor info`."""
         return "the hypervisor"
 
+    def load_caveat(self) -> str | None:
+        """What a load cannot put back as it was saved (e.g. a clock), to tell the user."""
+        return None
+
 
 class DriverError(Exception):
     """A request the hypervisor refused or could not carry out; the session turns it into `Exx`."""

@@ -177,6 +177,8 @@ class Monitor:
             ]
             if loaded.scope_note:
                 lines.append(loaded.scope_note)
+            if loaded.caveat:
+                lines.append(f"note: {loaded.caveat}")
             return "\n".join(lines)
 
         return LongCommand(run)

@@ -288,7 +288,7 @@ async def attach(monitor: QemuMonitor, label: str) -> Attachment:
         ("found", f"{found.status}; detaching leaves it so, with the gdbstub removed"),
         *notes,
     ]
-    driver.snapshots = QemuSnapshots(monitor)
+    driver.snapshots = QemuSnapshots(monitor, icount=mode == "icount")
     log.info(
         "attached to %s in %.2f s (VM was %s)", label, time.monotonic() - started, found.status
     )

@@ -55,7 +55,7 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
         )
         stop = driver.attach()
         qmp = await Qmp.connect(process.qmp_socket)
-        driver.snapshots = QemuSnapshots(qmp)
+        driver.snapshots = QemuSnapshots(qmp, icount=process.config.time_mode == "icount")
         process.unlink_paths()
     except (OSError, MachineGone, TimeoutError) as exc:
         words = process.last_words()

@@ -10,6 +10,14 @@ A writable raw disk cannot take an internal snapshot: its contents would not rol
 memory, and the guest's page cache would then disagree with its disk. Saving is refused then, with
 the fix (qcow2, or the disk read-only).
 
+Guest time across a load: under -icount every guest clock (TSC, HPET, ACPI PM timer, the RTC with
+-rtc clock=vm) is part of the VM state and continues from the snapshot. Without -icount, QEMU's
+TCG TSC is host ticks plus an offset that QEMU keeps monotonic (cpu_get_ticks_locked compares with
+cpu_ticks_prev, which is not part of the VM state): after a load it resumes from the last value
+before the load, i.e. it jumps ahead by the guest time since the save, while the other clocks go
+back to the snapshot's. The guest's clocksource watchdog sees the mismatch ("Long readout
+interval"). QEMU 7.2 and 10 alike; `load_caveat` says so.
+
 The jobs run while the VM is stopped (vmigdb holds it stopped whenever GDB can type a command):
 QEMU 7.2 then changes neither the run state nor the gdbstub's view of it (vm_stop on a stopped VM
 does nothing, and the jobs restart the VM only if it ran before). Checked on QEMU 7.2; the QMP
@@ -53,8 +61,18 @@ class QemuSnapshots(SnapshotStore):
     """Snapshots of one QEMU over its QMP connection: a QMP socket, or libvirt's monitor
     pass-through, alike."""
 
-    def __init__(self, qmp: QmpLike) -> None:
+    def __init__(self, qmp: QmpLike, icount: bool) -> None:
         self._qmp = qmp
+        self._icount = icount  # guest time counts instructions (-icount): see the docstring
+
+    def load_caveat(self) -> str | None:
+        if self._icount:
+            return None
+        return (
+            "guest time is not instruction-counted (no -icount): QEMU keeps the TSC monotonic "
+            "across a load, so it jumps ahead by the time since the save, while the HPET and the "
+            "RTC continue from the snapshot; --time icount keeps every clock at the snapshot's"
+        )
 
     # -- what is there -----------------------------------------------------------------------------
 
