@@ -38,7 +38,10 @@ class LibvirtMonitor:
         monitor = cls(virsh, uri, domain)
         code, out, err = await monitor._run("domstate", domain)
         if code != 0:
-            raise SetupError(f"libvirt at {uri}: {err.strip() or out.strip()}")
+            why = "; ".join(
+                line.removeprefix("error: ") for line in (err or out).splitlines() if line.strip()
+            )
+            raise SetupError(f"libvirt at {uri}: {why}")
         if out.split()[:1] not in (["running"], ["paused"]):
             raise SetupError(f"libvirt domain {domain} is {out.strip()}: start it first")
         return monitor
