@@ -33,19 +33,34 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_qemu_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel", type=Path, required=True)
+    parser.add_argument("--kernel", type=Path, help="boot this kernel (else the first --drive)")
     parser.add_argument("--initrd", type=Path)
+    parser.add_argument(
+        "--drive",
+        action="append",
+        default=[],
+        metavar="FILE[,format=qcow2|raw]",
+        help="a disk image (repeatable; also ,if=virtio|ide|scsi and ,readonly=on); without "
+        "--kernel the guest boots from the first one with its own bootloader",
+    )
     _add_machine_options(parser)
     parser.add_argument("qemu_args", nargs="*", help="after --: extra QEMU arguments")
 
 
 async def _boot(
-    args: argparse.Namespace, kernel: Path, initrd: Path | None, extra: tuple[str, ...], demo: bool
+    args: argparse.Namespace,
+    kernel: Path | None,
+    initrd: Path | None,
+    extra: tuple[str, ...],
+    demo: bool,
+    drives: tuple[str, ...] = (),
 ) -> Target:
+    from vmigdb.hv.qemu.drives import Drive
     from vmigdb.hv.qemu.launch import launch_qemu
     from vmigdb.hv.qemu.process import QemuConfig
 
     config = QemuConfig(
+        drives=tuple(Drive.parse(spec) for spec in drives),
         kernel=kernel,
         initrd=initrd,
         append=args.append,
@@ -107,7 +122,9 @@ async def save_dump(machine: QemuMachine, path: str) -> str:
 
 
 async def _open_qemu(args: argparse.Namespace) -> Target:
-    return await _boot(args, args.kernel, args.initrd, tuple(args.qemu_args), demo=False)
+    return await _boot(
+        args, args.kernel, args.initrd, tuple(args.qemu_args), demo=False, drives=args.drive
+    )
 
 
 async def _open_demo(args: argparse.Namespace) -> Target:
@@ -118,7 +135,10 @@ async def _open_demo(args: argparse.Namespace) -> Target:
 
 
 QEMU = ServeCommand(
-    "qemu", "boot a kernel under QEMU and serve it to GDB", _add_qemu_arguments, _open_qemu
+    "qemu",
+    "boot a kernel or a disk image under QEMU and serve it to GDB",
+    _add_qemu_arguments,
+    _open_qemu,
 )
 DEMO = ServeCommand(
     "demo", "build (once) and serve the demo Linux guest", _add_machine_options, _open_demo

@@ -32,6 +32,7 @@ from vmigdb.debugger.health import HealthWatch
 from vmigdb.debugger.model import Action, MemoryFault, ProcessScope, RangeStep, cr3_base
 from vmigdb.debugger.policy import StealthMode, StealthPolicy
 from vmigdb.debugger.scope import ScopeWatch
+from vmigdb.debugger.snapshots import SnapshotControl
 from vmigdb.debugger.state import MachineState
 from vmigdb.debugger.stops import RunControl
 from vmigdb.hv.base import BreakpointType, Driver
@@ -58,6 +59,9 @@ class Debugger:
             self._scope,
             self.health,
             self.guest.ran,
+        )
+        self.snapshots = SnapshotControl(
+            driver, self.state, self.guest, self._scope, self.run_control
         )
 
     # -- what the owners hold ---------------------------------------------------------------------
@@ -159,12 +163,13 @@ class Debugger:
 
     # -- run control ------------------------------------------------------------------------------
 
-    def resume(self, actions: dict[int, Action]) -> None:
-        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped."""
+    def resume(self, actions: dict[int, Action]) -> StopEvent | None:
+        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped.
+        Returns a stop instead of running when GDB has one to see first (a snapshot loaded)."""
         if self._arm_health and not self.running:
             self._arm_health = False
             self.health.arm()
-        self.run_control.resume(actions)
+        return self.run_control.resume(actions)
 
     def interrupt(self) -> None:
         self.run_control.interrupt()
@@ -184,14 +189,16 @@ class Debugger:
         self.guest.revalidate()
         self._arm_health = self.driver.capabilities.run_control
 
-    def detach(self) -> None:
+    def detach(self, *, run: bool = True) -> None:
         """Remove every breakpoint (GDB's and vmigdb's own), disarm the catchpoints, drop the process
-        scope, and let the whole machine run: a detached guest carries nothing of the debugger."""
+        scope, and let the whole machine run (unless `run` is False: an attached VM goes back as it
+        was found, which its driver sees to): a detached guest carries nothing of the debugger."""
         self._arm_health = False
         self.health.disarm()
         self.catches.clear()
         self.set_scope(None)
         self.breakpoints.clear()
         self.run_control.forget_range()
-        if not self.running and self.driver.capabilities.run_control:
-            self.resume({cpu: "c" for cpu in self.cpus()})
+        if run and not self.running and self.driver.capabilities.run_control:
+            while self.resume({cpu: "c" for cpu in self.cpus()}) is not None:
+                pass  # a stop GDB never saw (a snapshot loaded) is of no interest now

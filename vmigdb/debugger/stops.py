@@ -79,14 +79,22 @@ class RunControl:
         self._bp_changed_before_resume = False
         self._lost_step_retries = 0
         self._interrupt_requested = False  # GDB's ^C: the next stop is reported, whatever it is
+        # A stop GDB has not seen yet, reported at its next resume without running (the machine
+        # was put in another state while stopped: a snapshot was loaded).
+        self._arrived: StopEvent | None = None
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def resume(self, actions: dict[int, Action]) -> None:
+    def resume(self, actions: dict[int, Action]) -> StopEvent | None:
         """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped.
+        Returns a stop instead of running when one is due first (see `arrive`).
 
         :raises Unsupported: if the driver has no run control (or cannot step, for 's').
         """
+        if self._arrived is not None:
+            event, self._arrived = self._arrived, None
+            self.last_stop = event
+            return event
         if not self._driver.capabilities.run_control:
             raise Unsupported(f"the {self._driver.name} driver cannot run the guest")
         if self.running:
@@ -100,6 +108,17 @@ class RunControl:
         self._breakpoints.sync()
         self._request = dict(actions)
         self._drive({cpu: self._first_move(cpu, act) for cpu, act in actions.items()})
+        return None
+
+    def arrive(self, event: StopEvent) -> None:
+        """The stopped machine is now in another state (a snapshot loaded): GDB, which cannot be
+        told outside a stop reply, gets `event` at its next resume, and no guest code runs."""
+        if self.running:
+            raise DriverError("internal: the machine changed state while running")
+        self._range = None
+        self._request = {}
+        self.last_stop = event
+        self._arrived = event
 
     def interrupt(self) -> None:
         if self.running:

@@ -136,6 +136,45 @@ class Catchpoint:
     scoped: bool = False  # takes a process (an address space) to watch, else the whole machine
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One saved state of the whole VM."""
+
+    name: str
+    vm_state_size: int  # bytes of VM state
+    date: float  # host time of the save (seconds since the epoch)
+    vm_clock: float  # the guest's clock at the save (seconds since it booted)
+
+
+class SnapshotStore(ABC):
+    """Optional driver feature (`Driver.snapshots`): whole-VM snapshots, for detonation loops.
+
+    Every call is made while the machine is stopped and leaves it stopped; the calls are
+    coroutines because they take seconds (a VM's RAM is written or read back). Each returns how
+    long the hypervisor took, in seconds. :raises DriverError: with the reason.
+    """
+
+    @abstractmethod
+    async def save(self, name: str) -> float: ...
+
+    @abstractmethod
+    async def load(self, name: str) -> float: ...
+
+    @abstractmethod
+    async def delete(self, name: str) -> float: ...
+
+    @abstractmethod
+    async def list(self) -> list[SnapshotInfo]: ...
+
+    def where(self) -> str:
+        """Where the snapshots are kept, for `monitor info`."""
+        return "the hypervisor"
+
+    def load_caveat(self) -> str | None:
+        """What a load cannot put back as it was saved (e.g. a clock), to tell the user."""
+        return None
+
+
 class DriverError(Exception):
     """A request the hypervisor refused or could not carry out; the session turns it into `Exx`."""
 
@@ -158,6 +197,7 @@ class Driver(ABC):
 
     name: str
     capabilities: Capabilities
+    snapshots: SnapshotStore | None = None  # whole-VM snapshots, where the hypervisor has them
 
     # -- required: reading a stopped machine ------------------------------------------------------
 

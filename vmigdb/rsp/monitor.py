@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from vmigdb.arch.x86_64.pagemap import canonical
@@ -25,6 +26,7 @@ from vmigdb.debugger.catches import UnknownCatchpoint
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
 from vmigdb.debugger.model import ProcessScope
+from vmigdb.debugger.snapshots import SnapshotError
 from vmigdb.errors import VmigdbError
 from vmigdb.guest.base import GuestError
 from vmigdb.hv.base import DriverError
@@ -189,6 +191,45 @@ class Monitor:
             f"scope: process {scope.pid} ({scope.comm}), page tables at {scope.cr3:#x}; "
             "its user memory reads through them, new breakpoints fire only in it"
         )
+
+    def cmd_snapshot(self, args: list[str]) -> Later:
+        """snapshot save|load|delete NAME, snapshot list — whole-VM snapshots (detonation loops)"""
+        verb = args[0] if args else ""
+        if not (verb == "list" and len(args) == 1) and not (
+            verb in ("save", "load", "delete") and len(args) == 2
+        ):
+            raise MonitorError("usage: monitor snapshot save|load|delete NAME, or snapshot list")
+        name = args[1] if len(args) == 2 else ""
+        if name and not all(c.isalnum() or c in "-_.:" for c in name):
+            raise MonitorError(f"snapshot names use letters, digits and -_.: only, not {name!r}")
+        snapshots = self._debugger.snapshots
+
+        async def run() -> str:
+            try:
+                if verb == "save":
+                    seconds = await snapshots.save(name)
+                    return f"snapshot {name} saved in {seconds:.2f} s"
+                if verb == "delete":
+                    seconds = await snapshots.delete(name)
+                    return f"snapshot {name} deleted in {seconds:.2f} s"
+                if verb == "list":
+                    return _snapshot_table(await snapshots.list())
+                loaded = await snapshots.load(name)
+            except SnapshotError as exc:
+                raise MonitorError(str(exc)) from None
+            lines = [
+                f"snapshot {name} loaded in {loaded.seconds:.2f} s: the guest is at its state.",
+                "GDB shows the old state until its next stop: `continue` or `stepi` stops at "
+                "once at the snapshot's state, with no guest code run.",
+            ]
+            if loaded.scope_note:
+                lines.append(loaded.scope_note)
+            if loaded.caveat:
+                lines.append(f"note: {loaded.caveat}")
+            return "\n".join(lines)
+
+        note = f"snapshot {verb} {name}".rstrip() + " "
+        return Later(note, run())
 
     def cmd_catch(self, args: list[str]) -> str:
         """catch [NAME [on|off] [PID|cr3=ADDR]] — stop GDB on guest events (panic: on by default)"""
@@ -385,3 +426,16 @@ class Monitor:
             else ("off: addresses are virtual (current vCPU's page tables)")
         )
         return f"phys {state}"
+
+
+def _snapshot_table(snapshots: list) -> str:
+    if not snapshots:
+        return "(no snapshots)"
+    lines = [f"{'NAME':<20} {'VM STATE':>10} {'SAVED':<19} GUEST CLOCK"]
+    for snap in snapshots:
+        saved = datetime.fromtimestamp(snap.date).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(
+            f"{snap.name:<20} {snap.vm_state_size / (1 << 20):>7.1f} MiB {saved:<19} "
+            f"{snap.vm_clock:.3f} s"
+        )
+    return "\n".join(lines)

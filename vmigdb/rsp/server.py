@@ -34,6 +34,9 @@ from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
 
+# GDB waits 2 s (its `remote timeout`) for each packet of a monitor command's answer, three
+# times, then gives up on it; an empty `O` packet prints nothing and restarts its wait.
+
 
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
@@ -96,11 +99,19 @@ class RspServer:
     """Serves one Debugger to GDB clients, one at a time."""
 
     def __init__(
-        self, debugger: Debugger, *, local: bool = True, save_machine: SaveMachine | None = None
+        self,
+        debugger: Debugger,
+        *,
+        local: bool = True,
+        save_machine: SaveMachine | None = None,
+        single_session: bool = False,
     ) -> None:
         self.debugger = debugger
         self.local = local  # serving loopback or a unix socket only: host-file commands allowed
         self.save_machine = save_machine  # `monitor dump`, when the machine can be saved
+        # One GDB session only (an attached VM): when it ends, serving ends, and the machine is
+        # left for the owner of the VM to put back as it was found (not resumed here).
+        self.single_session = single_session
         self.active: GdbConnection | None = None
         self.finished: asyncio.Future[StopEvent | None] | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -138,9 +149,11 @@ class RspServer:
             self._server.close()
         if self._unix_path and os.path.exists(self._unix_path):
             os.unlink(self._unix_path)
-        if self.active is not None:
-            self.active.cancel_pending()
-            self.active.transport.close()
+        active, self.active = self.active, None
+        if active is not None:
+            active.cancel_pending()
+            active.done = True
+            active.transport.close()
 
     def finish(self, event: StopEvent | None) -> None:
         """The machine is gone (or killed): stop serving."""
@@ -234,9 +247,12 @@ class GdbConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.server.active is not self:
             return
-        log.info("GDB at %s went away; leaving the machine running", self.peer)
-        self.server.active = None
         self.done = True
+        if self.pending is not None:
+            log.info("GDB at %s went away during a monitor command; releasing after it", self.peer)
+            return  # _on_answer releases the machine
+        log.info("GDB at %s went away; releasing the machine", self.peer)
+        self.server.active = None
         self._release_machine()
 
     # -- events -----------------------------------------------------------------------------------
@@ -319,7 +335,12 @@ class GdbConnection(asyncio.Protocol):
     def _on_answer(self, task: asyncio.Task[list[bytes]]) -> None:
         """A long monitor command finished: send its replies, then what GDB sent meanwhile."""
         self.pending = None
-        if task.cancelled() or self.done:
+        if task.cancelled():
+            return
+        if self.done:  # GDB went away meanwhile
+            if self.server.active is self:
+                self.server.active = None
+                self._release_machine()
             return
         try:
             replies = task.result()
@@ -357,10 +378,13 @@ class GdbConnection(asyncio.Protocol):
         self.transport.write(codec.encode_packet(payload))
 
     def _release_machine(self) -> None:
-        """Leave the guest running with no breakpoint of ours."""
+        """Leave the guest running with no breakpoint of ours; for a single session, take the
+        debugger off and end serving: the VM's owner puts it back as it was found."""
         try:
             if self.debugger.running:
                 self.debugger.halt()
-            self.debugger.detach()
+            self.debugger.detach(run=not self.server.single_session)
         except (DriverError, TimeoutError) as exc:
             log.error("could not release the machine cleanly: %s", exc)
+        if self.server.single_session:
+            self.server.finish(None)

@@ -237,14 +237,14 @@ class Session:
     def run(self, resume: Resume) -> list[bytes]:
         """Start the machine as `resume` asks (the server calls this for a Resume outcome).
 
-        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else the error
-        reply GDB gets instead of a stop reply.
+        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else what GDB
+        gets instead: an error reply, or a stop that was due before running (a snapshot loaded).
         """
         try:
-            self.debugger.resume(resume.actions)
+            event = self.debugger.resume(resume.actions)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
             return [error_reply(exc, b"resume %r" % sorted(resume.actions.items()))]
-        return []
+        return [] if event is None else self.stop_replies(event)
 
     def stop_replies(self, event: StopEvent) -> list[bytes]:
         """What GDB gets for a stop: the console message if any, then the stop reply."""

@@ -209,6 +209,8 @@ class QemuDriver(Driver):
         self._g_cpu: int | None = None  # the vCPU QEMU's Hg currently points at
         self._cpus: list[int] = []
         self._patched: set[tuple[int, int]] = set()  # KVM Z0s QEMU serves by patching 0xCC
+        self._held: set[tuple[int, int, int]] = set()  # (type, addr, length) QEMU holds for us
+        self.notes: list[tuple[str, str]] = []  # more `monitor info` lines (an attached VM's)
         self.exit_status: int | None = None
         # What the last resume asked of each vCPU, and the vCPUs on which QEMU may still have its
         # single-step armed: QEMU 7.2 disarms only the vCPU its stop reply names
@@ -323,6 +325,36 @@ class QemuDriver(Driver):
         reply = self._channel.request(b"%s%d,%x,%x" % (verb, int(type), addr, length))
         if reply != b"OK":
             raise DriverError(f"QEMU refused {verb.decode()}{int(type)} at {addr:#x}: {reply!r}")
+        if verb == b"Z":
+            self._held.add((int(type), addr, length))
+        else:
+            self._held.discard((int(type), addr, length))
+
+    # -- giving an attached VM back ----------------------------------------------------------------
+
+    def release(self, run: bool) -> None:
+        """Leave QEMU's gdbstub with nothing of ours in QEMU: stopped, no breakpoint, no
+        single-step armed on any vCPU; then let the VM run (`run`) or leave it stopped. The
+        gdbstub itself is removed by whoever added it (attach.py)."""
+        if self._channel.running:
+            self.interrupt()
+            self.wait_stop(10.0)
+        for cpu in sorted(self._armed):
+            # QEMU 7.2 disarms a vCPU's single-step only when that vCPU reports a stop: step it
+            # alone (one instruction), or it would stop the VM with nobody attached.
+            log.info("CPU#%d has a single-step armed in QEMU; stepping it off", cpu - 1)
+            self._channel.resume(b"vCont;s:%x" % cpu)
+            self.wait_stop(10.0)
+            self._armed.discard(cpu)
+        for type, addr, length in sorted(self._held):
+            self._channel.request(b"z%d,%x,%x" % (type, addr, length))
+        self._held.clear()
+        self._patched.clear()
+        if run:
+            # QEMU's detach removes what breakpoints remain and starts the VM (vm_start).
+            reply = self._channel.request(b"D")
+            if reply != b"OK":
+                raise DriverError(f"QEMU refused to detach: {reply!r}")
 
     # -- run control ------------------------------------------------------------------------------
 
@@ -431,7 +463,7 @@ class QemuDriver(Driver):
             ("driver", f"qemu {version} ({self.accel})"),
             *warnings,
             ("vcpus", str(len(self._cpus))),
-            ("guest RAM", f"{self._memory.size // (1 << 20)} MiB shared, read directly"),
+            ("guest RAM", f"{self._memory.size // (1 << 20)} MiB, {self._memory.how}"),
             (
                 "guest time",
                 f"{time.description if time else 'host time; the TSC runs on while stopped'} "
@@ -442,4 +474,5 @@ class QemuDriver(Driver):
                 f"{self._channel.resyncs} resynchronisation(s), "
                 f"{self.leftover_steps} stale single-step stop(s) absorbed",
             ),
+            *self.notes,
         ]
