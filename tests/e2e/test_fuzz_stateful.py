@@ -33,7 +33,7 @@ from tests.e2e.conftest import Vm
 from tests.e2e.test_fuzz_live import malformed
 from tests.e2e.test_gdb_session import wait_ticker_advances
 from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, REGISTER_INDEX, split_g
-from vmigdb.rsp import codec
+from vmigdb.wire import codec
 
 pytestmark = pytest.mark.e2e
 
