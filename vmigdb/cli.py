@@ -1,4 +1,5 @@
-"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb symbols`, `vmigdb guest build`.
+"""Command line: `vmigdb qemu`, `vmigdb demo`, `vmigdb attach`, `vmigdb dump`, `vmigdb xen`,
+`vmigdb symbols`, `vmigdb guest build`.
 
 A problem the user must fix (QEMU missing, a kernel path wrong, a port taken) is one line on stderr and
 exit status 2. Each serving subcommand is a `vmigdb.serve.ServeCommand` in `SERVE_COMMANDS`: its
@@ -13,11 +14,14 @@ import logging
 import sys
 from pathlib import Path
 
+from vmigdb.attach_cmd import ATTACH
+from vmigdb.dump_cmd import DUMP
 from vmigdb.errors import SetupError
 from vmigdb.qemu_cmd import DEMO, QEMU
 from vmigdb.serve import ServeCommand, add_serve_options, serve
+from vmigdb.xen_cmd import XEN
 
-SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO)
+SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO, ATTACH, DUMP, XEN)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="the demo guest image")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True)
     guest_sub.add_parser("build", help="fetch the kernel, build the initramfs, print their paths")
+    guest_sub.add_parser(
+        "build-disk",
+        help="build (once) the Debian 12 test disk image (systemd, GRUB; needs root), print its path",
+    )
     return parser
 
 
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         if args.command == "guest":
-            return _guest_build()
+            return _guest_build_disk() if args.guest_command == "build-disk" else _guest_build()
         if args.command == "symbols":
             return _symbols(args)
         command = next(c for c in SERVE_COMMANDS if c.name == args.command)
@@ -79,6 +87,16 @@ def _guest_build() -> int:
     image = build_guest()
     print(f"kernel: {image.kernel}")
     print(f"initrd: {image.initrd}")
+    return 0
+
+
+def _guest_build_disk() -> int:
+    from vmigdb.images.disk import build_disk
+
+    image = build_disk()
+    print(f"disk: {image.path}")
+    print(f"kernel release: {image.release}")
+    print(f"programs: {image.programs}")
     return 0
 
 

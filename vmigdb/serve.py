@@ -42,6 +42,15 @@ class Target:
     show_console: bool = False  # ... and copied to stdout as it grows (the demo)
     # What to say (stderr, exit status 1) when the machine ends by itself, e.g. QEMU's last words.
     gone: Callable[[], str] = lambda: "the machine went away"
+    # `monitor dump FILE`: save the whole stopped machine to a new file, for `vmigdb dump`
+    # (see `vmigdb.rsp.monitor.SaveMachine`); None where the hypervisor cannot.
+    save_machine: Callable[[str], Awaitable[str]] | None = None
+    # Serve one GDB session, then end (an attached VM, which `close` puts back as it was found).
+    single_session: bool = False
+    # Analyse the guest OS before listening (a dump, or a guest that is up already, e.g. an attached
+    # VM), so GDB's first requests (the symbol file first) are answered at once rather than after
+    # seconds of analysis.
+    analyse_first: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,9 +143,16 @@ async def serve(command: ServeCommand, args: argparse.Namespace) -> int:
     server = None
     try:
         debugger = Debugger(target.driver, StealthMode(args.stealth))
+        if target.analyse_first:
+            debugger.guest.prepare()
         if target.run_at_start:
             debugger.resume({cpu: "c" for cpu in debugger.cpus()})
-        server = RspServer(debugger, local=address.is_loopback())
+        server = RspServer(
+            debugger,
+            local=address.is_loopback(),
+            save_machine=target.save_machine,
+            single_session=target.single_session,
+        )
         await server.start(listener)
         if target.console is not None and target.show_console:
             log.info("guest console (also in %s):", target.console)

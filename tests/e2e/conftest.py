@@ -25,6 +25,15 @@ if shutil.which("qemu-system-x86_64") is None or shutil.which("gdb") is None:
     pytest.skip("end-to-end tests need qemu-system-x86 and gdb", allow_module_level=True)
 
 
+# Modules that boot the Debian test disk run last: scripts/test builds the disk image in the
+# background meanwhile (the first build takes minutes), and they wait for it on the cache's lock.
+DISK_MODULES = ("test_disk_guest.py", "test_attach_libvirt.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name in DISK_MODULES)  # stable: order kept otherwise
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

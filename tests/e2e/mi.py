@@ -8,13 +8,15 @@ from pygdbmi.gdbcontroller import GdbController
 
 
 class Gdb:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, remote_timeout: int | None = None) -> None:
         self.ctl = GdbController(command=["gdb", "-nx", "--quiet", "--interpreter=mi3"])
         self.console: list[str] = []
         self._stops: list[dict] = []  # *stopped records not yet claimed by wait_stopped
         self.cmd("-gdb-set pagination off")
         self.cmd("-gdb-set confirm off")
         self.cmd("-gdb-set mi-async on")  # accept -exec-interrupt while the guest runs
+        if remote_timeout is not None:  # GDB's default 2 s, for a guest analysed on connect
+            self.cmd(f"-gdb-set remotetimeout {remote_timeout}")
         self.cmd(f"-target-select remote {address}", timeout=60)
         self.ctl.get_gdb_response(timeout_sec=0.5, raise_error_on_timeout=False)
         self._stops.clear()  # the stop GDB reports on connecting is not what tests wait for

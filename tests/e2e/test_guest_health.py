@@ -51,12 +51,7 @@ def test_gdb_stops_as_the_guest_panics_then_lets_it_go_when_asked(dying_vm: Vm) 
         f"shell echo panics-printed=$(grep -c 'Kernel panic - not syncing' {dying_vm.console_path})"
     )
     out = dying_vm.gdb("monitor catch", "continue", "p $pc", "bt 1", look, timeout=240)
-    # Armed at the first resume of a session (so not yet when `monitor catch` asks, before it).
-    assert re.search(
-        r"panic: on: (GDB stops when the guest kernel oopses or panics|armed when the guest "
-        r"next runs)",
-        out,
-    ), out
+    assert "panic: on" in out, out
     assert "vmigdb: the guest kernel panics: sysrq triggered crash on CPU#" in out, out
     assert "pid" in out and "(crash)" in out, out
     assert re.search(r"\$1 = \(void \(\*\)\(\)\) 0x[0-9a-f]+ <v?panic", out), out

@@ -301,7 +301,12 @@ class FakeDriver(Driver):
             self._violate(f"{what} with length {length}")
 
     def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+        self,
+        type: BreakpointType,
+        addr: int,
+        length: int,
+        mechanism: str | None = None,
+        scope_cr3: int | None = None,
     ) -> None:
         self.calls.append(("insert_breakpoint", (type, addr, length)))
         self.bp_calls.append(("insert", type, addr, length))

@@ -122,8 +122,19 @@ class QemuStubModel:
             self._put(b"QC%02x" % self.c_cpu)
         elif payload == b"?":
             self._put(b"T05thread:%02x;" % self.c_cpu)
-        elif payload.startswith(b"Hg"):
+        elif payload.startswith((b"Hg", b"Z", b"z", b"Qqemu.PhyMemMode:")):
             self._put(b"OK")
+        elif payload.startswith(b"qSupported"):
+            self._put(b"PacketSize=1000;qXfer:features:read+;vContSupported+")
+        elif payload.startswith(b"qXfer:features:read:target.xml:"):
+            self._put(b"l<target/>")
+        elif payload == b"qfThreadInfo":
+            self._put(b"m" + b",".join(b"%02x" % cpu for cpu in range(1, self.cpus + 1)))
+        elif payload == b"qsThreadInfo":
+            self._put(b"l")
+        elif payload == b"D":  # handle_detach: breakpoints removed, gdb_continue
+            self._put(b"OK")
+            self.running = True
         elif payload == b"g":
             self._put(b"00" * 608)
         else:

@@ -1,8 +1,10 @@
 """Catchpoints through the session, over a fake machine and a toy OS that reports its hooks:
 GDB's catch syscall (QCatchSyscalls, syscall_entry/syscall_return stops, the caller's registers,
 orig_rax, writes into the saved registers), monitor catch exec/module (library stop first, the
-stop itself at the next resume without the guest running), a driver-served kind, and what GDB
-is told about the guest (GNU/Linux description, the library list)."""
+stop itself at the next resume without the guest running), what GDB is told about the guest
+(GNU/Linux description, the library list); the driver's own catchpoints (a catch stop reaches GDB
+with its message, `monitor catch NAME` arms them, detach disarms them) and raw-CR3 scopes (a
+scoped breakpoint hands its address space to the driver)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ from collections import deque
 import pytest
 
 from tests.unit.fakes import KERNEL_PA, KERNEL_VA, PAGE, PML4_PA, FakeDriver
+from tests.unit.test_session import Machine
 from vmigdb.arch.x86_64.registers import ORIG_RAX_REGNUM, REGISTER_INDEX
+from vmigdb.debugger.driver_catch import DriverCatch
 from vmigdb.debugger.engine import Debugger
+from vmigdb.debugger.events import StopReason
 from vmigdb.guest import registry
 from vmigdb.guest.base import (
     ExecEvent,
@@ -26,7 +31,7 @@ from vmigdb.guest.base import (
     Symbol,
     SyscallFrame,
 )
-from vmigdb.hv.base import DriverEvent, DriverStop
+from vmigdb.hv.base import BreakpointType, CatchKind, DriverError, DriverStop
 from vmigdb.rsp.session import Resume, Session
 from vmigdb.wire import codec
 
@@ -132,7 +137,6 @@ class ScriptedDriver(FakeDriver):
     def __init__(self) -> None:
         super().__init__(1)
         self.script: deque[dict[str, int]] = deque()
-        self.armed: dict[str, list[str]] = {}
         for table in (APP_CR3, APP_CR3 + PAGE, OTHER_CR3, OTHER_CR3 + PAGE):
             self.ram[table : table + PAGE] = self.ram[PML4_PA : PML4_PA + PAGE]
 
@@ -145,20 +149,10 @@ class ScriptedDriver(FakeDriver):
 
     def _take(self) -> DriverStop:
         stop = super()._take()
-        if stop.event is None and stop.signal == 5 and self.script:
+        if stop.catch is None and stop.signal == 5 and self.script:
             for name, value in self.script.popleft().items():
                 self.set_reg(1, name, value)
         return stop
-
-    def catch_kinds(self) -> dict[str, str]:
-        return {"msr-write": "msr-write MSR...|off — stop when the guest writes an MSR"}
-
-    def set_catch(self, kind: str, args: list[str]) -> str:
-        self.armed[kind] = args
-        return f"on: {' '.join(args)}"
-
-    def clear_catch(self, kind: str) -> None:
-        self.armed.pop(kind, None)
 
 
 @pytest.fixture(autouse=True)
@@ -350,19 +344,6 @@ def test_catch_module_before_init() -> None:
     assert not dbg.module_catch.armed
 
 
-def test_a_driver_served_catchpoint() -> None:
-    fake, dbg, session = machine()
-    text, status = monitor(session, "catch")
-    assert status == b"OK" and "msr-write: off" in text and "panic:" in text
-    assert monitor(session, "catch msr-write 0xc0000080") == ("msr-write: on: 0xc0000080\n", b"OK")
-    fake.queue_stop(DriverStop(cpu=1, signal=5, event=DriverEvent("msr-write", "wrmsr EFER")))
-    replies = run(dbg, session)
-    assert codec.decode_hex(replies[0][1:]) == b"vmigdb: wrmsr EFER\n"
-    assert replies[-1].startswith(b"T05thread:1;")
-    dbg.detach()
-    assert fake.armed == {}  # a detached guest carries nothing of the debugger
-
-
 def test_monitor_catch_usage_errors() -> None:
     _, _, session = machine()
     for line, says in (
@@ -416,3 +397,89 @@ def test_a_scoped_process_loading_a_library_is_a_library_stop_alone() -> None:
     fake.at(rip=0x5678, cr3=APP_CR3)
     replies = run(dbg, session)
     assert len(fake.resumes) == runs + 3 and replies[-1].startswith(b"T05thread:1;")
+
+
+class CatchingDriver(FakeDriver):
+    """The fake machine, plus two catchpoints of its own."""
+
+    def __init__(self, ncpus: int = 2) -> None:
+        super().__init__(ncpus)
+        self.armed: dict[str, int | None] = {}
+        self.scopes: list[int | None] = []
+
+    def catchpoints(self) -> tuple[CatchKind, ...]:
+        return (
+            CatchKind("msr-write", "stop on MSR writes"),
+            CatchKind("exec-written", "stop on written code", scoped=True),
+        )
+
+    def set_catch(self, name: str, on: bool, scope_cr3: int | None = None) -> str:
+        if name == "exec-written" and scope_cr3 == 0xBAD000:
+            raise DriverError("that address space has no page tables")
+        if on:
+            self.armed[name] = scope_cr3
+            return f"on ({scope_cr3})"
+        self.armed.pop(name, None)
+        return "off"
+
+    def insert_breakpoint(self, type, addr, length, mechanism=None, scope_cr3=None) -> None:
+        self.scopes.append(scope_cr3)
+        super().insert_breakpoint(type, addr, length, mechanism)
+
+
+def catching() -> Machine:
+    """A session over the catching driver, attached as the server attaches."""
+    driver = CatchingDriver()
+    dbg = Debugger(driver)
+    dbg.resume({cpu: "c" for cpu in dbg.cpus()})
+    dbg.halt()
+    return Machine(driver, dbg, Session(dbg))
+
+
+def test_a_catch_stop_reaches_gdb_with_its_message_and_is_never_filtered() -> None:
+    m = catching()
+    message = "vmigdb: CPU#1 wrote MSR LSTAR (0xc0000082): 0x1 -> 0x2"
+    event = m.resume(b"vCont;c", DriverStop(cpu=2, signal=5, catch="msr-write", message=message))
+    assert event.reason is StopReason.CATCH and event.cpu == 2 and event.message == message
+    replies = m.session.stop_replies(event)
+    assert codec.decode_hex(replies[0][1:]).decode() == message + "\n"
+    assert replies[-1].startswith(b"T05thread:2;")
+
+
+def test_monitor_catch_lists_arms_and_disarms_the_drivers_catchpoints() -> None:
+    m = catching()
+    text, reply = m.monitor("catch")
+    assert reply == b"OK" and "msr-write: off" in text and "exec-written [PID|cr3=ADDR]: off" in text
+    text, reply = m.monitor("catch msr-write")
+    assert reply == b"OK" and text.strip() == "msr-write: on (None)"
+    text, reply = m.monitor("catch exec-written cr3=0x2000")
+    assert reply == b"OK" and m.fake.armed == {"msr-write": None, "exec-written": 0x2000}
+    text, reply = m.monitor("catch msr-write cr3=0x2000")
+    assert reply == b"E01" and "takes no process" in text
+    text, reply = m.monitor("catch exec-written cr3=0xbad000")
+    assert reply == b"E01" and "no page tables" in text
+    text, reply = m.monitor("catch nonsense")
+    assert reply == b"E01" and "no catchpoint 'nonsense'" in text and "msr-write" in text
+    text, reply = m.monitor("catch msr-write off")
+    assert reply == b"OK" and m.fake.armed == {"exec-written": 0x2000}
+    m.dbg.detach()
+    assert m.fake.armed == {}
+    assert not any(c.armed for c in m.dbg.catchpoints.kinds() if isinstance(c, DriverCatch))
+
+
+def test_a_driver_without_catchpoints_says_so() -> None:
+    _, _, session = machine()
+    text, reply = monitor(session, "catch msr-write")
+    assert reply == b"E01" and "no catchpoint 'msr-write'; there are: panic, syscall" in text
+
+
+def test_a_scope_by_page_tables_reaches_the_driver_with_each_breakpoint() -> None:
+    m = catching()
+    text, reply = m.monitor("process cr3=0x2000")
+    assert reply == b"OK" and "page tables at 0x2000" in text
+    assert m.one(b"Z0,ffffffff81000000,1") == b"OK"
+    m.monitor("process all")
+    assert m.one(b"Z0,ffffffff81000010,1") == b"OK"
+    assert m.fake.scopes == [0x2000, None]
+    assert m.dbg.breakpoints.desired[(int(BreakpointType.SOFTWARE), 0xFFFFFFFF81000000, 1)] \
+        .scope_cr3 == 0x2000

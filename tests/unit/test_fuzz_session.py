@@ -99,6 +99,9 @@ _KINDS = [
     (b"vCont;", "resume"),
     (b"vKill", "kill"),
     (b"vMustReplyEmpty", "empty"),
+    (b"qqemu.", "qemu"),
+    (b"qMemoryRegionInfo:", "region"),
+    (b"Qqemu.", "qemu"),
     (b"?", "stop"),
     (b"g", "g"),
     (b"G", "ok"),
@@ -151,6 +154,10 @@ def check_data_reply(kind: str, reply: bytes) -> None:
         assert reply == b"1"
     elif kind == "qSupported":
         assert reply.startswith(b"PacketSize=")
+    elif kind == "region":  # LLDB's memory region query (vmigdb.rsp.procfs.region_info)
+        assert re.fullmatch(rb"start:[0-9a-f]+;size:[0-9a-f]+;(permissions:rw?x?;)?", reply), reply
+    elif kind == "qemu":  # QEMU's own packets, answered as QEMU does (vmigdb.rsp.qemu_packets)
+        assert reply in (b"ENABLE=1,NOIRQ=2,NOTIMER=4", b"0x7", b"0", b"1") or reply[:2] == b"E."
     elif kind == "vCont?":
         assert reply == b"vCont;c;C;s;S;t;r"
     elif kind == "stop":

@@ -71,9 +71,18 @@ def test_only_the_registry_knows_the_os_implementations() -> None:
 
 
 def test_the_protocol_layer_knows_no_driver() -> None:
-    assert importers("vmigdb.hv.qemu", "vmigdb.rsp") == []
-    assert importers("vmigdb.hv.qemu", "vmigdb.debugger") == []
-    assert importers("vmigdb.hv.qemu", "vmigdb.serve") == []
+    for driver in ("vmigdb.hv.qemu", "vmigdb.hv.xen"):
+        assert importers(driver, "vmigdb.rsp") == []
+        assert importers(driver, "vmigdb.debugger") == []
+        assert importers(driver, "vmigdb.serve") == []
+
+
+def test_the_xen_driver_has_no_branch_for_its_model() -> None:
+    """The model reaches the driver only as a binding (VMIGDB_XEN_BINDING): the driver's code
+    never names it."""
+    for path in (PACKAGE / "hv" / "xen").rglob("*.py"):
+        text = path.read_text()
+        assert "xenmodel" not in text and "tests." not in text, path
 
 
 def test_no_import_circles() -> None:
@@ -93,3 +102,12 @@ def test_no_import_circles() -> None:
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_scripts_talk_to_vmigdb_only_through_gdb() -> None:
+    """vmigdb.script drives a GDB against a vmigdb server; it never reaches into the server's
+    layers, and nothing inside the server depends on it."""
+    for inner in ("vmigdb.rsp", "vmigdb.debugger", "vmigdb.hv", "vmigdb.guest", "vmigdb.arch"):
+        assert importers(inner, "vmigdb.script") == []
+    outside = [m for m in importers("vmigdb.script", "vmigdb") if not m.startswith("vmigdb.script")]
+    assert outside == []

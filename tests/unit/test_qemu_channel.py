@@ -135,3 +135,51 @@ remembered: list = []
 def remember(stop) -> bool:
     remembered.append(stop)
     return True
+
+
+@pytest.mark.parametrize("was_running", [True, False])
+def test_attaching_to_a_running_or_paused_vm_owes_nothing(
+    model: QemuStubModel, was_running
+) -> None:
+    """QEMU sends a stop reply on connect only if the VM ran (CHR_EVENT_OPENED, vm_stop)."""
+    if was_running:
+        model.running = True
+        model._stop(2, 2)  # what connecting did
+    channel = channel_for(model)
+    start = time.monotonic()
+    stop = channel.attach()
+    assert time.monotonic() - start < 1.0  # no timeout waited out, no resync
+    assert stop == (b"T02thread:02;" if was_running else b"T05thread:01;")
+    assert not channel.running and channel.resyncs == 0
+    assert channel.request(b"Hg1") == b"OK"
+
+
+def test_release_leaves_no_step_armed_and_no_breakpoint_held(model: QemuStubModel) -> None:
+    """Giving an attached VM back: CPU 1's single-step, left armed when CPU 2 stopped first, is
+    stepped off (else it would stop the VM with nobody attached); the breakpoint is removed; and
+    QEMU's detach lets the VM run."""
+    import threading
+
+    from vmigdb.hv.base import BreakpointType
+
+    driver = QemuDriver(channel_for(model), _NoMemory(), "tcg", "host")
+    driver._cpus = [1, 2]
+    driver.insert_breakpoint(BreakpointType.SOFTWARE, 0x1000, 1)
+    driver.resume({1: "s", 2: "c"})
+    wait_until(lambda: model.running)
+    model.hit(2)
+    wait_until(lambda: (stop := driver.poll_stop()) is not None and remember(stop))
+    assert model.armed == {1}
+
+    def step_lands() -> None:
+        wait_until(lambda: model.running)
+        model.hit(1)
+
+    helper = threading.Thread(target=step_lands)
+    helper.start()
+    driver.release(run=True)
+    helper.join()
+    assert model.armed == set()
+    assert b"vCont;s:1" in model.received and b"z0,1000,1" in model.received
+    assert model.received[-1] == b"D" and model.running
+

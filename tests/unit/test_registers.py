@@ -195,3 +195,22 @@ def test_long_conversion_is_a_permutation(payload: bytes) -> None:
     for reg, part in zip(REGISTERS, split_g(g), strict=True):
         start = offsets[reg.qemu_regnum]
         assert part == payload[start : start + len(part)]
+
+
+def test_from_values_round_trip() -> None:
+    regs = RegisterFile.from_qemu_g(qemu_payload(True))
+    again = RegisterFile.from_values(regs.values(), long_mode=False)
+    assert again.to_g() == regs.to_g()
+    assert again.long_mode is False
+
+
+def test_from_values_defaults_and_errors() -> None:
+    regs = RegisterFile.from_values({"rip": 0xFFFFFFFF81000000, "cr3": 0x1000, "xmm3": 1 << 127})
+    assert regs["rip"] == 0xFFFFFFFF81000000
+    assert regs["cr3"] == 0x1000
+    assert regs["xmm3"] == 1 << 127
+    assert regs["rax"] == 0
+    with pytest.raises(KeyError):
+        RegisterFile.from_values({"rpc": 1})
+    # Hypervisors hand over wider words (libvmi's 64-bit rflags): kept to the register's width.
+    assert RegisterFile.from_values({"eflags": (1 << 32) | 0x246})["eflags"] == 0x246

@@ -1,7 +1,7 @@
 """The serve path takes any driver: a subcommand is its arguments plus a factory for its machine.
 
-A `dump` subcommand for the in-memory dump driver, added beside `qemu` and `demo` the way
-`vmigdb dump` and `vmigdb xen` will be, is served through `vmigdb.cli.main` with real sockets and
+A `toy-dump` subcommand for the in-memory dump driver, added beside `qemu`, `demo` and `dump` the
+way `vmigdb dump` was and `vmigdb xen` will be, is served through `vmigdb.cli.main` with real sockets and
 nothing of the protocol layer touched.
 """
 
@@ -37,7 +37,7 @@ def dump_command(opened: list[DumpDriver], closed: list[bool], fail: bool = Fals
 
         return Target(driver, close)
 
-    return ServeCommand("dump", "serve an in-memory dump", add_arguments, open_dump)
+    return ServeCommand("toy-dump", "serve an in-memory dump", add_arguments, open_dump)
 
 
 def client_session(path: Path, replies: list[bytes]) -> threading.Thread:
@@ -73,7 +73,7 @@ def test_a_new_subcommand_serves_its_driver(
     path = tmp_path / "gdb.sock"
     replies: list[bytes] = []
     thread = client_session(path, replies)
-    status = cli.main(["dump", "--cpus", "3", "--listen", f"unix:{path}"])
+    status = cli.main(["toy-dump", "--cpus", "3", "--listen", f"unix:{path}"])
     thread.join(20)
     assert status == 0
     assert f"listening on unix:{path}" in capsys.readouterr().out
@@ -89,7 +89,7 @@ def test_a_machine_that_cannot_be_opened_gives_the_port_back(
 ) -> None:
     monkeypatch.setattr(cli, "SERVE_COMMANDS", (dump_command([], [], fail=True),))
     path = tmp_path / "gdb.sock"
-    assert cli.main(["dump", "--listen", f"unix:{path}"]) == 2
+    assert cli.main(["toy-dump", "--listen", f"unix:{path}"]) == 2
     assert capsys.readouterr().err == "vmigdb: not a dump: no ELF header (pass a QEMU ELF dump)\n"
     assert not os.path.exists(path)
 

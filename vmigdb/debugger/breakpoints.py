@@ -127,7 +127,11 @@ class BreakpointTable:
 
     def _install(self, bp: Breakpoint) -> None:
         if bp.key not in self.installed:
-            if bp.mechanism is None:
+            if bp.scope_cr3 is not None:
+                self._driver.insert_breakpoint(
+                    bp.type, bp.addr, bp.kind, bp.mechanism, scope_cr3=bp.scope_cr3
+                )
+            elif bp.mechanism is None:
                 self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind)
             else:
                 self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind, bp.mechanism)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from vmigdb.arch.x86_64.paging import Fault, Translation, Translator
+from vmigdb.arch.x86_64.pagemap import Leaf, leaves
+from vmigdb.arch.x86_64.paging import Fault, PagingMode, Translation, Translator, paging_mode
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.debugger.breakpoints import Breakpoint, BreakpointTable, Condition
 from vmigdb.debugger.catch_exec import ExecCatch
@@ -39,6 +40,7 @@ from vmigdb.debugger.libraries import LibraryList
 from vmigdb.debugger.model import Action, MemoryFault, ProcessScope, RangeStep, cr3_base
 from vmigdb.debugger.policy import StealthMode, StealthPolicy
 from vmigdb.debugger.scope import ScopeWatch
+from vmigdb.debugger.snapshots import SnapshotControl
 from vmigdb.debugger.state import MachineState
 from vmigdb.debugger.stops import RunControl
 from vmigdb.hv.base import BreakpointType, Driver
@@ -52,7 +54,7 @@ class Debugger:
         self.policy = StealthPolicy(stealth, driver.capabilities)
         self.breakpoints = BreakpointTable(driver, self.policy)
         self.guest = GuestView(driver)
-        self._scope = ScopeWatch(self.breakpoints)
+        self._scope = ScopeWatch(self.breakpoints, watch_exit=driver.capabilities.run_control)
         self.state = MachineState(driver, self.policy, self._scope, self._read_unmapped)
         self.catchpoints = CatchpointTable(self.breakpoints)
         self.health = HealthWatch(self.breakpoints, self.guest)  # monitor catch panic
@@ -64,8 +66,8 @@ class Debugger:
         self.module_catch = ModuleCatch(self.guest, self._scope)  # monitor catch module
         self.catchpoints.add(self.module_catch)
         self.catchpoints.add(LibraryWatch(self.guest, self._scope))  # a scoped process's library loads
-        for kind, help in driver.catch_kinds().items():  # e.g. Xen's monitor catch msr-write
-            self.catchpoints.add(DriverCatch(driver, kind, help))
+        for kind in driver.catchpoints():  # e.g. Xen's monitor catch msr-write
+            self.catchpoints.add(DriverCatch(driver, kind))
         self.libraries = LibraryList(self.guest, self._scope)
         self._arm_health = False  # arm it at the next resume (a client attached)
         self.run_control = RunControl(
@@ -76,6 +78,9 @@ class Debugger:
             self._scope,
             self.catchpoints,
             self.guest.ran,
+        )
+        self.snapshots = SnapshotControl(
+            driver, self.state, self.guest, self._scope, self.run_control
         )
 
     # -- what the owners hold ---------------------------------------------------------------------
@@ -142,6 +147,18 @@ class Debugger:
     def translate(self, cpu: int, addr: int) -> Translation | Fault:
         return self.state.translate(cpu, addr)
 
+    def mappings(self, cpu: int, cr3: int | None = None) -> tuple[PagingMode, list[Leaf]]:
+        """Every present page of an address space, from its page tables: the one GDB's
+        addresses go through (the scoped process's, else `cpu`'s), or the one rooted at `cr3`
+        (in `cpu`'s paging mode)."""
+        if cr3 is None:
+            cr3, mode = self.state.space(cpu)
+        else:
+            regs = self.registers(cpu)
+            mode = paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+        self.policy.record("memory read", self.driver.capabilities.memory_read)
+        return mode, list(leaves(self.driver.read_physical, cr3, mode))
+
     def read_memory(self, cpu: int, addr: int, length: int) -> bytes:
         """Read up to `length` bytes; stops at the first unreadable byte (GDB's `m` semantics)."""
         return self.state.read_memory(cpu, addr, length)
@@ -190,12 +207,13 @@ class Debugger:
 
     # -- run control ------------------------------------------------------------------------------
 
-    def resume(self, actions: dict[int, Action]) -> None:
-        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped."""
+    def resume(self, actions: dict[int, Action]) -> StopEvent | None:
+        """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped.
+        Returns a stop instead of running when GDB has one to see first (a snapshot loaded)."""
         if self._arm_health and not self.running:
             self._arm_health = False
             self.health.arm()
-        self.run_control.resume(actions)
+        return self.run_control.resume(actions)
 
     def interrupt(self) -> None:
         self.run_control.interrupt()
@@ -215,13 +233,15 @@ class Debugger:
         self.guest.revalidate()
         self._arm_health = self.driver.capabilities.run_control
 
-    def detach(self) -> None:
-        """Remove every breakpoint (GDB's and vmigdb's own), drop the process scope, and let the
-        whole machine run: a detached guest carries nothing of the debugger."""
+    def detach(self, *, run: bool = True) -> None:
+        """Remove every breakpoint (GDB's and vmigdb's own), disarm the catchpoints, drop the process
+        scope, and let the whole machine run (unless `run` is False: an attached VM goes back as it
+        was found, which its driver sees to): a detached guest carries nothing of the debugger."""
         self._arm_health = False
         self.catchpoints.clear()
         self.set_scope(None)
         self.breakpoints.clear()
         self.run_control.forget_range()
-        if not self.running and self.driver.capabilities.run_control:
-            self.resume({cpu: "c" for cpu in self.cpus()})
+        if run and not self.running and self.driver.capabilities.run_control:
+            while self.resume({cpu: "c" for cpu in self.cpus()}) is not None:
+                pass  # a stop GDB never saw (a snapshot loaded) is of no interest now

@@ -18,6 +18,7 @@ class StopReason(enum.Enum):
     HW_BREAK = "hwbreak"  # a GDB hardware breakpoint
     WATCH = "watch"  # a watchpoint, after the access
     INTERRUPT = "interrupt"  # ^C, or a halt at attach
+    CATCH = "catch"  # a catchpoint: a guest event (system call, exec, module, panic, the driver's own)
     SIGNAL = "signal"  # any other stop the hypervisor reported
     EXITED = "exited"  # the VM is gone
 

@@ -56,6 +56,17 @@ class GuestView:
         log.warning("%s (plain debugging goes on)", reason)
         raise GuestUnavailable(reason) from None
 
+    def prepare(self) -> None:
+        """Analyse the guest now, and build what GDB fetches at connect (the symbol file): for
+        a machine that never changes (a dump), done before GDB connects, so its first prompt
+        does not wait for it. An unanalysable guest is only logged (plain debugging goes on)."""
+        try:
+            self.os().symbol_elf  # noqa: B018 - built and kept by the OS object
+        except GuestUnavailable:
+            pass
+        except ANALYSIS_ERRORS as exc:
+            log.warning("cannot build the guest's symbol file: %s", exc)
+
     def available(self) -> bool:
         try:
             self.os()

@@ -28,9 +28,10 @@ def cr3_base(cr3: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class ProcessScope:
-    """One guest process as the debugging scope."""
+    """One guest process as the debugging scope (or an address space named by its page tables
+    alone, `pid` None, for a guest vmigdb cannot analyse)."""
 
-    pid: int
+    pid: int | None
     comm: str
     cr3: int  # physical address of its page tables (what CR3 holds, without PCID/PTI bits)
     exit_hook: int | None = None  # kernel address of the exit path (e.g. do_exit)

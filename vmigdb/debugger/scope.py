@@ -3,7 +3,8 @@
 While a process is in scope, GDB's virtual addresses go through its page tables (`MachineState`)
 and new breakpoints fire only in it (`Debugger.add_breakpoint`). Its exit is watched with a
 breakpoint of vmigdb's own on the kernel's exit path, which counts only in the process's address
-space (`RunControl` asks `exiting` at each hit). This object is the only owner of the scope.
+space (`RunControl` asks `exiting` at each hit); a machine that never runs (a dump) needs no such
+watch. This object is the only owner of the scope.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ OWNER = "scope"  # the owner name of the exit hook among vmigdb's own breakpoint
 
 
 class ScopeWatch:
-    def __init__(self, breakpoints: BreakpointTable) -> None:
+    def __init__(self, breakpoints: BreakpointTable, *, watch_exit: bool = True) -> None:
         self._breakpoints = breakpoints
+        self._watch_exit = watch_exit  # False without run control: nothing exits in a dump
         self.current: ProcessScope | None = None
 
     def set(self, scope: ProcessScope | None) -> None:
         """Debug `scope`'s address space (None: the whole machine again)."""
         self._breakpoints.release_internal(OWNER)
         self.current = scope
-        if scope is not None and scope.exit_hook is not None:
+        if scope is not None and scope.exit_hook is not None and self._watch_exit:
             self._breakpoints.add_internal(scope.exit_hook, OWNER)
 
     @property

@@ -177,7 +177,7 @@ class MachineState:
 
     # -- memory -----------------------------------------------------------------------------------
 
-    def _space(self, cpu: int) -> tuple[int, PagingMode]:
+    def space(self, cpu: int) -> tuple[int, PagingMode]:
         """The page tables GDB's addresses go through: the scoped process's, else the vCPU's."""
         regs = self.registers(cpu)
         cr3 = self._scope.cr3
@@ -186,7 +186,7 @@ class MachineState:
         )
 
     def translate(self, cpu: int, addr: int) -> Translation | Fault:
-        cr3, mode = self._space(cpu)
+        cr3, mode = self.space(cpu)
         return self.translator.translate(cr3, addr, mode)
 
     def read_memory(self, cpu: int, addr: int, length: int) -> bytes:
@@ -195,7 +195,7 @@ class MachineState:
         if self.physical_addresses:
             data = self._read_physical_partial(addr, length)
         else:
-            cr3, mode = self._space(cpu)
+            cr3, mode = self.space(cpu)
             data = self.translator.read_virtual(cr3, addr, length, mode)
             scope = self._scope.current
             if len(data) < length and scope is not None:
@@ -224,7 +224,7 @@ class MachineState:
         if self.physical_addresses:
             chunks = [(addr, addr, length)]
         else:
-            cr3, mode = self._space(cpu)
+            cr3, mode = self.space(cpu)
             chunks = translate_range(self._driver.read_physical, cr3, addr, length, mode)
         unmapped = 0
         for _va, pa, size in chunks:

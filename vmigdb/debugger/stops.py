@@ -81,14 +81,22 @@ class RunControl:
         self._bp_changed_before_resume = False
         self._lost_step_retries = 0
         self._interrupt_requested = False  # GDB's ^C: the next stop is reported, whatever it is
+        # A stop GDB has not seen yet, reported at its next resume without running (the machine
+        # was put in another state while stopped: a snapshot was loaded).
+        self._arrived: StopEvent | None = None
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def resume(self, actions: dict[int, Action]) -> None:
+    def resume(self, actions: dict[int, Action]) -> StopEvent | None:
         """Run: `actions` maps vCPU to 'c', 's' or a `RangeStep`; vCPUs not named stay stopped.
+        Returns a stop instead of running when one is due first (see `arrive`).
 
         :raises Unsupported: if the driver has no run control (or cannot step, for 's').
         """
+        if self._arrived is not None:
+            event, self._arrived = self._arrived, None
+            self.last_stop = event
+            return event
         if not self._driver.capabilities.run_control:
             raise Unsupported(f"the {self._driver.name} driver cannot run the guest")
         if self.running:
@@ -103,6 +111,17 @@ class RunControl:
         self._breakpoints.sync()
         self._request = dict(actions)
         self._drive({cpu: self._first_move(cpu, act) for cpu, act in actions.items()})
+        return None
+
+    def arrive(self, event: StopEvent) -> None:
+        """The stopped machine is now in another state (a snapshot loaded): GDB, which cannot be
+        told outside a stop reply, gets `event` at its next resume, and no guest code runs."""
+        if self.running:
+            raise DriverError("internal: the machine changed state while running")
+        self._range = None
+        self._request = {}
+        self.last_stop = event
+        self._arrived = event
 
     def interrupt(self) -> None:
         if self.running:
@@ -240,13 +259,13 @@ class RunControl:
             return self._report(StopEvent(StopReason.EXITED, None, stop.signal, None, stop.exited))
         cpu = stop.cpu if stop.cpu in self._cpus else self._cpus[0]
         regs = self._state.registers(cpu)
-        if stop.event is not None:  # a catchpoint the hypervisor serves itself
-            message = f"vmigdb: {stop.event.message}"
-            return self._report(
-                StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, message)
-            )
         if stop.watch is not None:
             return self._report(StopEvent(StopReason.WATCH, cpu, SIGTRAP, stop.watch, None, regs))
+        if stop.catch is not None:  # a catchpoint the hypervisor serves itself
+            message = stop.message or f"vmigdb: catchpoint {stop.catch}"
+            return self._report(
+                StopEvent(StopReason.CATCH, cpu, SIGTRAP, None, None, regs, message)
+            )
         if stop.signal == SIGINT:
             return self._report(StopEvent(StopReason.INTERRUPT, cpu, SIGINT, None, None, regs))
         if self._driving.get(cpu) == "s" and stop.signal == SIGTRAP:
@@ -331,7 +350,7 @@ class RunControl:
         elif stop.orig_rax is not None:
             self._state.set_orig_rax(cpu, stop.orig_rax)
         return StopEvent(
-            StopReason.SIGNAL,
+            StopReason.CATCH,
             cpu,
             SIGTRAP,
             None,

@@ -17,9 +17,12 @@ from vmigdb.guest.linux.linux_os import LinuxOS
 log = logging.getLogger("vmigdb.guest")
 
 Attach = Callable[[ReadPhys, list[tuple[int, int]]], GuestOS]
+Locate = Callable[[ReadPhys, list[tuple[int, int]]], tuple[int, bool]]
 
 # (the OS's kernel as a user names it, how to recognise and attach to it), tried in order
 _KNOWN: tuple[tuple[str, Attach], ...] = (("Linux kernel", LinuxOS.attach),)
+# (the same name, how to find its own page tables in RAM alone), tried in order
+_PAGE_TABLES: tuple[tuple[str, Locate], ...] = (("Linux kernel", LinuxOS.kernel_page_tables),)
 
 
 def attach(read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> GuestOS:
@@ -35,4 +38,20 @@ def attach(read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> GuestOS:
         except (GuestError, PhysicalMemoryError) as exc:
             log.debug("not a %s: %s", what, exc)
             reasons.append(f"no {what} vmigdb can analyse: {exc}")
+    raise GuestNotFound("; ".join(reasons))
+
+
+def kernel_page_tables(read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> tuple[int, bool]:
+    """The guest kernel's own top-level page table (guest-physical) and whether it is 5-level:
+    what translates kernel addresses in a memory image saved without registers. Lighter than
+    `attach` (no symbol table is decoded).
+
+    :raises GuestNotFound: saying, for each OS tried, why no kernel was found.
+    """
+    reasons = []
+    for what, locate in _PAGE_TABLES:
+        try:
+            return locate(read_phys, ram_ranges)
+        except (GuestError, PhysicalMemoryError) as exc:
+            reasons.append(f"no {what}: {exc}")
     raise GuestNotFound("; ".join(reasons))

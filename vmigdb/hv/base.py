@@ -108,29 +108,71 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
-class DriverEvent:
-    """A stop for a catchpoint the driver serves itself (`Driver.catch_kinds`): which kind, and
-    what to tell the user (one or more lines, without a "vmigdb: " prefix)."""
-
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
 class DriverStop:
     """A stop as the hypervisor reported it, before the debugger interprets it.
 
     `cpu` is the 1-based vCPU that stopped (None when the machine is gone). `signal` is the GDB signal
     number the hypervisor gave (5 trap, 2 interrupt). `watch` is set for a watchpoint hit. `exited` holds
-    an exit status once the VM is gone; no further calls are valid then. `event` is set when one of
-    the driver's own catchpoints fired (the stop is reported to GDB with its message).
+    an exit status once the VM is gone; no further calls are valid then. `catch` names the driver
+    catchpoint (`Driver.catchpoints`) that stopped the machine, and `message` says what happened
+    (shown on GDB's console): such a stop is reported as it is, never filtered.
     """
 
     cpu: int | None
     signal: int
     watch: tuple[BreakpointType, int] | None = None
     exited: int | None = None
-    event: DriverEvent | None = None
+    catch: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CatchKind:
+    """A kind of guest event a driver can stop on by itself (`monitor catch NAME`), e.g. an MSR write
+    intercepted by the hypervisor."""
+
+    name: str
+    help: str  # one line: what stops the machine
+    scoped: bool = False  # takes a process (an address space) to watch, else the whole machine
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One saved state of the whole VM."""
+
+    name: str
+    vm_state_size: int  # bytes of VM state
+    date: float  # host time of the save (seconds since the epoch)
+    vm_clock: float  # the guest's clock at the save (seconds since it booted)
+
+
+class SnapshotStore(ABC):
+    """Optional driver feature (`Driver.snapshots`): whole-VM snapshots, for detonation loops.
+
+    Every call is made while the machine is stopped and leaves it stopped; the calls are
+    coroutines because they take seconds (a VM's RAM is written or read back). Each returns how
+    long the hypervisor took, in seconds. :raises DriverError: with the reason.
+    """
+
+    @abstractmethod
+    async def save(self, name: str) -> float: ...
+
+    @abstractmethod
+    async def load(self, name: str) -> float: ...
+
+    @abstractmethod
+    async def delete(self, name: str) -> float: ...
+
+    @abstractmethod
+    async def list(self) -> list[SnapshotInfo]: ...
+
+    def where(self) -> str:
+        """Where the snapshots are kept, for `monitor info`."""
+        return "the hypervisor"
+
+    def load_caveat(self) -> str | None:
+        """What a load cannot put back as it was saved (e.g. a clock), to tell the user."""
+        return None
 
 
 class DriverError(Exception):
@@ -155,6 +197,7 @@ class Driver(ABC):
 
     name: str
     capabilities: Capabilities
+    snapshots: SnapshotStore | None = None  # whole-VM snapshots, where the hypervisor has them
 
     # -- required: reading a stopped machine ------------------------------------------------------
 
@@ -193,9 +236,17 @@ class Driver(ABC):
     # -- optional: breakpoints (capabilities.sw_breakpoint, hw_breakpoint, watchpoint) ------------
 
     def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+        self,
+        type: BreakpointType,
+        addr: int,
+        length: int,
+        mechanism: str | None = None,
+        scope_cr3: int | None = None,
     ) -> None:
-        """`mechanism`: a declared mechanism's key to use instead of the type's default one."""
+        """`mechanism`: a declared mechanism's key to use instead of the type's default one.
+        `scope_cr3`: the breakpoint counts only in the address space whose page tables are there
+        (the debugger filters hits by it anyway; a driver may use it to keep the breakpoint out of
+        other address spaces, and to translate `addr`)."""
         raise Unsupported(f"the {self.name} driver has no breakpoints")
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
@@ -220,22 +271,16 @@ class Driver(ABC):
         """Block until the running machine stops (after `interrupt`, or a step)."""
         raise Unsupported(f"the {self.name} driver cannot run the guest")
 
-    # -- optional: catchpoints the hypervisor serves (e.g. Xen's MSR-write events) ----------------
+    # -- optional: catchpoints (monitor catch NAME) -----------------------------------------------
 
-    def catch_kinds(self) -> dict[str, str]:
-        """The catchpoint kinds this driver serves, each with a one-line usage for
-        `monitor catch` (``{"msr-write": "msr-write [MSR...]|off — stop when ..."}``). A stop
-        for one comes back from `poll_stop` as a `DriverStop` with its `DriverEvent`."""
-        return {}
+    def catchpoints(self) -> tuple[CatchKind, ...]:
+        """The guest events this driver can stop on by itself; each stop carries `catch`."""
+        return ()
 
-    def set_catch(self, kind: str, args: list[str]) -> str:
-        """Arm (or re-arm) catchpoint `kind` with the user's arguments; returns a status line.
-        Raises DriverError with a usage message for arguments it does not take."""
-        raise Unsupported(f"the {self.name} driver has no {kind} catchpoint")
-
-    def clear_catch(self, kind: str) -> None:
-        """Disarm catchpoint `kind` (at `monitor catch KIND off` and at detach)."""
-        raise Unsupported(f"the {self.name} driver has no {kind} catchpoint")
+    def set_catch(self, name: str, on: bool, scope_cr3: int | None = None) -> str:
+        """Arm or disarm catchpoint `name` (while stopped); returns a one-line status.
+        `scope_cr3`: only that address space (for a `scoped` catchpoint)."""
+        raise Unsupported(f"the {self.name} driver has no catchpoint {name!r}")
 
     def kill(self) -> None:
         """Power the VM off and end the hypervisor process. A driver with no process (a dump)

@@ -73,10 +73,27 @@ def programs_key(
     return h.hexdigest()
 
 
+def extra_flags(source: Path) -> list[str]:
+    """Flags a program asks for in its source, on a line `vmigdb-cflags: FLAGS` (e.g. a link
+    address of its own, so a breakpoint on its code fires in it alone)."""
+    for line in source.read_text(errors="replace").splitlines()[:20]:
+        _, marker, flags = line.partition("vmigdb-cflags:")
+        if marker:
+            return flags.split()
+    return []
+
+
 def compile_program(program: Program, output: Path, gcc: str = "gcc") -> None:
     """Compile one program; a missing static libc becomes a SetupError naming the package."""
     res = debian.run(
-        [gcc, *program.cflags, "-o", str(output), program.source.name],
+        [
+            gcc,
+            *program.cflags,
+            *extra_flags(program.source),
+            "-o",
+            str(output),
+            program.source.name,
+        ],
         cwd=program.source.parent,
         timeout=300,
     )

@@ -3,30 +3,54 @@
 Each command is a method `cmd_<name>(args) -> str`; its docstring's first line is its help. A usage
 error raises `MonitorError`, which the session sends as console text followed by an error reply, so
 GDB prints the message and scripts see the command fail.
+
+A command that takes a while and runs on the event loop (`monitor dump`: QEMU writes the whole guest
+through QMP) returns `Later` instead: the server awaits its work with the machine stopped and GDB's
+other packets held, then sends its text (GDB waits for a `qRcmd` answer as long as it takes).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
 
+from vmigdb.arch.x86_64.pagemap import canonical
 from vmigdb.arch.x86_64.paging import Fault
 from vmigdb.arch.x86_64.registers import REGISTERS
 from vmigdb.debugger import processes
-from vmigdb.debugger.catch_exec import CatchExecError
-from vmigdb.debugger.catch_module import CatchModuleError
-from vmigdb.debugger.driver_catch import DriverCatch
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.guest_view import GuestUnavailable, GuestView
+from vmigdb.debugger.model import ProcessScope
+from vmigdb.debugger.snapshots import SnapshotError
+from vmigdb.errors import VmigdbError
 from vmigdb.guest.base import GuestError
 from vmigdb.hv.base import DriverError
+from vmigdb.rsp.monitor_catch import CatchCommand, CatchUsage
+from vmigdb.rsp.qemu_monitor import CHANGES_THE_VM, INFO_COMMANDS, QemuMonitor, QemuMonitorError
 
 T = TypeVar("T")
+
+SaveMachine = Callable[[str], Awaitable[str]]
+"""``await save(path) -> str``: write a consistent dump of the whole stopped machine (all RAM,
+every vCPU's registers) to a new, owner-only file *path*; returns what to tell the user. Raises
+`VmigdbError` with the reason when it cannot. Given by what opened the machine (`Target`)."""
 
 
 class MonitorError(Exception):
     """A monitor command was misused; the message says how to use it."""
+
+
+@dataclass(frozen=True)
+class Later:
+    """A command's answer that takes a while: `note` is shown at once (on a line it leaves open
+    for progress dots), then `work` is awaited (it returns the text, or raises `MonitorError`)."""
+
+    note: str
+    work: Coroutine[Any, Any, str]
 
 
 def _parse_addr(text: str) -> int:
@@ -41,20 +65,37 @@ def _parse_addr(text: str) -> int:
 
 class Monitor:
     def __init__(
-        self, debugger: Debugger, current_cpu: Callable[[], int], *, host_files: bool = True
+        self,
+        debugger: Debugger,
+        current_cpu: Callable[[], int],
+        *,
+        host_files: bool = True,
+        save_machine: SaveMachine | None = None,
     ) -> None:
         self._debugger = debugger
         self._current_cpu = current_cpu  # the vCPU GDB's requests are about (the session knows)
         self._host_files = host_files  # may commands write files on vmigdb's host?
+        self._qemu = QemuMonitor(debugger, current_cpu)
+        self._save_machine = save_machine  # `monitor dump`, where the hypervisor can
+        self._catch = CatchCommand(debugger, self._scope_cr3)
 
-    def run(self, line: str) -> str:
+    def run(self, line: str) -> str | Later:
         words = line.split()
         if not words:
             return self.cmd_help([])
         handler = getattr(self, f"cmd_{words[0].replace('-', '_')}", None)
         if handler is None:
-            raise MonitorError(f"unknown monitor command {words[0]!r}; try 'monitor help'")
-        return handler(words[1:])
+            if words[0] in CHANGES_THE_VM:
+                raise MonitorError(
+                    f"{words[0]!r} is a QEMU monitor command that would change the machine or its "
+                    "host: vmigdb never passes monitor commands to QEMU, and serves only the "
+                    "read-only ones (see 'monitor help')"
+                )
+            raise MonitorError(f"unknown command: {words[0]!r}; try 'monitor help'")
+        try:
+            return handler(words[1:])
+        except QemuMonitorError as exc:
+            raise MonitorError(str(exc)) from None
 
     def _commands(self) -> list[tuple[str, str]]:
         out = []
@@ -66,13 +107,20 @@ class Monitor:
 
     def cmd_help(self, args: list[str]) -> str:
         """help — list the monitor commands"""
-        return "\n".join(f"  {doc}" for _, doc in self._commands())
+        lines = [f"  {doc}" for _, doc in self._commands()]
+        lines += [f"  info {name} — {doc}" for name, doc in INFO_COMMANDS.items()]
+        return "\n".join(sorted(lines))
 
     def cmd_info(self, args: list[str]) -> str:
         """info — what vmigdb is attached to and how"""
+        if args:
+            return self._qemu.info(args)
         dbg = self._debugger
         lines = [f"{label}: {value}" for label, value in dbg.driver.describe()]
-        lines.append(f"state: {'running' if dbg.running else 'stopped'}")
+        if not dbg.driver.capabilities.run_control:
+            lines.append("state: stopped for good (a saved machine: it never runs)")
+        else:
+            lines.append(f"state: {'running' if dbg.running else 'stopped'}")
         lines.append(f"current vCPU: CPU#{self._current_cpu() - 1}")
         lines.append(
             "addresses: " + ("guest-physical (phys on)" if dbg.physical_addresses else "virtual")
@@ -126,10 +174,18 @@ class Monitor:
         return "\n".join(lines)
 
     def cmd_process(self, args: list[str]) -> str:
-        """process PID|NAME|kernel|all — debug one process's address space (or the whole machine)"""
+        """process PID|NAME|cr3=ADDR|kernel|all — debug one process's address space (or the whole machine)"""
         if len(args) != 1:
-            raise MonitorError("usage: monitor process PID|NAME|kernel|all")
+            raise MonitorError("usage: monitor process PID|NAME|cr3=ADDR|kernel|all")
         which = args[0]
+        if which.startswith("cr3="):
+            # An address space by its page tables alone: for a guest vmigdb cannot analyse.
+            cr3 = _parse_addr(which[4:])
+            self._debugger.set_scope(ProcessScope(None, "", cr3))
+            return (
+                f"scope: the address space with page tables at {cr3:#x}; "
+                "its memory reads through them, new breakpoints fire only in it"
+            )
         if which in ("kernel", "all"):
             self._debugger.set_scope(None)
             return (
@@ -149,59 +205,63 @@ class Monitor:
             "next stop)"
         )
 
-    def cmd_catch(self, args: list[str]) -> str:
-        """catch [KIND ARGS|off] — catchpoints: panic on|off, exec NAME, module [NAME], and more"""
-        dbg = self._debugger
-        if not args:
-            return "\n".join(f"{c.kind}: {c.status()}" for c in dbg.catchpoints.kinds())
-        kind, rest = args[0], args[1:]
-        if kind == "panic":
-            if rest not in (["on"], ["off"]):
-                raise MonitorError("usage: monitor catch panic on|off")
-            dbg.health.enabled = rest == ["on"]
-            return f"panic: {dbg.health.arm()}"
-        if kind == "exec":
-            return self._catch_exec(rest)
-        if kind == "module":
-            return self._catch_module(rest)
-        if kind == "syscall":
-            return f"syscall: {dbg.syscalls.status()} (GDB's catch syscall sets it)"
-        if kind == "libraries" and (watch := dbg.catchpoints.get(kind)) is not None:
-            return f"libraries: {watch.status()} (it follows the process scope)"
-        catchpoint = dbg.catchpoints.get(kind)
-        if isinstance(catchpoint, DriverCatch):
+    def cmd_snapshot(self, args: list[str]) -> Later:
+        """snapshot save|load|delete NAME, snapshot list — whole-VM snapshots (detonation loops)"""
+        verb = args[0] if args else ""
+        if not (verb == "list" and len(args) == 1) and not (
+            verb in ("save", "load", "delete") and len(args) == 2
+        ):
+            raise MonitorError("usage: monitor snapshot save|load|delete NAME, or snapshot list")
+        name = args[1] if len(args) == 2 else ""
+        if name and not all(c.isalnum() or c in "-_.:" for c in name):
+            raise MonitorError(f"snapshot names use letters, digits and -_.: only, not {name!r}")
+        snapshots = self._debugger.snapshots
+
+        async def run() -> str:
             try:
-                return f"{kind}: {catchpoint.set(rest)}"
-            except DriverError as exc:
-                raise MonitorError(
-                    f"{kind}: {exc} (usage: monitor catch {catchpoint.usage})"
-                ) from None
-        kinds = ", ".join(c.kind for c in dbg.catchpoints.kinds())
-        raise MonitorError(f"no catchpoint {kind!r}; there are: {kinds}")
+                if verb == "save":
+                    seconds = await snapshots.save(name)
+                    return f"snapshot {name} saved in {seconds:.2f} s"
+                if verb == "delete":
+                    seconds = await snapshots.delete(name)
+                    return f"snapshot {name} deleted in {seconds:.2f} s"
+                if verb == "list":
+                    return _snapshot_table(await snapshots.list())
+                loaded = await snapshots.load(name)
+            except SnapshotError as exc:
+                raise MonitorError(str(exc)) from None
+            lines = [
+                f"snapshot {name} loaded in {loaded.seconds:.2f} s: the guest is at its state.",
+                "GDB shows the old state until its next stop: `continue` or `stepi` stops at "
+                "once at the snapshot's state, with no guest code run.",
+            ]
+            if loaded.scope_note:
+                lines.append(loaded.scope_note)
+            if loaded.caveat:
+                lines.append(f"note: {loaded.caveat}")
+            return "\n".join(lines)
 
-    def _catch_exec(self, args: list[str]) -> str:
-        catch = self._debugger.exec_catch
-        if args == ["off"]:
-            catch.clear()
-            return f"exec: {catch.status()}"
-        if len(args) != 1:
-            raise MonitorError("usage: monitor catch exec NAME|off (a program's name or path)")
-        try:
-            return f"exec: {catch.arm(args[0])}"
-        except CatchExecError as exc:
-            raise MonitorError(f"exec: {exc}") from None
+        note = f"snapshot {verb} {name}".rstrip() + " "
+        return Later(note, run())
 
-    def _catch_module(self, args: list[str]) -> str:
-        catch = self._debugger.module_catch
-        if args == ["off"]:
-            catch.clear()
-            return f"module: {catch.status()}"
-        if len(args) > 1:
-            raise MonitorError("usage: monitor catch module [NAME]|off")
+    def cmd_catch(self, args: list[str]) -> str:
+        """catch [KIND ...|off] — stop on panic, exec NAME, module [NAME], the driver's own kinds"""
         try:
-            return f"module: {catch.arm(args[0] if args else None)}"
-        except CatchModuleError as exc:
-            raise MonitorError(f"module: {exc}") from None
+            return self._catch.run(args)
+        except CatchUsage as exc:
+            raise MonitorError(str(exc)) from None
+
+    def _scope_cr3(self, which: str) -> int:
+        """The page tables of a process named by PID (or given as cr3=ADDR)."""
+        if which.startswith("cr3="):
+            return _parse_addr(which[4:])
+        if not (which.isascii() and which.isdigit()):
+            raise MonitorError(f"not a process: {which!r} (a PID, or cr3=ADDR)")
+        try:
+            scope = self._guest(lambda guest: processes.scope_for(guest, which))
+        except processes.ProcessNotFound as exc:
+            raise MonitorError(str(exc)) from None
+        return scope.cr3
 
     def cmd_maps(self, args: list[str]) -> str:
         """maps [PID] — a process's memory map, as /proc/PID/maps (default: the scoped process)"""
@@ -274,12 +334,87 @@ class Monitor:
             f"({length / seconds / 1e6:.0f} MB/s){note}"
         )
 
+    def cmd_xp(self, args: list[str]) -> str:
+        """xp /FMT ADDR — guest-physical memory, as QEMU's xp prints it (FMT: count, x d u o c, b h w g)"""
+        return self._qemu.examine(args, physical=True)
+
+    def cmd_x(self, args: list[str]) -> str:
+        """x /FMT ADDR — virtual memory of the debugged address space, as QEMU's x prints it"""
+        return self._qemu.examine(args, physical=False)
+
+    def cmd_gva2gpa(self, args: list[str]) -> str:
+        """gva2gpa ADDR — the guest-physical address behind a virtual one (QEMU's format)"""
+        return self._qemu.gva2gpa(args)
+
+    def cmd_gpa2hva(self, args: list[str]) -> str:
+        """gpa2hva ADDR — refused: host addresses are not served (pwndbg: set kernel-vmmap monitor)"""
+        raise MonitorError(
+            "gpa2hva: vmigdb does not expose the hypervisor's host addresses; read guest RAM "
+            "with 'monitor xp' or 'monitor phys on' (pwndbg: 'set kernel-vmmap monitor')"
+        )
+
+    def cmd_pages(self, args: list[str]) -> str:
+        """pages [user] — every present page of the debugged address space: VA PA SIZE PERMS"""
+        if args not in ([], ["user"]):
+            raise MonitorError("usage: monitor pages [user]")
+        mode, pages = self._debugger.mappings(self._current_cpu())
+        lines = [
+            f"{canonical(p.va, mode) & ((1 << 64) - 1):#018x} {p.pa:#x} {p.size:#x} "
+            f"{'u' if p.user else '-'}r{'w' if p.writable else '-'}{'-' if p.nx else 'x'}"
+            for p in pages
+            if p.user or not args
+        ]
+        return "\n".join(lines) if lines else "(no pages)"
+
+    def cmd_ram(self, args: list[str]) -> str:
+        """ram — the guest-physical RAM ranges (what `phys on` and `dump-memory` can read)"""
+        try:
+            ranges = self._debugger.driver.physical_ranges()
+        except DriverError as exc:
+            raise MonitorError(f"the driver cannot list guest RAM: {exc}") from None
+        return "\n".join(
+            f"{start:#018x}-{end:#018x} ({(end - start) >> 20} MiB)" for start, end in ranges
+        )
+
+    def cmd_dump(self, args: list[str]) -> Later:
+        """dump FILE — save the whole stopped guest (RAM, every vCPU) for `vmigdb dump --image`"""
+        if len(args) != 1:
+            raise MonitorError("usage: monitor dump FILE")
+        if not self._host_files:
+            raise MonitorError(
+                "dump writes files on vmigdb's host: refused while serving a non-loopback address"
+            )
+        driver = self._debugger.driver
+        if self._save_machine is None:
+            if not driver.capabilities.run_control:
+                raise MonitorError("this machine is already a saved one: copy its image instead")
+            raise MonitorError(f"the {driver.name} driver cannot save the machine")
+        if self._debugger.running:
+            raise MonitorError("the guest is running: stop it first")
+        path = os.path.abspath(args[0])
+        if os.path.lexists(path):
+            raise MonitorError(f"{path} exists: vmigdb never overwrites a file, name a new one")
+        return Later(f"saving the guest to {path} ", self._save(path))
+
+    async def _save(self, path: str) -> str:
+        assert self._save_machine is not None
+        try:
+            return await self._save_machine(path)
+        except VmigdbError as exc:
+            raise MonitorError(str(exc)) from None
+
     def cmd_regs(self, args: list[str]) -> str:
         """regs — the current vCPU's general and system registers"""
         regs = self._debugger.state.registers(self._current_cpu())  # the vCPU's own
-        names = [r.name for r in REGISTERS if r.bitsize <= 64 and not r.name.startswith("f")]
-        names = [n for n in names if not n.startswith("st")]
-        rows = [f"{name:>9} {regs[name]:#018x}" for name in names]
+        # general, segment and system registers: no x87 (80-bit st, f* control) or SSE
+        names = [
+            r.name for r in REGISTERS if r.bitsize <= 64 and r.group not in ("float", "vector")
+        ]
+        unknown = {REGISTERS[i].name for i in regs.unavailable}
+        rows = [
+            f"{name:>9} {'<unavailable>' if name in unknown else f'{regs[name]:#018x}':<18}"
+            for name in names
+        ]
         return "\n".join("  ".join(rows[i : i + 3]) for i in range(0, len(rows), 3))
 
     def cmd_phys(self, args: list[str]) -> str:
@@ -296,3 +431,16 @@ class Monitor:
             else ("off: addresses are virtual (current vCPU's page tables)")
         )
         return f"phys {state}"
+
+
+def _snapshot_table(snapshots: list) -> str:
+    if not snapshots:
+        return "(no snapshots)"
+    lines = [f"{'NAME':<20} {'VM STATE':>10} {'SAVED':<19} GUEST CLOCK"]
+    for snap in snapshots:
+        saved = datetime.fromtimestamp(snap.date).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(
+            f"{snap.name:<20} {snap.vm_state_size / (1 << 20):>7.1f} MiB {saved:<19} "
+            f"{snap.vm_clock:.3f} s"
+        )
+    return "\n".join(lines)

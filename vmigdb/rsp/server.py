@@ -8,6 +8,9 @@ While the machine runs, the hypervisor's stop channel is watched with `loop.add_
 GDB interrupts it. A client that vanishes (or detaches) leaves the machine running, with no breakpoint
 left, and the server ready for the next one. A driver without run control (a dump) has no stop
 channel and none is watched: its machine stays as it is, and detaching leaves it so.
+
+A monitor command that takes a while (`monitor dump`) is awaited as a task on the loop: the machine
+stays stopped, and GDB's packets meanwhile wait as they do while the machine runs.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.errors import log_internal_error
 from vmigdb.hv.base import DriverError, MachineGone
-from vmigdb.rsp.errors import EINVAL
-from vmigdb.rsp.session import Detach, Kill, Outcome, Resume, Session
+from vmigdb.rsp.errors import EINVAL, INTERNAL
+from vmigdb.rsp.monitor import SaveMachine
+from vmigdb.rsp.session import Await, Detach, Kill, Outcome, Resume, Session
 from vmigdb.wire import codec
 
 log = logging.getLogger("vmigdb.rsp")
+
+# GDB waits 2 s (its `remote timeout`) for each packet of a monitor command's answer, three
+# times, then gives up on it; an empty `O` packet prints nothing and restarts its wait.
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +98,20 @@ def bind_listener(address: ListenAddress) -> socket.socket:
 class RspServer:
     """Serves one Debugger to GDB clients, one at a time."""
 
-    def __init__(self, debugger: Debugger, *, local: bool = True) -> None:
+    def __init__(
+        self,
+        debugger: Debugger,
+        *,
+        local: bool = True,
+        save_machine: SaveMachine | None = None,
+        single_session: bool = False,
+    ) -> None:
         self.debugger = debugger
         self.local = local  # serving loopback or a unix socket only: host-file commands allowed
+        self.save_machine = save_machine  # `monitor dump`, when the machine can be saved
+        # One GDB session only (an attached VM): when it ends, serving ends, and the machine is
+        # left for the owner of the VM to put back as it was found (not resumed here).
+        self.single_session = single_session
         self.active: GdbConnection | None = None
         self.finished: asyncio.Future[StopEvent | None] | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -131,8 +149,11 @@ class RspServer:
             self._server.close()
         if self._unix_path and os.path.exists(self._unix_path):
             os.unlink(self._unix_path)
-        if self.active is not None:
-            self.active.transport.close()
+        active, self.active = self.active, None
+        if active is not None:
+            active.cancel_pending()
+            active.done = True
+            active.transport.close()
 
     def finish(self, event: StopEvent | None) -> None:
         """The machine is gone (or killed): stop serving."""
@@ -173,6 +194,7 @@ class GdbConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.transport: asyncio.Transport
         self.waiting_for_stop = False
+        self.pending: asyncio.Task[list[bytes]] | None = None  # a long monitor command
         self.rejected = False
         self.rejected_reply_sent = False
         self.peer = "?"
@@ -202,13 +224,21 @@ class GdbConnection(asyncio.Protocol):
             transport.close()
             return
         self.debugger.client_attached()
-        self.session = Session(self.debugger, host_files=self.server.local)
+        self.session = Session(
+            self.debugger, host_files=self.server.local, save_machine=self.server.save_machine
+        )
 
     def data_received(self, data: bytes) -> None:
         self.decoder.feed(data)
         for event in self.decoder.events():
             if self.done:
                 return  # what a client sends after D or k is not served: the guest is let go
+            if self.pending is not None:
+                if isinstance(event, codec.Interrupt):
+                    log.info("^C while a monitor command is in progress: it cannot be interrupted")
+                else:
+                    self._queued.append(event)  # answered once the command is done
+                continue
             if self.waiting_for_stop and not isinstance(event, codec.Interrupt):
                 self._queued.append(event)  # all-stop: answered once the machine stops
                 continue
@@ -217,7 +247,11 @@ class GdbConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.server.active is not self:
             return
-        log.info("GDB at %s went away; leaving the machine running", self.peer)
+        self.done = True
+        if self.pending is not None:
+            log.info("GDB at %s went away during a monitor command; releasing after it", self.peer)
+            return  # _on_answer releases the machine
+        log.info("GDB at %s went away; releasing the machine", self.peer)
         self.server.active = None
         self._release_machine()
 
@@ -265,6 +299,11 @@ class GdbConnection(asyncio.Protocol):
             for reply in refused:
                 self._send(reply)
             self.waiting_for_stop = not refused
+        elif isinstance(action, Await):
+            loop = asyncio.get_running_loop()
+            self.pending = loop.create_task(action.replies)
+            self.pending.add_done_callback(self._on_answer)
+            loop.call_later(1.0, self._keep_alive, self.pending, action.keepalive)
         elif isinstance(action, Detach):
             log.info("GDB at %s detached", self.peer)
             self.done = True
@@ -291,11 +330,44 @@ class GdbConnection(asyncio.Protocol):
         self.waiting_for_stop = False
         for reply in self.session.stop_replies(event):
             self._send(reply)
+        self._drain()
+
+    def _on_answer(self, task: asyncio.Task[list[bytes]]) -> None:
+        """A long monitor command finished: send its replies, then what GDB sent meanwhile."""
+        self.pending = None
+        if task.cancelled():
+            return
+        if self.done:  # GDB went away meanwhile
+            if self.server.active is self:
+                self.server.active = None
+                self._release_machine()
+            return
+        try:
+            replies = task.result()
+        except Exception as exc:  # noqa: BLE001 - the session maps failures; this is a bug
+            log_internal_error(log, "finishing a monitor command", exc)
+            replies = [INTERNAL]
+        for reply in replies:
+            self._send(reply)
+        self._drain()
+
+    def _keep_alive(self, task: asyncio.Task[list[bytes]], packet: bytes) -> None:
+        """Tell GDB, once a second, that the monitor command still works (see `Await`)."""
+        if self.pending is task and not self.done:
+            self._send(packet)
+            asyncio.get_running_loop().call_later(1.0, self._keep_alive, task, packet)
+
+    def cancel_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _drain(self) -> None:
+        """Serve the packets held while the machine ran or a monitor command worked."""
         queued, self._queued = self._queued, []
         for item in queued:
             if self.done:
                 return
-            if self.waiting_for_stop:
+            if self.waiting_for_stop or self.pending is not None:
                 self._queued.append(item)
             else:
                 self._on_event(item)
@@ -306,10 +378,13 @@ class GdbConnection(asyncio.Protocol):
         self.transport.write(codec.encode_packet(payload))
 
     def _release_machine(self) -> None:
-        """Leave the guest running with no breakpoint of ours."""
+        """Leave the guest running with no breakpoint of ours; for a single session, take the
+        debugger off and end serving: the VM's owner puts it back as it was found."""
         try:
             if self.debugger.running:
                 self.debugger.halt()
-            self.debugger.detach()
+            self.debugger.detach(run=not self.server.single_session)
         except (DriverError, TimeoutError) as exc:
             log.error("could not release the machine cleanly: %s", exc)
+        if self.server.single_session:
+            self.server.finish(None)

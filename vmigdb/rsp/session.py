@@ -2,7 +2,8 @@
 
 `Session.handle(payload)` takes one packet's payload and returns an `Outcome`: the reply payloads to
 send, in order, and at most one `Action` the server must carry out (resume the machine and wait for a
-stop, detach, kill). Stop events come back through `stop_reply()`.
+stop, await a long monitor command's replies, detach, kill). Stop events come back through
+`stop_reply()`.
 
 Every packet is parsed and validated here, never passed through to the hypervisor. A malformed packet
 gets `E16` (EINVAL) and the conversation goes on; an unknown one gets the empty reply. Every other
@@ -13,21 +14,31 @@ a resume the server carries out (`run`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from vmigdb.arch.x86_64.registers import G_PACKET_SIZE, ORIG_RAX_REGNUM, REGISTERS, split_g
+from vmigdb.arch.x86_64.registers import (
+    G_PACKET_SIZE,
+    ORIG_RAX_REGNUM,
+    REGISTER_INDEX,
+    REGISTER_OFFSETS,
+    REGISTER_SIZES,
+    REGISTERS,
+    RegisterFile,
+    split_g,
+)
 from vmigdb.debugger.breakpoints import Condition, ConditionError
 from vmigdb.debugger.catch_syscall import SyscallCatchError
 from vmigdb.debugger.engine import Action as RunAction
 from vmigdb.debugger.engine import Debugger
 from vmigdb.debugger.events import StopEvent, StopReason
 from vmigdb.debugger.guest_view import GuestUnavailable
-from vmigdb.hv.base import BreakpointType
+from vmigdb.hv.base import BreakpointType, Unsupported
 from vmigdb.rsp.agent import AgentError, AgentExpr, EvalContext, evaluate
 from vmigdb.rsp.errors import ESRCH, PacketError, error_reply, text_reply
 from vmigdb.rsp.features import PACKET_SIZE, Features
-from vmigdb.rsp.monitor import Monitor, MonitorError
+from vmigdb.rsp.monitor import Later, Monitor, MonitorError, SaveMachine
 from vmigdb.rsp.parse import (
     addr_len,
     binary_data,
@@ -38,6 +49,8 @@ from vmigdb.rsp.parse import (
     thread_id,
     v_cont_actions,
 )
+from vmigdb.rsp.procfs import GuestProcfs, region_info
+from vmigdb.rsp.qemu_packets import QemuPackets
 from vmigdb.rsp.target_xml import target_xml, xfer_slice
 from vmigdb.rsp.vfile import VFileServer
 from vmigdb.wire import codec
@@ -49,6 +62,30 @@ MAX_MEMORY_READ = (PACKET_SIZE - 16) // 2
 _EXPEDITED = (6, 7, 16)  # rbp, rsp, rip: what GDB needs first at every stop
 _UNREAD = object()
 WITH_MODULES = "+modules"  # vFile name suffix: the kernel's symbol ELF with every module's
+
+
+_PC = REGISTER_INDEX["rip"]
+
+
+def _unknown(regs: RegisterFile) -> frozenset[int]:
+    """The registers GDB is told are unavailable: all whose value is unknown but the PC. GDB 13
+    cannot stand an unavailable PC ("PC register is not available", and the target is dropped
+    at connect), so an unknown rip is sent as its value in the file: 0."""
+    return regs.unavailable - {_PC}
+
+
+def registers_hex(regs: RegisterFile) -> bytes:
+    """The `g` reply: every register in hex, `xx` for each byte of one whose value is unknown
+    (GDB 13 then shows it as <unavailable>: remote.c, process_g_packet)."""
+    text = codec.encode_hex(regs.to_g())
+    unknown = _unknown(regs)
+    if not unknown:
+        return text
+    out = bytearray(text)
+    for regnum in unknown:
+        start = 2 * REGISTER_OFFSETS[regnum]
+        out[start : start + 2 * REGISTER_SIZES[regnum]] = b"x" * (2 * REGISTER_SIZES[regnum])
+    return bytes(out)
 
 
 def console_output(text: str) -> list[bytes]:
@@ -68,6 +105,17 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class Await:
+    """Await `replies` (a long monitor command, e.g. `monitor dump`), then send what it returns.
+    The machine stays stopped; the server holds GDB's other packets until then, and sends
+    `keepalive` every second meanwhile: GDB waits for a `qRcmd` answer as long as it takes, but
+    says "Ignoring packet error, continuing..." after 3 silent timeouts (6 s by default)."""
+
+    replies: Coroutine[Any, Any, list[bytes]]
+    keepalive: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Detach:
     pass
 
@@ -77,7 +125,7 @@ class Kill:
     pass
 
 
-Action = Resume | Detach | Kill
+Action = Resume | Await | Detach | Kill
 
 
 @dataclass(slots=True)
@@ -104,9 +152,16 @@ def _condition(expr: AgentExpr) -> Condition:
 class Session:
     """Protocol state for one client. See the module docstring."""
 
-    def __init__(self, debugger: Debugger, *, host_files: bool = True) -> None:
+    def __init__(
+        self,
+        debugger: Debugger,
+        *,
+        host_files: bool = True,
+        save_machine: SaveMachine | None = None,
+    ) -> None:
         self.debugger = debugger
         self.no_ack = False
+        self._lldb = False  # the client said qHostInfo: LLDB (see `_kill`)
         self._g_thread = 0  # Hg: 0 = the thread of the last stop
         self._c_thread = -1  # Hc
         self._target_xml: bytes | None = None  # chosen at the first read (Linux guest or not)
@@ -116,8 +171,11 @@ class Session:
         self._deferred: StopEvent | None = None
         # The scope (pid, None: the kernel) of the library list GDB last read; _UNREAD before.
         self._listed_scope: int | None | object = _UNREAD
-        self._monitor = Monitor(debugger, self.current_cpu, host_files=host_files)
-        self._vfile = VFileServer(self._guest_files)
+        self._monitor = Monitor(
+            debugger, self.current_cpu, host_files=host_files, save_machine=save_machine
+        )
+        self._procfs = GuestProcfs(debugger, self.current_cpu)
+        self._vfile = VFileServer(self._guest_file)
         driver = debugger.driver
         self.features = Features.probe(driver.name, driver.capabilities)
         # (prefix, handler, the feature it needs): tried in this order, the first prefix wins.
@@ -141,6 +199,9 @@ class Session:
             (b"vCont;", self._v_cont, "run_control"),
             (b"vKill", self._kill, None),
             (b"vMustReplyEmpty", lambda _: b"", None),
+            (b"qHostInfo", self._q_host_info, None),
+            (b"qMemoryRegionInfo:", self._q_memory_region_info, None),
+            *((prefix, handler, None) for prefix, handler in QemuPackets(debugger).entries()),
             (b"?", lambda _: self.stop_reply(self.debugger.last_stop), None),
             (b"g", self._read_registers, None),
             (b"G", self._write_registers, "register_write"),
@@ -188,14 +249,14 @@ class Session:
     def run(self, resume: Resume) -> list[bytes]:
         """Start the machine as `resume` asks (the server calls this for a Resume outcome).
 
-        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else the error
-        reply GDB gets instead of a stop reply.
+        Returns [] when it runs (the stop reply comes later, from `stop_replies`), else what GDB
+        gets instead: an error reply, or a stop that was due before running (a snapshot loaded).
         """
         try:
-            self.debugger.resume(resume.actions)
+            event = self.debugger.resume(resume.actions)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
             return [error_reply(exc, b"resume %r" % sorted(resume.actions.items()))]
-        return []
+        return [] if event is None else self.stop_replies(event)
 
     def stop_replies(self, event: StopEvent) -> list[bytes]:
         """What GDB gets for a stop: the console message if any, then the stop reply.
@@ -230,6 +291,8 @@ class Session:
         parts = [b"T%02xthread:%x;" % (event.signal & 0xFF, event.cpu)]
         if event.registers is not None:
             for regnum in _EXPEDITED:
+                if regnum in _unknown(event.registers):
+                    continue  # GDB reads it with `g` and is told it is unavailable
                 parts.append(b"%x:%s;" % (regnum, codec.encode_hex(event.registers.raw(regnum))))
         if event.syscall is not None:
             key = b"syscall_entry" if event.syscall.phase == "entry" else b"syscall_return"
@@ -314,19 +377,24 @@ class Session:
             return b"E01"
         return codec.escape_binary(xfer_slice(name.encode(), offset, length))
 
-    def _guest_files(self, path: str) -> bytes | None:
-        """What vFile may open: the kernel's symbol ELF (GDB's executable), a library listed by
-        `_q_xfer_libraries`; and, for `vmigdb symbols --from`, the kernel's with every module's
-        symbols. Only when the guest is understood."""
+    def _guest_file(self, path: str) -> bytes | None:
+        """What vFile may open: when the guest is understood, the kernel's symbol ELF (GDB's
+        executable), a library listed by `_q_xfer_libraries`, and, for `vmigdb symbols --from`,
+        the kernel's with every module's symbols; and the /proc files debugger plugins read
+        (`vmigdb.rsp.procfs`)."""
         try:
             guest_os = self.debugger.guest.os()
         except GuestUnavailable:
-            return None
-        if path == guest_os.exec_file_name:
-            return guest_os.exec_elf
-        if path == guest_os.exec_file_name + WITH_MODULES:
-            return guest_os.symbol_elf
-        return self.debugger.libraries.file(path)
+            guest_os = None
+        if guest_os is not None:
+            if path == guest_os.exec_file_name:
+                return guest_os.exec_elf
+            if path == guest_os.exec_file_name + WITH_MODULES:
+                return guest_os.symbol_elf
+            library = self.debugger.libraries.file(path)
+            if library is not None:
+                return library
+        return self._procfs.contents(path)
 
     def _q_xfer_libraries(self, args: bytes) -> bytes:
         """GDB's shared-library list: the scoped process's objects, or the kernel's modules."""
@@ -380,19 +448,34 @@ class Session:
         except GuestUnavailable:
             return False
 
-    def _q_rcmd(self, args: bytes) -> list[bytes]:
+    def _q_rcmd(self, args: bytes) -> Outcome | list[bytes]:
         command = hex_data(args).decode("utf-8", "replace")
         try:
-            return [*console_output(self._monitor.run(command)), b"OK"]
-        except MonitorError as exc:
+            answer = self._monitor.run(command)
+        except (MonitorError, Unsupported) as exc:
+            # GDB decodes any qRcmd reply as hex: a refusal's text goes to its console instead.
             return [*console_output(str(exc)), b"E01"]
+        if isinstance(answer, Later):
+            # The note, then a dot a second (GDB prints them as they come), then the answer.
+            note = b"O" + codec.encode_hex(answer.note.encode())
+            return Outcome([note], Await(self._later(command, answer), b"O2e"))
+        return [*console_output(answer), b"OK"]
+
+    async def _later(self, command: str, answer: Later) -> list[bytes]:
+        try:
+            text = await answer.work
+        except MonitorError as exc:
+            return [*console_output(f"\n{exc}"), b"E01"]
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an RSP error reply
+            return [*console_output("\n"), error_reply(exc, b"qRcmd " + command.encode()[:48])]
+        return [*console_output(f"\n{text}"), b"OK"]
 
     # -- registers --------------------------------------------------------------------------------
 
     def _read_registers(self, args: bytes) -> bytes:
         if args:
             raise PacketError("g takes no argument")
-        return codec.encode_hex(self.debugger.registers(self.current_cpu()).to_g())
+        return registers_hex(self.debugger.registers(self.current_cpu()))
 
     def _write_registers(self, args: bytes) -> bytes:
         data = hex_data(args)
@@ -421,7 +504,10 @@ class Session:
         if regnum == ORIG_RAX_REGNUM:
             value = self.debugger.orig_rax(cpu) & ((1 << 64) - 1)
             return codec.encode_hex(value.to_bytes(8, "little"))
-        return codec.encode_hex(self.debugger.registers(cpu).raw(regnum))
+        regs = self.debugger.registers(cpu)
+        if regnum in _unknown(regs):
+            return b"xx" * REGISTER_SIZES[regnum]  # GDB: <unavailable>
+        return codec.encode_hex(regs.raw(regnum))
 
     def _write_register(self, args: bytes) -> bytes:
         num, sep, value = args.partition(b"=")
@@ -525,4 +611,20 @@ class Session:
         return Outcome([b"OK"], action=Detach())
 
     def _kill(self, _: bytes) -> Outcome:
+        """GDB's `kill` powers the guest off. LLDB 16 sends the same `k` when it quits after
+        `gdb-remote` (it only detaches from processes it attached to itself), so an LLDB
+        client's `k` detaches: quitting LLDB never takes the VM down."""
+        if self._lldb:
+            log.info("LLDB sent k (it does on quit): detaching; the guest keeps running")
+            return Outcome([b"OK"], action=Detach())
         return Outcome([b"OK"], action=Kill())
+
+    def _q_memory_region_info(self, args: bytes) -> bytes:
+        """LLDB's `memory region`: the mapped run (or the gap) holding an address."""
+        mode, pages = self.debugger.mappings(self.current_cpu())
+        return region_info(mode, pages, hex_number(args))
+
+    def _q_host_info(self, _: bytes) -> bytes:
+        """Only LLDB asks this. Unanswered, LLDB takes the registers from target.xml."""
+        self._lldb = True
+        return b""

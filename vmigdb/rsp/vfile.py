@@ -1,9 +1,10 @@
-"""`vFile:` host I/O over RSP, serving in-memory files only (the symbol ELFs vmigdb synthesizes).
+"""`vFile:` host I/O over RSP, serving in-memory files only (the symbol ELFs vmigdb synthesizes: the
+kernel's and the shared libraries it lists; the /proc files of `vmigdb.rsp.procfs`).
 
 GDB 13 with its default `sysroot target:` asks `qXfer:exec-file:read` for the executable's path, then
 opens it with `vFile:open`, reads it with `vFile:pread` and checks its size with `vFile:fstat`. Nothing
-on vmigdb's host filesystem is reachable this way: only the names the debugger offers exist (the
-kernel's symbol file, and the shared libraries it lists); every other name is ENOENT.
+on vmigdb's host filesystem is reachable this way: only the names the debugger offers exist; every
+other name is ENOENT. A file's contents are made when it is opened and kept until it is closed.
 
 Replies follow GDB's File-I/O conventions: `F<result>` or `F-1,<errno>`; pread's data and fstat's
 `struct stat` come after a `;`, escaped as binary. The `struct stat` is GDB's fileio layout, big-endian
@@ -32,11 +33,10 @@ def _error(code: int) -> bytes:
 
 
 class VFileServer:
-    """Open files of one GDB session. `files(path)` is the contents offered under a path, or
-    None."""
+    """Open files of one GDB session. `contents(path)` is a file's bytes, or None: no such file."""
 
-    def __init__(self, files: Callable[[str], bytes | None]) -> None:
-        self._files = files
+    def __init__(self, contents: Callable[[str], bytes | None]) -> None:
+        self._contents = contents
         self._open: dict[int, bytes] = {}
 
     def handle(self, args: bytes) -> bytes:
@@ -70,7 +70,7 @@ class VFileServer:
         flags = hex_number(params[1])
         if flags & 0x3:  # O_WRONLY / O_RDWR in GDB's fileio flags
             return _error(errno.EROFS)
-        data = self._files(path)
+        data = self._contents(path)
         if data is None:
             return _error(errno.ENOENT)
         if len(self._open) >= MAX_OPEN:

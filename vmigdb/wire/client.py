@@ -129,7 +129,12 @@ class RspClient:
                 )
                 self._sendall(b"-")
         if packets:
-            self._received_packets(packets)
+            try:
+                self._received_packets(packets)
+            except PeerGone:
+                # The peer closed right after its last reply (an `OK` to `k` or `D`): the reply
+                # is here all the same; the next send says the peer is gone.
+                pass
 
     # -- acknowledgements (hooks) -----------------------------------------------------------------
 

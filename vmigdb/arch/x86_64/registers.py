@@ -13,6 +13,7 @@ the same table, so the ``g`` packet and the XML cannot disagree.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "REGISTERS",
     "REGISTER_INDEX",
     "REGISTER_OFFSETS",
+    "REGISTER_SIZES",
     "Register",
     "RegisterFile",
     "split_g",
@@ -131,6 +133,8 @@ ORIG_RAX_REGNUM: int = len(REGISTERS)
 """GDB's number for ``orig_rax`` in the Linux target description: after every CPU register."""
 
 _SIZES: tuple[int, ...] = tuple(r.bitsize // 8 for r in REGISTERS)
+REGISTER_SIZES = _SIZES
+"""Bytes of each canonical register."""
 
 
 def _offsets(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -195,11 +199,14 @@ class RegisterFile:
     :ivar data: The canonical ``g`` payload (`G_PACKET_SIZE` bytes, binary).
     :ivar long_mode: Whether QEMU reported the vCPU in 64-bit code (it then takes 8-byte
         values for every register in `P` writes; otherwise 4 for `QEMU_SHORT_REGISTERS`).
+    :ivar unavailable: Register numbers whose value is not known (a dump that did not save
+        them): they read 0 here, and GDB is told they are unavailable.
     :raises ValueError: if *data* is not `G_PACKET_SIZE` bytes.
     """
 
     data: bytes
     long_mode: bool = True
+    unavailable: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if len(self.data) != G_PACKET_SIZE:
@@ -231,6 +238,34 @@ class RegisterFile:
         for src, end, dst in plan:
             buf[dst : dst + end - src] = payload[src:end]
         return cls(bytes(buf), long_mode)
+
+    @classmethod
+    def from_values(
+        cls,
+        values: Mapping[str, int],
+        long_mode: bool = True,
+        unavailable: Iterable[str] = (),
+    ) -> RegisterFile:
+        """A register file from register name -> unsigned value; registers not named are 0.
+
+        For sources that give registers by name rather than as a QEMU ``g`` payload (a dump's
+        notes, a registers file) or one by one (libvmi). A value is kept to its register's width.
+        *unavailable* names the registers whose value is not known.
+
+        :raises KeyError: for a name that is no register.
+        """
+        buf = bytearray(G_PACKET_SIZE)
+        for name, value in values.items():
+            regnum = REGISTER_INDEX[name]
+            size = _SIZES[regnum]
+            off = REGISTER_OFFSETS[regnum]
+            buf[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        missing = frozenset(REGISTER_INDEX[name] for name in unavailable)
+        return cls(bytes(buf), long_mode, missing)
+
+    def values(self) -> dict[str, int]:
+        """Every register by name, as unsigned integers (canonical order)."""
+        return {r.name: self[r.name] for r in REGISTERS}
 
     def to_g(self) -> bytes:
         """The canonical binary ``g`` payload."""
@@ -276,7 +311,7 @@ class RegisterFile:
         _check(regnum, value)
         off = REGISTER_OFFSETS[regnum]
         data = self.data[:off] + bytes(value) + self.data[off + len(value) :]
-        return RegisterFile(data, self.long_mode)
+        return RegisterFile(data, self.long_mode, self.unavailable - {regnum})
 
 
 def _check(regnum: int, value: bytes) -> None:

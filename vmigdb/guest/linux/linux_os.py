@@ -25,6 +25,7 @@ from vmigdb.guest.base import (
 )
 from vmigdb.guest.linux import dying, hooks, modules, symbol_file, tasks, user_images, vmas
 from vmigdb.guest.linux.guest import LinuxGuest
+from vmigdb.guest.linux.identify import find_kernel
 from vmigdb.guest.linux.kernel import ReadPhys
 
 EXIT_HOOK = "do_exit"  # every task leaves through it, in its own address space
@@ -43,6 +44,16 @@ class LinuxOS(GuestOS):
     def attach(cls, read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]) -> LinuxOS:
         """:raises GuestError: (KernelNotFound, KallsymsNotFound...) with a one-line reason."""
         return cls(LinuxGuest.attach(read_phys, ram_ranges))
+
+    @staticmethod
+    def kernel_page_tables(
+        read_phys: ReadPhys, ram_ranges: list[tuple[int, int]]
+    ) -> tuple[int, bool]:
+        """``(init_top_pgt's physical address, 5-level paging)``, from VMCOREINFO in RAM: what
+        translates kernel addresses in a memory image saved without registers.
+        :raises GuestError: (KernelNotFound) with a one-line reason."""
+        kernel = find_kernel(read_phys, ram_ranges)
+        return kernel.kernel_cr3, kernel.la57
 
     # -- the instance -----------------------------------------------------------------------------
 

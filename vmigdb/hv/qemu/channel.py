@@ -136,6 +136,26 @@ class QemuChannel:
         self.running = False
         raise ResumeRefused(f"QEMU did not resume: {packet!r}")
 
+    # -- connecting ------------------------------------------------------------------------------
+
+    def attach(self, timeout: float = 10.0) -> bytes:
+        """Just connected: QEMU stopped the VM for us (sending a stop reply if it was running, none
+        if it was already paused). Sync on a sentinel so either way nothing is owed, and return
+        the stop: the one QEMU sent, or its answer to `?`."""
+        self._client.send(_SENTINEL)
+        stop = None
+        deadline = time.monotonic() + timeout
+        while True:
+            packet = self._client.recv(max(deadline - time.monotonic(), 0.0))
+            if packet.startswith(b"QC"):
+                break
+            if is_stop_reply(packet):
+                stop = packet
+            else:
+                log.info("discarding %r from QEMU while attaching", packet[:60])
+        self.running = False
+        return stop if stop is not None else self._ask_stop()
+
     # -- recovery --------------------------------------------------------------------------------
 
     def resync(self, why: str) -> None:

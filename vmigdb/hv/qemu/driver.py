@@ -23,6 +23,7 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
+from vmigdb.hv.qemu.version import known_defects
 from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -208,6 +209,8 @@ class QemuDriver(Driver):
         self._g_cpu: int | None = None  # the vCPU QEMU's Hg currently points at
         self._cpus: list[int] = []
         self._patched: set[tuple[int, int]] = set()  # KVM Z0s QEMU serves by patching 0xCC
+        self._held: set[tuple[int, int, int]] = set()  # (type, addr, length) QEMU holds for us
+        self.notes: list[tuple[str, str]] = []  # more `monitor info` lines (an attached VM's)
         self.exit_status: int | None = None
         # What the last resume asked of each vCPU, and the vCPUs on which QEMU may still have its
         # single-step armed: QEMU 7.2 disarms only the vCPU its stop reply names
@@ -218,13 +221,13 @@ class QemuDriver(Driver):
         self._armed: set[int] = set()
         self.leftover_steps = 0  # stops of that kind absorbed (monitor info shows them)
         self._interrupting = False  # an interrupt was asked: the next stop is reported as it is
+        self.qemu_version: tuple[int, int, int] | None = None  # set by whoever started QEMU
 
     # -- set-up -----------------------------------------------------------------------------------
 
     def attach(self) -> DriverStop:
         """Take over QEMU's gdbstub right after connecting (QEMU pauses the VM on connect)."""
-        self._channel.running = True  # connecting stopped the VM: QEMU owes that stop's reply
-        stop = self.wait_stop(10.0)
+        stop = self._note(parse_stop(self._channel.attach()) or DriverStop(cpu=None, signal=2))
         features = self._channel.request(b"qSupported:swbreak+;hwbreak+;vContSupported+")
         log.debug("QEMU gdbstub features: %s", features)
         # GDB's address in M packets is physical from now on: vmigdb translates virtual addresses itself.
@@ -299,7 +302,12 @@ class QemuDriver(Driver):
             raise DriverError(f"QEMU refused a register write: {reply!r}")
 
     def insert_breakpoint(
-        self, type: BreakpointType, addr: int, length: int, mechanism: str | None = None
+        self,
+        type: BreakpointType,
+        addr: int,
+        length: int,
+        mechanism: str | None = None,
+        scope_cr3: int | None = None,  # QEMU's breakpoints are virtual: the debugger filters hits
     ) -> None:
         if mechanism == PATCHED_INT3:
             self._patched.add((addr, length))
@@ -317,6 +325,36 @@ class QemuDriver(Driver):
         reply = self._channel.request(b"%s%d,%x,%x" % (verb, int(type), addr, length))
         if reply != b"OK":
             raise DriverError(f"QEMU refused {verb.decode()}{int(type)} at {addr:#x}: {reply!r}")
+        if verb == b"Z":
+            self._held.add((int(type), addr, length))
+        else:
+            self._held.discard((int(type), addr, length))
+
+    # -- giving an attached VM back ----------------------------------------------------------------
+
+    def release(self, run: bool) -> None:
+        """Leave QEMU's gdbstub with nothing of ours in QEMU: stopped, no breakpoint, no
+        single-step armed on any vCPU; then let the VM run (`run`) or leave it stopped. The
+        gdbstub itself is removed by whoever added it (attach.py)."""
+        if self._channel.running:
+            self.interrupt()
+            self.wait_stop(10.0)
+        for cpu in sorted(self._armed):
+            # QEMU 7.2 disarms a vCPU's single-step only when that vCPU reports a stop: step it
+            # alone (one instruction), or it would stop the VM with nobody attached.
+            log.info("CPU#%d has a single-step armed in QEMU; stepping it off", cpu - 1)
+            self._channel.resume(b"vCont;s:%x" % cpu)
+            self.wait_stop(10.0)
+            self._armed.discard(cpu)
+        for type, addr, length in sorted(self._held):
+            self._channel.request(b"z%d,%x,%x" % (type, addr, length))
+        self._held.clear()
+        self._patched.clear()
+        if run:
+            # QEMU's detach removes what breakpoints remain and starts the VM (vm_start).
+            reply = self._channel.request(b"D")
+            if reply != b"OK":
+                raise DriverError(f"QEMU refused to detach: {reply!r}")
 
     # -- run control ------------------------------------------------------------------------------
 
@@ -419,10 +457,13 @@ class QemuDriver(Driver):
 
     def describe(self) -> list[tuple[str, str]]:
         time = self.capabilities.guest_time
+        version = ".".join(map(str, self.qemu_version)) if self.qemu_version else "?"
+        warnings = [("warning", text) for text in known_defects(self.qemu_version)]
         return [
-            ("driver", f"qemu ({self.accel})"),
+            ("driver", f"qemu {version} ({self.accel})"),
+            *warnings,
             ("vcpus", str(len(self._cpus))),
-            ("guest RAM", f"{self._memory.size // (1 << 20)} MiB shared, read directly"),
+            ("guest RAM", f"{self._memory.size // (1 << 20)} MiB, {self._memory.how}"),
             (
                 "guest time",
                 f"{time.description if time else 'host time; the TSC runs on while stopped'} "
@@ -433,4 +474,5 @@ class QemuDriver(Driver):
                 f"{self._channel.resyncs} resynchronisation(s), "
                 f"{self.leftover_steps} stale single-step stop(s) absorbed",
             ),
+            *self.notes,
         ]

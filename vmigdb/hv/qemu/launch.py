@@ -17,6 +17,7 @@ from vmigdb.hv.qemu.driver import QemuDriver
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 from vmigdb.hv.qemu.qmp import Qmp
+from vmigdb.hv.qemu.snapshots import QemuSnapshots
 
 log = logging.getLogger("vmigdb.hv.qemu")
 
@@ -52,8 +53,10 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
         driver = QemuDriver(
             client, process.memory, process.accel, process.config.time_mode, process.time_reason
         )
+        driver.qemu_version = process.version
         stop = driver.attach()
         qmp = await Qmp.connect(process.qmp_socket)
+        driver.snapshots = QemuSnapshots(qmp, icount=process.config.time_mode == "icount")
         process.unlink_paths()
     except (OSError, MachineGone, TimeoutError) as exc:
         words = process.last_words()

@@ -53,6 +53,8 @@ class PhysicalMemory:
     `PhysicalMemoryError` whose ``address`` is the first guest-physical address that is not RAM.
     """
 
+    how = "shared, read directly"  # for `monitor info`
+
     def __init__(self, path_or_fd: str | os.PathLike[str] | int, size: int, below_4g: int) -> None:
         if size <= 0 or not 0 <= below_4g <= min(size, FOUR_GIB):
             raise ValueError(f"bad RAM layout: size={size:#x} below_4g={below_4g:#x}")

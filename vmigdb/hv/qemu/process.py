@@ -55,7 +55,9 @@ from typing import TypeVar
 
 from vmigdb.errors import SetupError
 from vmigdb.hv.qemu.accel import resolve_accel
+from vmigdb.hv.qemu.drives import Drive, create_vmstate_image, drive_args, vmstate_args
 from vmigdb.hv.qemu.memory import PhysicalMemory, pc_below_4g
+from vmigdb.hv.qemu.version import known_defects, qemu_version
 from vmigdb.hv.qemu.workdir import make_workdir
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -84,9 +86,12 @@ DEFAULT_TIME_MODE = "auto"
 
 @dataclass(frozen=True)
 class QemuConfig:
-    """What the user asked for. The kernel command line is "console=ttyS0" + " " + append."""
+    """What the user asked for. The kernel command line is "console=ttyS0" + " " + append.
 
-    kernel: Path
+    Without a kernel, the guest boots from its first disk (`drives`) with its own bootloader.
+    """
+
+    kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
     smp: int = 1
@@ -96,6 +101,8 @@ class QemuConfig:
     extra_args: tuple[str, ...] = ()
     binary: str = "qemu-system-x86_64"
     time_mode: str = DEFAULT_TIME_MODE  # a TIME_MODE_CHOICES item: what guest time follows
+    drives: tuple[Drive, ...] = ()  # disk images, the first one booted when there is no kernel
+    snapshots: bool = True  # a VM-state node for `monitor snapshot` (needs qemu-img)
 
     @property
     def kernel_cmdline(self) -> str:
@@ -114,8 +121,10 @@ def build_command_line(
     gdb_socket: Path,
     qmp_socket: Path,
     console_log: Path,
+    vmstate: Path | None = None,
 ) -> list[str]:
-    """The full argv for QEMU. Pure: no filesystem access, so it can be unit-tested."""
+    """The full argv for QEMU. Pure: no filesystem access, so it can be unit-tested.
+    `vmstate`: the qcow2 file of the VM-state node for snapshots (drives.py), if any."""
     cmd = [config.binary, "-accel", accel]
     if accel == "kvm":
         cmd += ["-cpu", "host"]
@@ -129,14 +138,16 @@ def build_command_line(
         f"memory-backend-file,id=ram0,size={config.memory_mib}M,mem-path={_opt(ram_path)},share=on",
         "-machine",
         "pc,memory-backend=ram0",
-        "-kernel",
-        str(config.kernel),
     ]
-    if config.initrd is not None:
-        cmd += ["-initrd", str(config.initrd)]
+    if config.kernel is not None:
+        cmd += ["-kernel", str(config.kernel)]
+        if config.initrd is not None:
+            cmd += ["-initrd", str(config.initrd)]
+        cmd += ["-append", config.kernel_cmdline]
+    cmd += drive_args(config.drives)
+    if vmstate is not None:
+        cmd += vmstate_args(vmstate)
     cmd += [
-        "-append",
-        config.kernel_cmdline,
         "-serial",
         f"file:{config.serial or console_log}",
         "-display",
@@ -193,6 +204,13 @@ def _check_config(config: QemuConfig) -> str:
     if binary is None:
         raise SetupError(
             f"{config.binary} not found: install it with `apt-get install qemu-system-x86`"
+        )
+    if config.kernel is None and not config.drives:
+        raise SetupError("nothing to boot: give --kernel PATH or --drive DISK-IMAGE")
+    if config.kernel is None and (config.initrd is not None or config.append):
+        raise SetupError(
+            "--initrd and --append need --kernel: a disk boots with its own bootloader and "
+            "command line"
         )
     for what, path in (("kernel", config.kernel), ("initrd", config.initrd)):
         if path is None:
@@ -362,6 +380,7 @@ class QemuProcess:
     memory: PhysicalMemory
     pid: int
     command_line: list[str]
+    version: tuple[int, int, int] | None = None  # QEMU's, once started
 
     def __init__(self, config: QemuConfig, accel: str) -> None:
         """Not started yet: use `QemuProcess.start`."""
@@ -403,8 +422,19 @@ class QemuProcess:
             st = os.fstat(ram_fd)
             self._ram_id = (st.st_dev, st.st_ino)
             self.memory = PhysicalMemory(ram_fd, size, pc_below_4g(size))
+            self.vmstate = self.workdir / "vmstate.qcow2"
+            if not (config.snapshots and create_vmstate_image(self.vmstate)):
+                if config.snapshots:
+                    log.warning("qemu-img not found: no snapshots (apt-get install qemu-utils)")
+                self.vmstate = None
             self.command_line = build_command_line(
-                config, accel, self.ram_path, self.gdb_socket, self.qmp_socket, self.console_log
+                config,
+                accel,
+                self.ram_path,
+                self.gdb_socket,
+                self.qmp_socket,
+                self.console_log,
+                self.vmstate,
             )
             argv = [binary, *self.command_line[1:]]
             log.info("starting QEMU: %s", " ".join(self.command_line))
@@ -445,6 +475,9 @@ class QemuProcess:
                 os.close(ram_fd)
             self._abort_start()
             raise
+        self.version = qemu_version(binary)
+        for defect in known_defects(self.version):
+            log.warning("%s", defect)
         log.info("QEMU pid %d up (accel %s), workdir %s", self.pid, accel, self.workdir)
         return self
 

@@ -88,6 +88,17 @@ class Qmp:
         except (ExecInterruptedError, QMPError, OSError, EOFError) as e:
             raise QmpError(f"QMP {cmd}: connection to QEMU lost ({e})") from e
 
+    async def getfd(self, name: str, fd: int) -> None:
+        """Hand QEMU an open file descriptor (SCM_RIGHTS), known to QMP as *name* (``getfd``).
+
+        QEMU keeps its own copy; the caller still owns and closes *fd*.
+        """
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError, AssertionError) as e:
+            raise QmpError(f"cannot pass a file to QEMU: {e}") from e
+        await self.execute("getfd", {"fdname": name})
+
     async def hmp(self, command_line: str) -> str:
         """Run a human-monitor command (e.g. ``xp``, ``info registers``) and return its text."""
         out = await self.execute("human-monitor-command", {"command-line": command_line})

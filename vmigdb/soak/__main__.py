@@ -1,0 +1,5 @@
+import sys
+
+from vmigdb.soak.run import main
+
+sys.exit(main())
