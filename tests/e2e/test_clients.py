@@ -209,7 +209,10 @@ def test_lldb_session(vm: Vm, tmp_path: Path) -> None:
             "process detach",
         ]
     )
-    assert re.search(r"thread #2: tid = 0x0002", out), out
+    # Both vCPUs are threads. LLDB numbers threads (and names the process, from qC) after the
+    # stop it attached on, and QEMU 10 may halt either vCPU first: no number is assumed.
+    assert re.search(r"thread #\d: tid = 0x0001", out), out
+    assert re.search(r"thread #\d: tid = 0x0002", out), out
     assert re.search(r"cr3 = 0x[0-9a-f]{16}", out), out
     assert re.search(rf"Address: vmlinux.elf\[{getpid:#018x}\]", out), out
     region = re.search(r"\[(0x[0-9a-f]+)-(0x[0-9a-f]+)\) r-x", out)  # kernel text, from page tables
@@ -230,7 +233,7 @@ def test_lldb_session(vm: Vm, tmp_path: Path) -> None:
     watch = re.search(r"old value: (\w+)\s+new value: (\w+)", out)
     assert watch and int(watch.group(2), 0) > int(watch.group(1), 0), out
     assert "stop reason = watchpoint 1" in out
-    assert "Process 1 detached" in out
+    assert re.search(r"Process \d+ detached", out), out
     assert "would change" not in vm.stderr() and "kill" not in vm.stderr().lower().replace(
         "lldb sent k", ""
     )
