@@ -16,9 +16,11 @@ The model, for every kind:
   scope), or None to go on (it may have moved its hooks meanwhile: an exec catch follows the new
   program to its first instruction).
 - A driver-side catchpoint (`DriverCatch`) is served by the hypervisor (e.g. Xen's MSR-write
-  events): `monitor catch KIND ...` arms it through the driver, and the driver reports it as a
-  `DriverStop` carrying a `DriverEvent` (its kind and message), which becomes a stop like any
-  other.
+  and exec-written events), one per `CatchKind` the driver declares: `monitor catch KIND ...`
+  arms it through the driver, and the driver reports it as a `DriverStop` whose `catch` names
+  the kind and whose `message` says what happened, which becomes a stop like any other.
+
+Every catchpoint's stop reaches GDB as `StopReason.CATCH`.
 
 `CatchpointTable` owns them all: it places and releases their hooks among vmigdb's own breakpoints
 (`BreakpointTable.add_internal`, one owner name per hook), routes hits to the catchpoint that owns
