@@ -36,6 +36,7 @@ XML = """\
   <memory unit='MiB'>512</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type>{boot}</os>
+  <features><acpi/></features>
   <clock offset='utc'><timer name='rtc' track='guest'/></clock>
   <on_reboot>destroy</on_reboot>
   <devices>

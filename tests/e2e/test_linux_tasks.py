@@ -31,6 +31,7 @@ from vmigdb.guest.linux.tasks import (
     task_cr3,
     task_pgd,
 )
+from vmigdb.hv.qemu.channel import QemuChannel
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 from vmigdb.wire.codec import decode_hex
@@ -59,9 +60,9 @@ class Paused:
         self.client = GdbstubClient.connect(proc.gdb_socket)
 
     def __enter__(self) -> Paused:
-        # QEMU stops the VM on connect and says so (T02); wait for that stop itself. Asking `?`
-        # instead races with it: two stop packets, and every later reply is off by one.
-        self.client.recv(10.0)
+        # QEMU stops the VM on connect; 7.2 says so (T02), 10 does not. The channel syncs on a
+        # sentinel either way (asking `?` alone races with 7.2's stop: every later reply off by one).
+        QemuChannel(self.client).attach()
         return self
 
     def registers(self) -> list[RegisterFile]:
