@@ -449,7 +449,9 @@ def test_a_catch_stop_reaches_gdb_with_its_message_and_is_never_filtered() -> No
 def test_monitor_catch_lists_arms_and_disarms_the_drivers_catchpoints() -> None:
     m = catching()
     text, reply = m.monitor("catch")
-    assert reply == b"OK" and "msr-write: off" in text and "exec-written [PID|cr3=ADDR]: off" in text
+    assert (
+        reply == b"OK" and "msr-write: off" in text and "exec-written [PID|cr3=ADDR]: off" in text
+    )
     text, reply = m.monitor("catch msr-write")
     assert reply == b"OK" and text.strip() == "msr-write: on (None)"
     text, reply = m.monitor("catch exec-written cr3=0x2000")
@@ -481,5 +483,20 @@ def test_a_scope_by_page_tables_reaches_the_driver_with_each_breakpoint() -> Non
     m.monitor("process all")
     assert m.one(b"Z0,ffffffff81000010,1") == b"OK"
     assert m.fake.scopes == [0x2000, None]
-    assert m.dbg.breakpoints.desired[(int(BreakpointType.SOFTWARE), 0xFFFFFFFF81000000, 1)] \
-        .scope_cr3 == 0x2000
+    assert (
+        m.dbg.breakpoints.desired[(int(BreakpointType.SOFTWARE), 0xFFFFFFFF81000000, 1)].scope_cr3
+        == 0x2000
+    )
+
+
+def test_leaving_a_process_scope_says_gdb_still_lists_its_libraries() -> None:
+    _, _, session = machine()
+    text, status = monitor(session, "process all")
+    assert (
+        status == b"OK"
+        and text == "scope: the whole machine; new breakpoints fire in every process\n"
+    )
+    assert monitor(session, "process 7")[1] == b"OK"
+    text, status = monitor(session, "process kernel")
+    assert status == b"OK" and text.startswith("scope: the kernel;"), text
+    assert "GDB still lists app's libraries until the next stop: 'sharedlibrary' drops" in text

@@ -187,11 +187,21 @@ class Monitor:
                 "its memory reads through them, new breakpoints fire only in it"
             )
         if which in ("kernel", "all"):
+            was = self._debugger.scope
             self._debugger.set_scope(None)
-            return (
+            said = (
                 "scope: the whole machine; new breakpoints fire in every process"
                 if which == "all"
                 else "scope: the kernel; memory through the current vCPU's page tables"
+            )
+            if was is None or was.pid is None:
+                return said
+            # GDB reads the library list only at a stop (or when asked): until then it holds
+            # the process's, and a breakpoint set in their range is one GDB disables on reading.
+            return (
+                f"{said}\n(GDB still lists {was.comm}'s libraries until the next stop: "
+                "'sharedlibrary' drops them now; GDB disables a breakpoint set in their range "
+                "before it does)"
             )
         try:
             scope = self._guest(lambda guest: processes.scope_for(guest, which))

@@ -126,11 +126,15 @@ class Scope:
 
 
 def scope_to(which):
+    """Scope as `monitor process` asks, then read the library list as its reply advises (else a
+    breakpoint set at an address of the old process's objects is disabled at the next stop)."""
     if which == "all":
         text = quiet("monitor process all")
         check("whole machine" in text, f"monitor process all: {text!r}")
+        quiet("sharedlibrary")
         return None
     text = quiet(f"monitor process {which}")
+    quiet("sharedlibrary")
     m = SCOPE_RE.search(text)
     check(m, f"monitor process {which}: {text!r}")
     return Scope(int(m.group(1)), m.group(2), int(m.group(3), 16))
