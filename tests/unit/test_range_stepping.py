@@ -8,7 +8,7 @@ what QEMU 7.2 gets wrong now and then, and it costs a VM stop per `next`.
 
 from __future__ import annotations
 
-from tests.unit.fakes import KERNEL_PA, KERNEL_VA, FakeDriver
+from tests.unit.fakes import KERNEL_PA, KERNEL_VA, PAGE, PML4_PA, FakeDriver
 from vmigdb.debugger.engine import Debugger, RangeStep
 from vmigdb.debugger.events import StopReason
 from vmigdb.hv.base import BreakpointType, DriverStop
@@ -65,5 +65,31 @@ def test_plain_steps_and_continues_are_unchanged() -> None:
     fake.queue_stop(DriverStop(cpu=1, signal=5))
     dbg.resume({1: "s"})
     assert fake.resumes == [{1: "s"}]
+    event = dbg.poll()
+    assert event is not None and event.reason is StopReason.STEP
+
+
+def test_another_process_stepping_off_vmigdbs_own_breakpoint_does_not_end_the_range() -> None:
+    """The stepping vCPU switches to another process, which hits a breakpoint of vmigdb's own (the
+    scope's exit hook, say) outside the range: vmigdb steps it off and runs on; the range ends only
+    when the stepping process leaves it (the soak saw `next` stop in do_exit)."""
+    fake, dbg = machine(NOPS)
+    other_cr3 = 0x8000  # the same mappings under another page-table base: another process
+    fake.ram[other_cr3 : other_cr3 + PAGE] = fake.ram[PML4_PA : PML4_PA + PAGE]
+    hook = KERNEL_VA + 0x100
+    dbg.breakpoints.add_internal(hook, "test")
+    fake.resumes.clear()
+    dbg.resume({1: RangeStep(KERNEL_VA, KERNEL_VA + len(NOPS))})
+    assert fake.resumes == [{1: "c"}]
+    fake.set_reg(1, "cr3", other_cr3)
+    fake.set_reg(1, "rip", hook)
+    fake.queue_stop(DriverStop(cpu=1, signal=5))
+    assert dbg.poll() is None and fake.resumes[-1] == {1: "s"}  # stepped off
+    fake.set_reg(1, "rip", hook + 2)
+    fake.queue_stop(DriverStop(cpu=1, signal=5))
+    assert dbg.poll() is None and fake.resumes[-1] == {1: "c"}  # not the range's end: runs on
+    fake.set_reg(1, "cr3", PML4_PA)
+    fake.set_reg(1, "rip", KERNEL_VA + len(NOPS))
+    fake.queue_stop(DriverStop(cpu=1, signal=5))
     event = dbg.poll()
     assert event is not None and event.reason is StopReason.STEP

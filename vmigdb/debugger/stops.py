@@ -283,7 +283,9 @@ class RunControl:
     def _after_own_step(self, cpu: int, regs: RegisterFile) -> StopEvent | None:
         """A step vmigdb took by itself (range stepping, or stepping off a filtered hit)."""
         rip = regs["rip"]
-        rng = self._range if self._range is not None and self._range.cpu == cpu else None
+        # the stepping process's own step only: the vCPU may be running another process that
+        # was just stepped off one of vmigdb's breakpoints (which is no exit from the range)
+        rng = self._range if self._range is not None and self._range.owns(cpu, regs) else None
         if rng is not None and not rng.contains(rip):
             return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
         if self._breakpoints.at(rip):  # execution reached a GDB breakpoint
