@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.hv.base import (
@@ -23,7 +24,7 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
-from vmigdb.hv.qemu.version import known_defects
+from vmigdb.hv.qemu.version import known_defects, version_text
 from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -39,6 +40,46 @@ _WATCH_KEYS = {
 
 
 PATCHED_INT3 = "kvm-patched-int3"
+
+# Whether every vCPU came up is told from what the guest did, not assumed from the vCPU count: a
+# vCPU the guest never started sits in real mode (CR0.PE clear, QEMU's reset state) while the one
+# that booted runs in protected mode. Linux starts its other vCPUs about a second into the kernel
+# (the demo's 2-vCPU guest under icount: both in protected mode by its "ready" line, ~20 s after
+# QEMU started). After this much time running under vmigdb, a vCPU still in real mode is one the
+# guest failed to start (or was told not to: nosmp, maxcpus=1).
+BRING_UP_GRACE_S = 60.0
+_CR0_PE = 1
+
+
+def real_mode_vcpus(cr0s: dict[int, int]) -> list[int]:
+    """The vCPUs (1-based, as keyed) still in real mode while another runs in protected mode:
+    none while every vCPU is still in real mode (the machine has not booted yet)."""
+    if not any(cr0 & _CR0_PE for cr0 in cr0s.values()):
+        return []
+    return sorted(cpu for cpu, cr0 in cr0s.items() if not cr0 & _CR0_PE)
+
+
+def bring_up_report(
+    cr0s: dict[int, int], ran_s: float, time_mode: str
+) -> tuple[str | None, str | None]:
+    """(what `monitor info`'s vcpus line adds, a warning or None) for vCPUs' CR0 values after
+    `ran_s` host seconds of running under vmigdb in `time_mode`."""
+    stuck = real_mode_vcpus(cr0s)
+    if not stuck:
+        return None, None
+    names = ", ".join(f"CPU#{cpu - 1}" for cpu in stuck)
+    if ran_s < BRING_UP_GRACE_S:
+        return f"{names} in real mode (CR0.PE clear): not brought up yet", None
+    note = f"{names} never left real mode (CR0.PE clear): the guest did not bring it up"
+    if time_mode != "icount":
+        return note, None
+    return note, (
+        f"{names} still in real mode (CR0.PE clear) after {ran_s:.0f} s of running, while the "
+        "guest runs on the others: it did not bring it up. Under instruction-counted time (icount) "
+        "some kernels hang starting a second vCPU (Debian's 6.1 on QEMU 7.2): if the guest is "
+        "stuck, restart with --time host (or --smp 1); ignore this if it was booted with nosmp "
+        "or maxcpus"
+    )
 
 
 def _m(key: str, description: str, visible: bool, why: str, limit: int | None = None) -> Mechanism:
@@ -201,7 +242,10 @@ class QemuDriver(Driver):
         self._channel = channel
         self._memory = memory
         self.accel = accel
+        self.time_mode = time_mode
         self.time_reason = time_reason  # e.g. "auto: TCG with 1 vCPU"
+        self._ran = 0.0  # host seconds the VM has run under this driver (ended runs)
+        self._run_started: float | None = None  # when the current run began, while it runs
         if accel == "kvm":
             self.capabilities = kvm_capabilities()
         else:
@@ -371,6 +415,8 @@ class QemuDriver(Driver):
     def _send_resume(self, actions: dict[int, str], packet: bytes) -> None:
         self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
         self._channel.resume(packet)
+        if self._run_started is None:
+            self._run_started = time.monotonic()
         self._driven = dict(actions)
         self._resume_packet = packet
         self._armed |= {cpu for cpu, action in actions.items() if action == "s"}
@@ -429,6 +475,9 @@ class QemuDriver(Driver):
 
     def _note(self, stop: DriverStop) -> DriverStop:
         self._interrupting = False
+        if self._run_started is not None:
+            self._ran += time.monotonic() - self._run_started
+            self._run_started = None
         if stop.exited is not None:
             self.exit_status = stop.exited
         elif stop.cpu is not None:
@@ -455,14 +504,37 @@ class QemuDriver(Driver):
     def close(self) -> None:
         self._channel.close()
 
+    def ran_seconds(self) -> float:
+        """Host seconds the VM has run under this driver, the current run included."""
+        running = time.monotonic() - self._run_started if self._run_started is not None else 0.0
+        return self._ran + running
+
+    def _bring_up(self) -> tuple[str | None, str | None]:
+        """`bring_up_report` for the vCPUs as they are now (nothing to tell while the VM runs,
+        with 1 vCPU, or if QEMU will not give a vCPU's registers)."""
+        if len(self._cpus) < 2 or self._channel.running:
+            return None, None
+        try:
+            cr0s = {cpu: self.read_registers(cpu)["cr0"] for cpu in self._cpus}
+        except (DriverError, MachineGone) as exc:
+            log.debug("vCPU modes not read: %s", exc)
+            return None, None
+        return bring_up_report(cr0s, self.ran_seconds(), self.time_mode)
+
+    def warnings(self) -> list[str]:
+        """What is wrong with this QEMU or this guest's run, for `monitor info` and `monitor
+        stealth`: QEMU's known defects, and a vCPU the guest did not bring up under icount."""
+        return [*known_defects(self.qemu_version), *filter(None, [self._bring_up()[1]])]
+
     def describe(self) -> list[tuple[str, str]]:
         time = self.capabilities.guest_time
-        version = ".".join(map(str, self.qemu_version)) if self.qemu_version else "?"
-        warnings = [("warning", text) for text in known_defects(self.qemu_version)]
+        version = version_text(self.qemu_version)
+        note, stuck = self._bring_up()
+        warnings = [*known_defects(self.qemu_version), *filter(None, [stuck])]
         return [
             ("driver", f"qemu {version} ({self.accel})"),
-            *warnings,
-            ("vcpus", str(len(self._cpus))),
+            *[("warning", text) for text in warnings],
+            ("vcpus", f"{len(self._cpus)}" + (f" ({note})" if note else "")),
             ("guest RAM", f"{self._memory.size // (1 << 20)} MiB, {self._memory.how}"),
             (
                 "guest time",
