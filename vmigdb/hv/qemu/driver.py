@@ -127,7 +127,7 @@ _TCG_TIME = {
         True,
         "clocks stop while the VM is stopped, but QEMU retranslates guest code after every "
         "breakpoint change and step, which RDTSC-timed guest code sees as 100-1000x slow; "
-        "--time icount (TCG, 1 vCPU) hides it",
+        "--time icount (TCG; with several vCPUs, QEMU 10) hides it",
     ),
 }
 
