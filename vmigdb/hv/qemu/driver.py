@@ -11,6 +11,7 @@ import logging
 import re
 import time
 
+from vmigdb.arch.x86_64.paging import PhysicalMemoryError, Translation, paging_mode, translate
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.hv.base import (
     BreakpointType,
@@ -40,6 +41,21 @@ _WATCH_KEYS = {
 
 
 PATCHED_INT3 = "kvm-patched-int3"
+
+# QEMU's single-step flags (gdbstub's Qqemu.sstep; QEMU's default is 0x7: ENABLE, NOIRQ, NOTIMER)
+# for a step from HLT under instruction-counted time with several vCPUs. icount runs every vCPU on
+# one thread in turn, and that loop turns the VM clock off while the vCPU it is on steps with
+# NOTIMER set, and leaves it so when every vCPU sleeps: nothing then advances icount's clock to
+# the next timer, and a vCPU stepped while it sleeps in HLT never wakes (measured, QEMU 10.0.2, an
+# idle 2-vCPU guest: 7 of 8 stepi from native_safe_halt still waiting after 20 s; 0 of 8 with
+# 0x3). Without NOTIMER the guest's timers fire when due and wake it; interrupts stay masked on
+# the stepping vCPU (NOIRQ), so the step still executes exactly one instruction. Only such steps
+# get 0x3: with timers on, icount's idle-time warp also ran during every step, and one RDTSC
+# sample in a session of 20 hits and 20 steps through antidebug's timed blocks came out 904x its
+# median (0 with 0x7).
+ICOUNT_SMP_SSTEP = 0x3
+QEMU_DEFAULT_SSTEP = 0x7
+_HLT = b"\xf4"
 
 # Whether every vCPU came up is told from what the guest did, not assumed from the vCPU count: a
 # vCPU the guest never started sits in real mode (CR0.PE clear, QEMU's reset state) while the one
@@ -132,9 +148,10 @@ _TCG_TIME = {
 }
 
 
-def tcg_capabilities(time_mode: str) -> Capabilities:
+def tcg_capabilities(time_mode: str, step_timers: bool = False) -> Capabilities:
     """Under TCG every run-control mechanism lives in QEMU's translator: none touches the guest.
-    Only guest time can tell, depending on `time_mode` ("host" or "icount")."""
+    Only guest time can tell, depending on `time_mode` ("host" or "icount"). `step_timers`: QEMU
+    steps from HLT with the guest's timers running (ICOUNT_SMP_SSTEP)."""
     bp = _m(
         "tcg-breakpoint",
         "TCG translator breakpoint",
@@ -152,7 +169,10 @@ def tcg_capabilities(time_mode: str) -> Capabilities:
         ),
         single_step=_m(
             "tcg-single-step",
-            "TCG translator single-step (interrupts and timers masked while stepping)",
+            "TCG translator single-step (interrupts and timers masked while stepping; timers "
+            "run for a step from hlt: icount with several vCPUs)"
+            if step_timers
+            else "TCG translator single-step (interrupts and timers masked while stepping)",
             False,
             "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
         ),
@@ -266,6 +286,8 @@ class QemuDriver(Driver):
         self.leftover_steps = 0  # stops of that kind absorbed (monitor info shows them)
         self._interrupting = False  # an interrupt was asked: the next stop is reported as it is
         self.qemu_version: tuple[int, int, int] | None = None  # set by whoever started QEMU
+        self._icount_smp = False  # icount with several vCPUs: steps from HLT need timers
+        self._sstep = QEMU_DEFAULT_SSTEP  # QEMU's single-step flags as vmigdb last set them
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -279,7 +301,36 @@ class QemuDriver(Driver):
             raise DriverError("QEMU's gdbstub refused physical memory mode (Qqemu.PhyMemMode)")
         self._read_target_xml()
         self._cpus = self._thread_list()
+        self._icount_smp = self.time_mode == "icount" and len(self._cpus) > 1
+        if self._icount_smp:
+            self.capabilities = tcg_capabilities(self.time_mode, step_timers=True)
         return stop
+
+    def _in_hlt(self, cpu: int) -> bool:
+        """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
+        regs = self.read_registers(cpu)
+        if regs["rip"] == 0:
+            return False
+        mode = paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+        try:
+            where = translate(self._memory.read, regs["cr3"], regs["rip"] - 1, mode)
+            return isinstance(where, Translation) and self._memory.read(where.pa, 1) == _HLT
+        except PhysicalMemoryError:
+            return False
+
+    def _set_step_flags(self, steppers: list[int]) -> None:
+        """icount with several vCPUs: QEMU's timers run during a step from HLT, and only then
+        (see ICOUNT_SMP_SSTEP)."""
+        want = QEMU_DEFAULT_SSTEP
+        if any(self._in_hlt(cpu) for cpu in steppers):
+            want = ICOUNT_SMP_SSTEP
+        if want == self._sstep:
+            return
+        reply = self._channel.request(b"Qqemu.sstep=%x" % want)
+        if reply == b"OK":
+            self._sstep = want
+        else:
+            log.warning("QEMU refused single-step flags %#x: %r", want, reply)
 
     def _read_target_xml(self) -> None:
         """QEMU serves `P` register writes only to a client that has read its target description
@@ -387,6 +438,8 @@ class QemuDriver(Driver):
             # QEMU 7.2 disarms a vCPU's single-step only when that vCPU reports a stop: step it
             # alone (one instruction), or it would stop the VM with nobody attached.
             log.info("CPU#%d has a single-step armed in QEMU; stepping it off", cpu - 1)
+            if self._icount_smp:
+                self._set_step_flags([cpu])
             self._channel.resume(b"vCont;s:%x" % cpu)
             self.wait_stop(10.0)
             self._armed.discard(cpu)
@@ -394,6 +447,8 @@ class QemuDriver(Driver):
             self._channel.request(b"z%d,%x,%x" % (type, addr, length))
         self._held.clear()
         self._patched.clear()
+        if self._sstep != QEMU_DEFAULT_SSTEP:
+            self._set_step_flags([])
         if run:
             # QEMU's detach removes what breakpoints remain and starts the VM (vm_start).
             reply = self._channel.request(b"D")
@@ -405,6 +460,8 @@ class QemuDriver(Driver):
     def resume(self, actions: dict[int, str]) -> None:
         if not actions:
             raise DriverError("resume with no vCPU to run")
+        if self._icount_smp:
+            self._set_step_flags([cpu for cpu, action in actions.items() if action == "s"])
         if all(actions.get(cpu) == "c" for cpu in self._cpus):
             packet = b"vCont;c"
         else:
