@@ -581,16 +581,18 @@ class QemuDriver(Driver):
     def warnings(self) -> list[str]:
         """What is wrong with this QEMU or this guest's run, for `monitor info` and `monitor
         stealth`: QEMU's known defects, and a vCPU the guest did not bring up under icount."""
-        return [*known_defects(self.qemu_version), *filter(None, [self._bring_up()[1]])]
+        return self._warnings(self._bring_up()[1])
+
+    def _warnings(self, stuck: str | None) -> list[str]:
+        return [*known_defects(self.qemu_version), *([stuck] if stuck else [])]
 
     def describe(self) -> list[tuple[str, str]]:
         time = self.capabilities.guest_time
         version = version_text(self.qemu_version)
         note, stuck = self._bring_up()
-        warnings = [*known_defects(self.qemu_version), *filter(None, [stuck])]
         return [
             ("driver", f"qemu {version} ({self.accel})"),
-            *[("warning", text) for text in warnings],
+            *[("warning", text) for text in self._warnings(stuck)],
             ("vcpus", f"{len(self._cpus)}" + (f" ({note})" if note else "")),
             ("guest RAM", f"{self._memory.size // (1 << 20)} MiB, {self._memory.how}"),
             (
