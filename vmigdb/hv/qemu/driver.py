@@ -58,21 +58,23 @@ QEMU_DEFAULT_SSTEP = 0x7
 _HLT = b"\xf4"
 
 # Whether every vCPU came up is told from what the guest did, not assumed from the vCPU count: a
-# vCPU the guest never started sits in real mode (CR0.PE clear, QEMU's reset state) while the one
-# that booted runs in protected mode. Linux starts its other vCPUs about a second into the kernel
-# (the demo's 2-vCPU guest under icount: both in protected mode by its "ready" line, ~20 s after
-# QEMU started). After this much time running under vmigdb, a vCPU still in real mode is one the
-# guest failed to start (or was told not to: nosmp, maxcpus=1).
+# vCPU the kernel never started runs with paging off (CR0.PG clear) while the one that booted has
+# it on. Not CR0.PE: SeaBIOS leaves the vCPUs it does not boot from halted in 32-bit protected
+# mode (measured: a 2-vCPU guest booted with maxcpus=1 kept CPU#1 at 0xfd0cf, CR0.PE set, paging
+# off). Linux starts its other vCPUs about a second into the kernel (the demo's 2-vCPU guest under
+# icount: paging on in both by its "ready" line, ~20 s after QEMU started). After this much time
+# running under vmigdb, a vCPU still without paging is one the guest failed to start (or was told
+# not to: nosmp, maxcpus=1).
 BRING_UP_GRACE_S = 60.0
-_CR0_PE = 1
+_CR0_PG = 1 << 31
 
 
-def real_mode_vcpus(cr0s: dict[int, int]) -> list[int]:
-    """The vCPUs (1-based, as keyed) still in real mode while another runs in protected mode:
-    none while every vCPU is still in real mode (the machine has not booted yet)."""
-    if not any(cr0 & _CR0_PE for cr0 in cr0s.values()):
+def unpaged_vcpus(cr0s: dict[int, int]) -> list[int]:
+    """The vCPUs (1-based, as keyed) with paging off while another runs with it on: none while
+    no vCPU has paging on (the kernel has not started yet)."""
+    if not any(cr0 & _CR0_PG for cr0 in cr0s.values()):
         return []
-    return sorted(cpu for cpu, cr0 in cr0s.items() if not cr0 & _CR0_PE)
+    return sorted(cpu for cpu, cr0 in cr0s.items() if not cr0 & _CR0_PG)
 
 
 def bring_up_report(
@@ -80,17 +82,17 @@ def bring_up_report(
 ) -> tuple[str | None, str | None]:
     """(what `monitor info`'s vcpus line adds, a warning or None) for vCPUs' CR0 values after
     `ran_s` host seconds of running under vmigdb in `time_mode`."""
-    stuck = real_mode_vcpus(cr0s)
+    stuck = unpaged_vcpus(cr0s)
     if not stuck:
         return None, None
     names = ", ".join(f"CPU#{cpu - 1}" for cpu in stuck)
     if ran_s < BRING_UP_GRACE_S:
-        return f"{names} in real mode (CR0.PE clear): not brought up yet", None
-    note = f"{names} never left real mode (CR0.PE clear): the guest did not bring it up"
+        return f"{names} with paging off (CR0.PG clear): not brought up yet", None
+    note = f"{names} never turned paging on (CR0.PG clear): the guest did not bring it up"
     if time_mode != "icount":
         return note, None
     return note, (
-        f"{names} still in real mode (CR0.PE clear) after {ran_s:.0f} s of running, while the "
+        f"{names} still with paging off (CR0.PG clear) after {ran_s:.0f} s of running, while the "
         "guest runs on the others: it did not bring it up. Under instruction-counted time (icount) "
         "some kernels hang starting a second vCPU (Debian's 6.1 on QEMU 7.2): if the guest is "
         "stuck, restart with --time host (or --smp 1); ignore this if it was booted with nosmp "

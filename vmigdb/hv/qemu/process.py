@@ -33,7 +33,7 @@ guest held at a breakpoint for 10 s sees under 1 ms pass. They differ while the 
   kernel as it starts a second vCPU, where QEMU 10.0.2 boots 2-vCPU guests (measured on the demo's
   2-vCPU guest: 0 RDTSC outliers in 9,038 samples during breakpoint hits and steps; clocks 0.97x
   host time idle, 1.00x busy). Whether each vCPU did come up is the driver's to tell afterwards
-  (`monitor info`: a vCPU still in real mode once the kernel runs).
+  (`monitor info`: a vCPU still with paging off once the kernel runs).
 """
 
 from __future__ import annotations
