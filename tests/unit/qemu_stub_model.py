@@ -122,7 +122,7 @@ class QemuStubModel:
             self._put(b"QC%02x" % self.c_cpu)
         elif payload == b"?":
             self._put(b"T05thread:%02x;" % self.c_cpu)
-        elif payload.startswith((b"Hg", b"Z", b"z", b"Qqemu.PhyMemMode:")):
+        elif payload.startswith((b"Hg", b"Z", b"z", b"Qqemu.PhyMemMode:", b"Qqemu.sstep=")):
             self._put(b"OK")
         elif payload.startswith(b"qSupported"):
             self._put(b"PacketSize=1000;qXfer:features:read+;vContSupported+")

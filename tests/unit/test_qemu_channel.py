@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.unit.qemu_stub_model import QemuStubModel
+from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.hv.base import DriverError
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused, is_stop_reply
 from vmigdb.hv.qemu.driver import QemuDriver
@@ -183,3 +184,43 @@ def test_release_leaves_no_step_armed_and_no_breakpoint_held(model: QemuStubMode
     assert b"vCont;s:1" in model.received and b"z0,1000,1" in model.received
     assert model.received[-1] == b"D" and model.running
 
+
+class _HltAt:
+    """Guest RAM holding one hlt, at 0x1000 (paging off: virtual = physical)."""
+
+    def read(self, pa: int, length: int) -> bytes:
+        return bytes(0xF4 if pa + i == 0x1000 else 0x90 for i in range(length))
+
+
+@pytest.mark.parametrize(("time_mode", "cpus"), [("icount", 2), ("icount", 1), ("host", 2)])
+def test_a_step_from_hlt_runs_timers_under_icount_on_several_vcpus(
+    model: QemuStubModel, time_mode: str, cpus: int
+) -> None:
+    """icount's one-thread loop stops the VM clock while a NOTIMER step runs: with several vCPUs a
+    step of a vCPU sleeping in HLT gets NOIRQ alone (0x3), any other step QEMU's default (0x7),
+    which the VM is also left with; `monitor stealth` says so."""
+    model.cpus = cpus
+    driver = QemuDriver(channel_for(model), _HltAt(), "tcg", time_mode)
+    driver.attach()
+    rips = {1: 0x1001, 2: 0x2001}  # CPU 1 just past the hlt, CPU 2 elsewhere
+    driver.read_registers = lambda cpu: RegisterFile.from_values({"rip": rips[cpu]})
+    changed = time_mode == "icount" and cpus > 1
+    step = driver.capabilities.single_step
+    assert step is not None and ("step from hlt" in step.description) == changed
+
+    def step_and_stop(actions: dict[int, str], cpu: int) -> None:
+        driver.resume(actions)
+        wait_until(lambda: model.running)
+        model.hit(cpu)
+        wait_until(lambda: driver.poll_stop() is not None)
+
+    sent = lambda: [p for p in model.received if p.startswith(b"Qqemu.sstep=")]  # noqa: E731
+    step_and_stop({1: "s", 2: "c"} if cpus > 1 else {1: "s"}, 1)
+    assert sent() == ([b"Qqemu.sstep=3"] if changed else [])
+    if cpus > 1:
+        step_and_stop({1: "c", 2: "s"}, 2)
+    assert sent() == ([b"Qqemu.sstep=3", b"Qqemu.sstep=7"] if changed else [])
+    if cpus > 1:
+        step_and_stop({1: "s", 2: "c"}, 1)
+    driver.release(run=True)
+    assert sent() == ([b"Qqemu.sstep=3", b"Qqemu.sstep=7"] * 2 if changed else [])

@@ -281,7 +281,8 @@ def test_command_line_escapes_commas() -> None:
 
 def test_command_line_time_modes() -> None:
     """host adds nothing; icount adds -icount after -rtc, before the user's args; auto (the
-    default) is icount with 1 vCPU under TCG, host with more."""
+    default) is icount under TCG with 1 vCPU, and with more on QEMU 10 (host on QEMU 7.2 or an
+    unknown version)."""
     kernel = Path("/k/vmlinuz")
     host = _cmd(QemuConfig(kernel=kernel, extra_args=("-S",), time_mode="host"))
     assert "-icount" not in host
@@ -296,25 +297,49 @@ def test_command_line_time_modes() -> None:
     assert _cmd(QemuConfig(kernel=kernel, extra_args=("-S",))) == icount
     smp2 = QemuConfig(kernel=kernel, extra_args=("-S",), smp=2)
     assert _cmd(smp2) == _cmd(dataclasses.replace(smp2, time_mode="host"))
+    smp2_on_10 = build_command_line(
+        smp2, "tcg", Path("/r"), Path("/g"), Path("/q"), Path("/c"), version=(10, 0, 2)
+    )
+    assert smp2_on_10 == build_command_line(
+        dataclasses.replace(smp2, time_mode="icount"), "tcg", *map(Path, "/r /g /q /c".split())
+    )
     # nothing the guest could see: no device, no CPU model change
     for visible in ("-device", "-fw_cfg", "-cpu"):
         assert visible not in icount
 
 
+Q72, Q10 = (7, 2, 22), (10, 0, 2)
+
+
 @pytest.mark.parametrize(
-    ("mode", "accel", "smp", "resolved", "why"),
+    ("mode", "accel", "smp", "version", "resolved", "why"),
     [
-        ("auto", "tcg", 1, "icount", "TCG with 1 vCPU"),
-        ("auto", "tcg", 4, "host", "hangs Debian's 6.1 kernel"),
-        ("auto", "kvm", 1, "host", "kvm cannot count instructions"),
-        ("host", "tcg", 1, "host", "as asked"),
-        ("icount", "tcg", 2, "icount", "as asked"),
+        ("auto", "tcg", 1, Q72, "icount", "TCG with 1 vCPU"),
+        ("auto", "tcg", 1, Q10, "icount", "TCG with 1 vCPU"),
+        ("auto", "tcg", 2, Q72, "host", "QEMU 7.2.22 with icount hangs Debian's 6.1 kernel"),
+        ("auto", "tcg", 4, None, "host", "QEMU ? with icount hangs"),
+        ("auto", "tcg", 2, Q10, "icount", "QEMU 10.0.2 boots 2 vCPUs under icount"),
+        ("auto", "tcg", 4, (11, 0, 0), "icount", "QEMU 11.0.0 boots 4 vCPUs"),
+        ("auto", "kvm", 1, Q10, "host", "kvm cannot count instructions"),
+        ("auto", "kvm", 2, Q10, "host", "kvm cannot count instructions"),
+        ("auto", "kvm", 2, Q72, "host", "kvm cannot count instructions"),
+        ("host", "tcg", 1, Q10, "host", "as asked"),
+        ("host", "tcg", 2, Q10, "host", "as asked"),
+        ("icount", "tcg", 2, Q72, "icount", "as asked"),
+        ("icount", "tcg", 2, Q10, "icount", "as asked"),
     ],
 )
-def test_resolve_time_mode(mode: str, accel: str, smp: int, resolved: str, why: str) -> None:
+def test_resolve_time_mode(
+    mode: str, accel: str, smp: int, version, resolved: str, why: str
+) -> None:
     assert process_mod.DEFAULT_TIME_MODE == "auto"
-    got, reason = process_mod.resolve_time_mode(mode, accel, smp)
-    assert got == resolved and why in reason
+    got, reason = process_mod.resolve_time_mode(mode, accel, smp, version)
+    assert got == resolved and why in reason, reason
+
+
+def test_resolve_time_mode_names_the_fix_on_old_qemu() -> None:
+    _, reason = process_mod.resolve_time_mode("auto", "tcg", 2, Q72)
+    assert "--smp 1" in reason and "QEMU 10" in reason
 
 
 def test_time_mode_errors() -> None:
@@ -396,19 +421,32 @@ def test_icount_makes_auto_pick_tcg(
     assert asked == [resolved]
 
 
-def test_icount_with_several_vcpus_warns(
-    kernel: Path, private_dirs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+def test_icount_with_several_vcpus_warns_before_qemu_10(
+    kernel: Path,
+    private_dirs: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """/bin/true tells no version: --time icount with 2 vCPUs warns (QEMU 7.2 hangs 6.1), auto
+    picks host. On QEMU 10 neither: auto picks icount, silently."""
     cfg = QemuConfig(kernel=kernel, binary="/bin/true", accel="tcg", smp=2, time_mode="icount")
     with caplog.at_level("WARNING", logger="vmigdb.hv.qemu"):
         with pytest.raises(SetupError, match="exited at startup"):
             QemuProcess.start(cfg)
-    assert "one host thread" in caplog.text and "--smp 1" in caplog.text
+    assert "hangs Debian's 6.1 kernel" in caplog.text and "--smp 1" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="vmigdb.hv.qemu"):
+    with caplog.at_level("INFO", logger="vmigdb.hv.qemu"):
         with pytest.raises(SetupError, match="exited at startup"):
             QemuProcess.start(QemuConfig(kernel=kernel, binary="/bin/true", accel="tcg", smp=2))
-    assert "icount" not in caplog.text
+    assert "guest time: host" in caplog.text and "WARNING" not in caplog.text
+    monkeypatch.setattr(process_mod, "qemu_version", lambda binary: (10, 0, 2))
+    for time_mode in ("icount", "auto"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="vmigdb.hv.qemu"):
+            with pytest.raises(SetupError, match="exited at startup"):
+                QemuProcess.start(dataclasses.replace(cfg, time_mode=time_mode))
+        assert "guest time: icount" in caplog.text, caplog.text
+        assert "hangs" not in caplog.text and "WARNING" not in caplog.text
 
 
 def test_qemu_that_exits_at_once(kernel: Path, private_dirs: tuple[Path, Path]) -> None:

@@ -133,3 +133,12 @@ def test_only_the_newest_five_refusals_are_kept() -> None:
         with pytest.raises(StealthRefused):
             policy.use(f"job {i}", visible)
     assert [r.split(" would")[0] for r in policy.refusals] == [f"job {i}" for i in range(2, 7)]
+
+
+def test_the_drivers_warnings_head_monitor_stealth() -> None:
+    fake, _, session = stopped("icount", StealthMode.DEFAULT)
+    assert "warning:" not in monitor(session, b"stealth")
+    fake.warnings = lambda: ["CPU#1 still with paging off: restart with --time host"]  # type: ignore[method-assign]
+    lines = monitor(session, b"stealth").splitlines()
+    assert lines[1] == "warning: CPU#1 still with paging off: restart with --time host", lines
+    assert lines[2] == "stealth: default", lines

@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variant:
         name, _, qargs = v.partition("=")
         # --time host adds no QEMU argument: the variant's are the only ones (the default, auto,
-        # would add -icount under TCG with 1 vCPU).
+        # would add -icount under TCG).
         runs.append((name, "host", tuple(shlex.split(qargs))))
     root = Path(tempfile.mkdtemp(prefix="vmigdb-timemodes-"))
     results: dict[str, dict] = {}

@@ -224,6 +224,11 @@ class Driver(ABC):
         """(label, value) lines for `monitor info`."""
         return [("driver", self.name)]
 
+    def warnings(self) -> list[str]:
+        """What is wrong with the hypervisor or the machine's run that the user should act on
+        (one line each, naming the fix): `monitor stealth` shows them, `monitor info` too."""
+        return []
+
     # -- optional: writes (capabilities.memory_write, capabilities.register_write) ----------------
 
     def write_physical(self, pa: int, data: bytes) -> None:

@@ -299,7 +299,8 @@ class Monitor:
     def cmd_stealth(self, args: list[str]) -> str:
         """stealth — the stealth mode, every mechanism the driver declares, its visibility, its use"""
         driver = self._debugger.driver
-        return "\n".join([f"driver: {driver.name}", *self._debugger.policy.describe()])
+        warnings = [f"warning: {text}" for text in driver.warnings()]
+        return "\n".join([f"driver: {driver.name}", *warnings, *self._debugger.policy.describe()])
 
     def cmd_vtop(self, args: list[str]) -> str:
         """vtop ADDR — translate a virtual address with the current vCPU's page tables"""

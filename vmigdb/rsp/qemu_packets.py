@@ -4,8 +4,10 @@ GEF and pwndbg tell a QEMU system target by sending `Qqemu.sstepbits` and findin
 the reply (and an empty `qOffsets`); they then read the VM's layout through QEMU's monitor, which
 vmigdb serves (`vmigdb.rsp.qemu_monitor`). So vmigdb answers QEMU's packets too:
 - `qqemu.sstepbits` / `Qqemu.sstepbits`: the single-step flags QEMU supports;
-- `qqemu.sstep`: the flags in use; vmigdb always steps with interrupts and timers masked (see
-  the README's single-step), which is QEMU's 0x7; `Qqemu.sstep=` accepts only that;
+- `qqemu.sstep`: the flags in use; vmigdb steps with interrupts and timers masked (see the
+  README's single-step), which is QEMU's 0x7; `Qqemu.sstep=` accepts only that. (Under icount
+  with several vCPUs a step from `hlt` runs with QEMU's 0x3, timers on: hv/qemu/driver.py's
+  ICOUNT_SMP_SSTEP; this answer does not say so.)
 - `qqemu.PhyMemMode` / `Qqemu.PhyMemMode:0|1`: physical addressing, the same switch as
   `monitor phys on|off`.
 None of them reaches QEMU: vmigdb never forwards a client's packet.

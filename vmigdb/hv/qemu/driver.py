@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
+from vmigdb.arch.x86_64.paging import PhysicalMemoryError, Translation, paging_mode, translate
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.hv.base import (
     BreakpointType,
@@ -23,7 +25,7 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
-from vmigdb.hv.qemu.version import known_defects
+from vmigdb.hv.qemu.version import known_defects, version_text
 from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -39,6 +41,63 @@ _WATCH_KEYS = {
 
 
 PATCHED_INT3 = "kvm-patched-int3"
+
+# QEMU's single-step flags (gdbstub's Qqemu.sstep; QEMU's default is 0x7: ENABLE, NOIRQ, NOTIMER)
+# for a step from HLT under instruction-counted time with several vCPUs. icount runs every vCPU on
+# one thread in turn, and that loop turns the VM clock off while the vCPU it is on steps with
+# NOTIMER set, and leaves it so when every vCPU sleeps: nothing then advances icount's clock to
+# the next timer, and a vCPU stepped while it sleeps in HLT never wakes (measured, QEMU 10.0.2, an
+# idle 2-vCPU guest: 7 of 8 stepi from native_safe_halt still waiting after 20 s; 0 of 8 with
+# 0x3). Without NOTIMER the guest's timers fire when due and wake it; interrupts stay masked on
+# the stepping vCPU (NOIRQ), so the step still executes exactly one instruction. Only such steps
+# get 0x3: with timers on, icount's idle-time warp also ran during every step, and one RDTSC
+# sample in a session of 20 hits and 20 steps through antidebug's timed blocks came out 904x its
+# median (0 with 0x7).
+ICOUNT_SMP_SSTEP = 0x3
+QEMU_DEFAULT_SSTEP = 0x7
+_HLT = b"\xf4"
+
+# Whether every vCPU came up is told from what the guest did, not assumed from the vCPU count: a
+# vCPU the kernel never started runs with paging off (CR0.PG clear) while the one that booted has
+# it on. Not CR0.PE: SeaBIOS leaves the vCPUs it does not boot from halted in 32-bit protected
+# mode (measured: a 2-vCPU guest booted with maxcpus=1 kept CPU#1 at 0xfd0cf, CR0.PE set, paging
+# off). Linux starts its other vCPUs about a second into the kernel (the demo's 2-vCPU guest under
+# icount: paging on in both by its "ready" line, ~20 s after QEMU started). After this much time
+# running under vmigdb, a vCPU still without paging is one the guest failed to start (or was told
+# not to: nosmp, maxcpus=1).
+BRING_UP_GRACE_S = 60.0
+_CR0_PG = 1 << 31
+
+
+def unpaged_vcpus(cr0s: dict[int, int]) -> list[int]:
+    """The vCPUs (1-based, as keyed) with paging off while another runs with it on: none while
+    no vCPU has paging on (the kernel has not started yet)."""
+    if not any(cr0 & _CR0_PG for cr0 in cr0s.values()):
+        return []
+    return sorted(cpu for cpu, cr0 in cr0s.items() if not cr0 & _CR0_PG)
+
+
+def bring_up_report(
+    cr0s: dict[int, int], ran_s: float, time_mode: str
+) -> tuple[str | None, str | None]:
+    """(what `monitor info`'s vcpus line adds, a warning or None) for vCPUs' CR0 values after
+    `ran_s` host seconds of running under vmigdb in `time_mode`."""
+    stuck = unpaged_vcpus(cr0s)
+    if not stuck:
+        return None, None
+    names = ", ".join(f"CPU#{cpu - 1}" for cpu in stuck)
+    if ran_s < BRING_UP_GRACE_S:
+        return f"{names} with paging off (CR0.PG clear): not brought up yet", None
+    note = f"{names} never turned paging on (CR0.PG clear): the guest did not bring it up"
+    if time_mode != "icount":
+        return note, None
+    return note, (
+        f"{names} still with paging off (CR0.PG clear) after {ran_s:.0f} s of running, while the "
+        "guest runs on the others: it did not bring it up. Under instruction-counted time (icount) "
+        "some kernels hang starting a second vCPU (Debian's 6.1 on QEMU 7.2): if the guest is "
+        "stuck, restart with --time host (or --smp 1); ignore this if it was booted with nosmp "
+        "or maxcpus"
+    )
 
 
 def _m(key: str, description: str, visible: bool, why: str, limit: int | None = None) -> Mechanism:
@@ -86,14 +145,15 @@ _TCG_TIME = {
         True,
         "clocks stop while the VM is stopped, but QEMU retranslates guest code after every "
         "breakpoint change and step, which RDTSC-timed guest code sees as 100-1000x slow; "
-        "--time icount (TCG, 1 vCPU) hides it",
+        "--time icount (TCG; with several vCPUs, QEMU 10) hides it",
     ),
 }
 
 
-def tcg_capabilities(time_mode: str) -> Capabilities:
+def tcg_capabilities(time_mode: str, step_timers: bool = False) -> Capabilities:
     """Under TCG every run-control mechanism lives in QEMU's translator: none touches the guest.
-    Only guest time can tell, depending on `time_mode` ("host" or "icount")."""
+    Only guest time can tell, depending on `time_mode` ("host" or "icount"). `step_timers`: QEMU
+    steps from HLT with the guest's timers running (ICOUNT_SMP_SSTEP)."""
     bp = _m(
         "tcg-breakpoint",
         "TCG translator breakpoint",
@@ -111,7 +171,10 @@ def tcg_capabilities(time_mode: str) -> Capabilities:
         ),
         single_step=_m(
             "tcg-single-step",
-            "TCG translator single-step (interrupts and timers masked while stepping)",
+            "TCG translator single-step (interrupts and timers masked while stepping; timers "
+            "run for a step from hlt: icount with several vCPUs)"
+            if step_timers
+            else "TCG translator single-step (interrupts and timers masked while stepping)",
             False,
             "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
         ),
@@ -201,7 +264,10 @@ class QemuDriver(Driver):
         self._channel = channel
         self._memory = memory
         self.accel = accel
+        self.time_mode = time_mode
         self.time_reason = time_reason  # e.g. "auto: TCG with 1 vCPU"
+        self._ran = 0.0  # host seconds the VM has run under this driver (ended runs)
+        self._run_started: float | None = None  # when the current run began, while it runs
         if accel == "kvm":
             self.capabilities = kvm_capabilities()
         else:
@@ -222,6 +288,8 @@ class QemuDriver(Driver):
         self.leftover_steps = 0  # stops of that kind absorbed (monitor info shows them)
         self._interrupting = False  # an interrupt was asked: the next stop is reported as it is
         self.qemu_version: tuple[int, int, int] | None = None  # set by whoever started QEMU
+        self._icount_smp = False  # icount with several vCPUs: steps from HLT need timers
+        self._sstep = QEMU_DEFAULT_SSTEP  # QEMU's single-step flags as vmigdb last set them
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -235,7 +303,36 @@ class QemuDriver(Driver):
             raise DriverError("QEMU's gdbstub refused physical memory mode (Qqemu.PhyMemMode)")
         self._read_target_xml()
         self._cpus = self._thread_list()
+        self._icount_smp = self.time_mode == "icount" and len(self._cpus) > 1
+        if self._icount_smp:
+            self.capabilities = tcg_capabilities(self.time_mode, step_timers=True)
         return stop
+
+    def _in_hlt(self, cpu: int) -> bool:
+        """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
+        regs = self.read_registers(cpu)
+        if regs["rip"] == 0:
+            return False
+        mode = paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+        try:
+            where = translate(self._memory.read, regs["cr3"], regs["rip"] - 1, mode)
+            return isinstance(where, Translation) and self._memory.read(where.pa, 1) == _HLT
+        except PhysicalMemoryError:
+            return False
+
+    def _set_step_flags(self, steppers: list[int]) -> None:
+        """icount with several vCPUs: QEMU's timers run during a step from HLT, and only then
+        (see ICOUNT_SMP_SSTEP)."""
+        want = QEMU_DEFAULT_SSTEP
+        if any(self._in_hlt(cpu) for cpu in steppers):
+            want = ICOUNT_SMP_SSTEP
+        if want == self._sstep:
+            return
+        reply = self._channel.request(b"Qqemu.sstep=%x" % want)
+        if reply == b"OK":
+            self._sstep = want
+        else:
+            log.warning("QEMU refused single-step flags %#x: %r", want, reply)
 
     def _read_target_xml(self) -> None:
         """QEMU serves `P` register writes only to a client that has read its target description
@@ -343,6 +440,8 @@ class QemuDriver(Driver):
             # QEMU 7.2 disarms a vCPU's single-step only when that vCPU reports a stop: step it
             # alone (one instruction), or it would stop the VM with nobody attached.
             log.info("CPU#%d has a single-step armed in QEMU; stepping it off", cpu - 1)
+            if self._icount_smp:
+                self._set_step_flags([cpu])
             self._channel.resume(b"vCont;s:%x" % cpu)
             self.wait_stop(10.0)
             self._armed.discard(cpu)
@@ -350,6 +449,8 @@ class QemuDriver(Driver):
             self._channel.request(b"z%d,%x,%x" % (type, addr, length))
         self._held.clear()
         self._patched.clear()
+        if self._sstep != QEMU_DEFAULT_SSTEP:
+            self._set_step_flags([])
         if run:
             # QEMU's detach removes what breakpoints remain and starts the VM (vm_start).
             reply = self._channel.request(b"D")
@@ -361,6 +462,8 @@ class QemuDriver(Driver):
     def resume(self, actions: dict[int, str]) -> None:
         if not actions:
             raise DriverError("resume with no vCPU to run")
+        if self._icount_smp:
+            self._set_step_flags([cpu for cpu, action in actions.items() if action == "s"])
         if all(actions.get(cpu) == "c" for cpu in self._cpus):
             packet = b"vCont;c"
         else:
@@ -371,6 +474,8 @@ class QemuDriver(Driver):
     def _send_resume(self, actions: dict[int, str], packet: bytes) -> None:
         self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
         self._channel.resume(packet)
+        if self._run_started is None:
+            self._run_started = time.monotonic()
         self._driven = dict(actions)
         self._resume_packet = packet
         self._armed |= {cpu for cpu, action in actions.items() if action == "s"}
@@ -429,6 +534,9 @@ class QemuDriver(Driver):
 
     def _note(self, stop: DriverStop) -> DriverStop:
         self._interrupting = False
+        if self._run_started is not None:
+            self._ran += time.monotonic() - self._run_started
+            self._run_started = None
         if stop.exited is not None:
             self.exit_status = stop.exited
         elif stop.cpu is not None:
@@ -455,14 +563,39 @@ class QemuDriver(Driver):
     def close(self) -> None:
         self._channel.close()
 
+    def ran_seconds(self) -> float:
+        """Host seconds the VM has run under this driver, the current run included."""
+        running = time.monotonic() - self._run_started if self._run_started is not None else 0.0
+        return self._ran + running
+
+    def _bring_up(self) -> tuple[str | None, str | None]:
+        """`bring_up_report` for the vCPUs as they are now (nothing to tell while the VM runs,
+        with 1 vCPU, or if QEMU will not give a vCPU's registers)."""
+        if len(self._cpus) < 2 or self._channel.running:
+            return None, None
+        try:
+            cr0s = {cpu: self.read_registers(cpu)["cr0"] for cpu in self._cpus}
+        except (DriverError, MachineGone) as exc:
+            log.debug("vCPU modes not read: %s", exc)
+            return None, None
+        return bring_up_report(cr0s, self.ran_seconds(), self.time_mode)
+
+    def warnings(self) -> list[str]:
+        """What is wrong with this QEMU or this guest's run, for `monitor info` and `monitor
+        stealth`: QEMU's known defects, and a vCPU the guest did not bring up under icount."""
+        return self._warnings(self._bring_up()[1])
+
+    def _warnings(self, stuck: str | None) -> list[str]:
+        return [*known_defects(self.qemu_version), *([stuck] if stuck else [])]
+
     def describe(self) -> list[tuple[str, str]]:
         time = self.capabilities.guest_time
-        version = ".".join(map(str, self.qemu_version)) if self.qemu_version else "?"
-        warnings = [("warning", text) for text in known_defects(self.qemu_version)]
+        version = version_text(self.qemu_version)
+        note, stuck = self._bring_up()
         return [
             ("driver", f"qemu {version} ({self.accel})"),
-            *warnings,
-            ("vcpus", str(len(self._cpus))),
+            *[("warning", text) for text in self._warnings(stuck)],
+            ("vcpus", f"{len(self._cpus)}" + (f" ({note})" if note else "")),
             ("guest RAM", f"{self._memory.size // (1 << 20)} MiB, {self._memory.how}"),
             (
                 "guest time",

@@ -9,6 +9,10 @@ conditional breakpoint's false hits (Hg, g, vCont;s:N, vCont;c): the guest died 
 (after 6,160, 18,612 and 40,392 step-overs; single- and multi-threaded TCG alike). The same number
 of stops without a step (0x03 then vCont;c, 69,244 times) never harmed it, nor did 70,659
 step-overs on QEMU 10.0.2. So vmigdb says so at start on QEMU 7.2, and setup installs QEMU 10.
+
+QEMU 7.2 with icount (instruction-counted guest time) hangs Debian's 6.1 kernel as it brings up its
+second vCPU (after "x86: Booting SMP configuration:"). QEMU 10.0.2 boots the same 2-vCPU guests
+under icount (`icount_boots_smp`), so `--time auto` gives them instruction-counted time there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ STEP_CORRUPTS_FLAGS = (
     "3 guest deaths in 65,164 step-overs; none in 70,659 on QEMU 10.0.2): stepping and "
     "conditional breakpoints can crash the guest. Use QEMU 10 (scripts/setup installs it)"
 )
+
+
+# The first QEMU measured to boot SMP guests under icount (10.0.2: the demo's 2-vCPU 6.12 guest).
+ICOUNT_SMP_SINCE = (10, 0, 0)
 
 
 @lru_cache(maxsize=8)
@@ -43,5 +51,17 @@ def known_defects(version: tuple[int, int, int] | None) -> list[str]:
     """What is known to be wrong with this QEMU version, as one-line warnings."""
     if version is None or version >= (10, 0, 0):
         return []
-    text = ".".join(map(str, version))
-    return [STEP_CORRUPTS_FLAGS.format(version=text)] if version[:2] == (7, 2) else []
+    return (
+        [STEP_CORRUPTS_FLAGS.format(version=version_text(version))] if version[:2] == (7, 2) else []
+    )
+
+
+def icount_boots_smp(version: tuple[int, int, int] | None) -> bool:
+    """Whether this QEMU is known to boot a guest with several vCPUs under icount (None: unknown,
+    so no)."""
+    return version is not None and version >= ICOUNT_SMP_SINCE
+
+
+def version_text(version: tuple[int, int, int] | None) -> str:
+    """The version as text, e.g. "10.0.2"; "?" when it could not be told."""
+    return ".".join(map(str, version)) if version else "?"
