@@ -534,3 +534,15 @@ def test_started_from_a_worker_thread_survives_it(
         assert qp.poll() is None
     finally:
         qp.terminate(timeout=2)
+
+
+def test_last_words_keep_the_line_that_says_why_above_a_register_dump(tmp_path) -> None:
+    process = object.__new__(QemuProcess)
+    process.stderr_log = tmp_path / "qemu.stderr"
+    dump = [f"XMM{i:02d}=0000000000000000 0000000000000000" for i in range(30)]
+    process.stderr_log.write_text("\n".join(["warning: x", "qemu: fatal: bad icount", *dump]) + "\n")
+    words = process.last_words()
+    assert words.splitlines()[:2] == ["qemu: fatal: bad icount", "..."]
+    assert words.splitlines()[2:] == dump[-20:]
+    process.stderr_log.write_text("one\ntwo\n")
+    assert process.last_words() == "one\ntwo"

@@ -43,6 +43,7 @@ import dataclasses
 import logging
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -378,6 +379,10 @@ def _maps_file(pid: int, dev: int, ino: int) -> bool:
     return False
 
 
+# How QEMU says why it stops by itself (cpu_abort, error_report, assert, a signal's message).
+_QEMU_FATAL = re.compile(r"^qemu: fatal|^qemu-system-\S+: |Assertion .* failed|^\*\*")
+
+
 class QemuProcess:
     """A running QEMU owned by vmigdb. Create with `QemuProcess.start`; end with `terminate`."""
 
@@ -538,7 +543,8 @@ class QemuProcess:
         return None if self._popen is None else self._popen.poll()
 
     def last_words(self, lines: int = 20) -> str:
-        """The last ``lines`` lines QEMU wrote to stderr (for error messages)."""
+        """The last ``lines`` lines QEMU wrote to stderr (for error messages), after the line
+        that says why if it is further up: a fatal error's register dump is longer than that."""
         try:
             with open(self.stderr_log, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -547,7 +553,11 @@ class QemuProcess:
         except OSError:
             return ""
         text = data.decode("utf-8", errors="replace").splitlines()
-        return "\n".join(text[-lines:]) if lines > 0 else ""
+        if lines <= 0:
+            return ""
+        tail = text[-lines:]
+        why = [line for line in text[:-lines] if _QEMU_FATAL.search(line)][-1:]
+        return "\n".join([*why, *(["..."] if why else []), *tail])
 
     def terminate(self, timeout: float = 5.0) -> None:
         """SIGTERM QEMU (it shuts down cleanly), SIGKILL after ``timeout``; then `cleanup`."""
