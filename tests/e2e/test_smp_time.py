@@ -1,11 +1,12 @@
-"""Hidden guest time on a 2-vCPU guest (issue 16): `vmigdb qemu --smp 2` with the default `--time
-auto` is instruction-counted on QEMU 10, and the guest cannot tell a debugger from its clocks.
+"""Hidden guest time on a 2-vCPU guest (issue 16): `vmigdb qemu --smp 2 --time icount` on QEMU 10,
+and the guest cannot tell a debugger from its clocks. (Opt-in: `auto` keeps host time for several
+vCPUs, because QEMU 10.0.2 aborted twice in 22 minutes of the soak under icount with 2 vCPUs.)
 
 One boot of the demo guest with 2 vCPUs, running `clockprobe` (short idle and busy phases) and the
 `antidebug` battery side by side:
 - the guest's CLOCK_MONOTONIC and CLOCK_REALTIME advance within 10% of host time, idle and busy
   (measured first: no debugger has stopped the guest yet);
-- vmigdb resolved `auto` to icount, saying why; `monitor info` counts 2 vCPUs, both brought up
+- vmigdb runs icount as asked; `monitor info` counts 2 vCPUs, both brought up
   (paging on in both), and neither it nor `monitor stealth` warns;
 - 20 breakpoint hits on antidebug's RDTSC-timed blocks and 20 stepi through them (scoped to its
   process) leave every battery round clean: 0 detections, 0 RDTSC outliers.
@@ -38,7 +39,7 @@ IDLE_S, BUSY_S = 6, 6  # guest seconds of clockprobe's phases
 HITS, STEPS = 20, 20
 
 if not icount_boots_smp(qemu_version(shutil.which("qemu-system-x86_64") or "")):
-    pytest.skip("SMP guests get icount from --time auto on QEMU 10 only", allow_module_level=True)
+    pytest.skip("icount boots SMP guests on QEMU 10 only", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,12 @@ def machine(tmp_path_factory, guest_image):
     tail = ConsoleTail(tmp / "console.log")  # stamps lines from the first one on
     programs = f"clockprobe:{probe_spec(IDLE_S, BUSY_S)},antidebug"
     vm = Vm(
-        tmp, guest_image.kernel, guest_image.initrd, smp=2, append=f"vmigdb.programs={programs}"
+        tmp,
+        guest_image.kernel,
+        guest_image.initrd,
+        smp=2,
+        append=f"vmigdb.programs={programs}",
+        extra=("--time", "icount"),
     )
     try:
         yield vm, tail
@@ -66,7 +72,7 @@ def test_guest_clocks_follow_host_time(machine) -> None:
     runs = phase_runs(tail.snapshot())
     idle, busy = rates(runs[0][1][1:]), rates(runs[1][1])  # idle's first line: start-up
     print(
-        f"\n2 vCPUs, --time auto: guest seconds per host second: idle monotonic "
+        f"\n2 vCPUs, --time icount: guest seconds per host second: idle monotonic "
         f"{idle['mono']:.3f} realtime {idle['real']:.3f}; busy monotonic {busy['mono']:.3f} "
         f"realtime {busy['real']:.3f} (loop {busy['loop']:.0f} chunks/s)"
     )
@@ -76,11 +82,9 @@ def test_guest_clocks_follow_host_time(machine) -> None:
             assert low <= r[clock] <= high, (phase, clock, r)
 
 
-def test_auto_is_icount_on_two_vcpus_and_both_came_up(machine) -> None:
+def test_icount_on_two_vcpus_and_both_came_up(machine) -> None:
     vm, _ = machine
-    assert re.search(
-        r"guest time: icount \(auto: TCG, QEMU 1\d[.\d]* boots 2 vCPUs under icount\)", vm.stderr()
-    ), vm.stderr()[-2000:]
+    assert "guest time: icount (as asked)" in vm.stderr(), vm.stderr()[-2000:]
     out = vm.gdb("monitor info", "monitor stealth", "detach")
     assert re.search(r"^vcpus: 2$", out, re.M), out  # no vCPU left with paging off
     assert "guest time: instruction-counted guest time" in out, out
@@ -105,7 +109,9 @@ def test_breakpoints_and_steps_leave_antidebug_clean(machine, guest_image) -> No
 def test_a_vcpu_the_guest_never_started_is_told_then_warned_about(
     tmp_path_factory, guest_image
 ) -> None:
-    for vm in boot(tmp_path_factory, guest_image, smp=2, append="maxcpus=1"):
+    for vm in boot(
+        tmp_path_factory, guest_image, smp=2, append="maxcpus=1", extra=("--time", "icount")
+    ):
         started = time.monotonic()
         out = vm.gdb("monitor info", "detach")
         assert "vcpus: 2 (CPU#1 with paging off (CR0.PG clear): not brought up yet)" in out, out
@@ -115,3 +121,14 @@ def test_a_vcpu_the_guest_never_started_is_told_then_warned_about(
         assert len(re.findall(warning, out, re.M)) == 2, out  # monitor info and monitor stealth
         assert "restart with --time host" in out, out
         assert "vcpus: 2 (CPU#1 never turned paging on (CR0.PG clear)" in out, out
+
+
+def test_stepi_returns_on_each_vcpu_even_from_hlt(machine) -> None:
+    """Under icount with 2 vCPUs a step of a vCPU sleeping in HLT once never returned (QEMU's clock
+    stood still during a step with timers masked): such a step now runs with timers on."""
+    vm, _ = machine
+    where = "info symbol $pc"
+    out = vm.gdb("thread 1", where, "stepi", where, "thread 2", where, "stepi", where, timeout=90)
+    assert out.count("Switching to thread") == 2, out
+    assert "Remote connection closed" not in out and "Cannot" not in out, out
+    print("\nstepi from: " + ", ".join(re.findall(r"^(\w+) \+ \d+ in section", out, re.M)))

@@ -177,6 +177,14 @@ def build_command_line(
     return cmd
 
 
+# Why `auto` keeps host time for several vCPUs even where icount boots them (QEMU 10).
+ICOUNT_SMP_ABORTS = (
+    "with several vCPUs guest time stays host-paced: under icount with 2 vCPUs QEMU 10.0.2 "
+    "aborted twice in 22 minutes of the soak ('qemu: fatal: Raised interrupt while not in I/O "
+    "function', the guest lost)"
+)
+
+
 def resolve_time_mode(
     mode: str, accel: str, smp: int, version: tuple[int, int, int] | None = None
 ) -> tuple[str, str]:
@@ -191,7 +199,8 @@ def resolve_time_mode(
     if smp == 1:
         return "icount", "auto: TCG with 1 vCPU"
     if icount_boots_smp(version):
-        return "icount", f"auto: TCG, QEMU {version_text(version)} boots {smp} vCPUs under icount"
+        # Boots, but not yet safe enough to be the default: see ICOUNT_SMP_ABORTS.
+        return "host", f"auto: {ICOUNT_SMP_ABORTS}; --time icount chooses it"
     return "host", (
         f"auto: QEMU {version_text(version)} with icount hangs Debian's 6.1 kernel as it starts "
         f"its second vCPU (QEMU 10 does not); --smp 1 or QEMU 10 (scripts/setup installs it) "
