@@ -77,8 +77,6 @@ class RunControl:
         self._driving: dict[int, str] = {}  # what the driver was last asked to do
         self._range: ActiveRange | None = None
         self._rips_at_resume: dict[int, int] = {}
-        self._changes_seen = 0
-        self._bp_changed_before_resume = False
         self._lost_step_retries = 0
         self._interrupt_requested = False  # GDB's ^C: the next stop is reported, whatever it is
         # A stop GDB has not seen yet, reported at its next resume without running (the machine
@@ -203,8 +201,6 @@ class RunControl:
         if "s" in actions.values():
             self._use_single_step()  # vmigdb's own steps (step-over, range stepping) count too
         if not retry:
-            self._bp_changed_before_resume = self._breakpoints.changes != self._changes_seen
-            self._changes_seen = self._breakpoints.changes
             self._lost_step_retries = 0
             self._rips_at_resume = {
                 cpu: self._state.registers(cpu)["rip"] for cpu, act in actions.items() if act == "s"
@@ -436,12 +432,10 @@ class RunControl:
         return ActiveRange(cpu, step.start, step.end, plan, cr3_base(regs["cr3"]))
 
     def _lost_step(self, cpu: int, rip: int) -> bool:
-        """QEMU reported a step that did not move right after a breakpoint change: step again."""
-        if (
-            rip != self._rips_at_resume.get(cpu)
-            or not self._bp_changed_before_resume
-            or self._lost_step_retries >= _MAX_LOST_STEP_RETRIES
-        ):
+        """QEMU reported a step that did not move an instruction that cannot stay put: step again.
+        Seen right after a breakpoint change (QEMU 7.2) and, rarely, with none (QEMU 10's
+        multi-threaded TCG, the soak: `push $0x33` in entry_SYSCALL_64)."""
+        if rip != self._rips_at_resume.get(cpu) or self._lost_step_retries >= _MAX_LOST_STEP_RETRIES:
             return False
         try:
             code = self._state.read_memory(cpu, rip, 16)
