@@ -34,10 +34,12 @@ from vmigdb.soak.session import Failure, SessionRunner
 log = logging.getLogger("vmigdb.soak")
 MEMORY_MIB = 512
 FATAL = ("guest fault", "vmigdb exited", "stuck")
-# Workloads that single-step the guest (stepi, and stepping off every breakpoint hit). Under
-# --time host each step makes QEMU 7.2 flush all translated code, which antidebug's RDTSC-timed
-# blocks measure: the one detection --allow-detections may excuse, and only after these.
-STEPPING = ("stepi", "conditional", "plain", "scoped", "range")
+# Workloads that make QEMU retranslate the guest's code: single steps (stepi, and stepping off
+# every breakpoint hit) and watchpoints (QEMU re-runs the hitting instruction alone, and inserting
+# one flushes translations; seen in the 30-minute soak: rdtsc after a watch+bulk session). Under
+# --time host antidebug's RDTSC-timed blocks measure that: the `rdtsc` verdict
+# --allow-detections may excuse, and only after these.
+STEPPING = ("stepi", "conditional", "plain", "scoped", "range", "watch")
 EVIDENCE_SCRIPT = """
 def main():
     for thread in sorted(gdb.selected_inferior().threads(), key=lambda t: t.num):
