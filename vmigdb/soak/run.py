@@ -146,8 +146,8 @@ class Soak:
                 out.append(
                     Failure(
                         "detection",
-                        f"[{r.tag}] {r.line} (allowed only after workloads that step the "
-                        f"guest: {', '.join(STEPPING)}; this session and the one before did not)",
+                        f"[{r.tag}] {r.line} (allowed only after workloads that make QEMU "
+                        f"retranslate: {', '.join(STEPPING)}; this session and the one before did not)",
                         session,
                     )
                 )
