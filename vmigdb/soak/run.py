@@ -39,7 +39,7 @@ FATAL = ("guest fault", "vmigdb exited", "stuck")
 # one flushes translations; seen in the 30-minute soak: rdtsc after a watch+bulk session). Under
 # --time host antidebug's RDTSC-timed blocks measure that: the `rdtsc` verdict
 # --allow-detections may excuse, and only after these.
-STEPPING = ("stepi", "conditional", "plain", "scoped", "range", "watch")
+RETRANSLATING = ("stepi", "conditional", "plain", "scoped", "range", "watch")
 EVIDENCE_SCRIPT = """
 def main():
     for thread in sorted(gdb.selected_inferior().threads(), key=lambda t: t.num):
@@ -142,12 +142,12 @@ class Soak:
                 continue
             if not set(r.names) <= self.args.allow:
                 out.append(Failure("detection", f"[{r.tag}] {r.line}", session))
-            elif not self.stepped(r.tag):
+            elif not self.retranslated(r.tag):
                 out.append(
                     Failure(
                         "detection",
                         f"[{r.tag}] {r.line} (allowed only after workloads that make QEMU "
-                        f"retranslate: {', '.join(STEPPING)}; this session and the one before did not)",
+                        f"retranslate: {', '.join(RETRANSLATING)}; this session and the one before did not)",
                         session,
                     )
                 )
@@ -165,13 +165,14 @@ class Soak:
             out.append(Failure("vmigdb exited", self.server.stderr()[-2000:], session))
         return out
 
-    def stepped(self, tag: str) -> bool:
-        """Did the session a console line was read in (or the one before it) step the guest?"""
+    def retranslated(self, tag: str) -> bool:
+        """Did the session a console line was read in (or the one before it) make QEMU
+        retranslate the guest's code (RETRANSLATING)?"""
         m = re.match(r"session (\d+) ", tag)
         if not m:
             return False
         number = int(m.group(1))
-        return any(set(self.kinds.get(n, ())) & set(STEPPING) for n in (number, number - 1))
+        return any(set(self.kinds.get(n, ())) & set(RETRANSLATING) for n in (number, number - 1))
 
     def wait_progress(self, session: int) -> list[Failure]:
         """The guest runs between sessions: every program must print again, soon."""

@@ -171,10 +171,8 @@ def tcg_capabilities(time_mode: str, step_timers: bool = False) -> Capabilities:
         ),
         single_step=_m(
             "tcg-single-step",
-            "TCG translator single-step (interrupts and timers masked while stepping; timers "
-            "run for a step from hlt: icount with several vCPUs)"
-            if step_timers
-            else "TCG translator single-step (interrupts and timers masked while stepping)",
+            "TCG translator single-step (interrupts and timers masked while stepping"
+            + ("; timers run for a step from hlt: icount with several vCPUs)" if step_timers else ")"),
             False,
             "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
         ),
