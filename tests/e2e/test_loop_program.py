@@ -84,3 +84,49 @@ def test_conditional_breakpoint_stops_at_the_nth_call_only(vm: Vm, guest_image) 
     assert len(stops) == 1, out[-3000:]  # every false hit stayed inside vmigdb
     values = [int(v) for v in re.findall(r"^\$\d+ = (-?\d+)", out, re.M)]
     assert values[1:] == [0, 1], out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def icount_vm(tmp_path_factory, guest_image):
+    yield from boot(
+        tmp_path_factory,
+        guest_image,
+        smp=2,
+        append="vmigdb.programs=ticker,loop",
+        extra=("--time", "icount"),
+    )
+
+
+def test_conditions_are_decided_in_qemu_and_a_step_from_there_is_one_instruction(
+    icount_vm: Vm,
+) -> None:
+    """Under icount vmigdb's TCG plugin decides the condition in QEMU and holds the stop itself,
+    before the breakpoint's instruction, on the Nth call exactly; a stepi from that stop executes
+    exactly that one instruction (loop's target is `lea 0x1(%rdi),%rax; ret`)."""
+    vm = icount_vm
+    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
+    target = int(started.group(2), 16)
+    out = vm.gdb(
+        "monitor info",
+        f"break *{target:#x}",
+        "continue",
+        "delete",
+        "set $want = $rdi + 500",
+        f'eval "break *{target:#x} if $rdi == %d", $want',
+        "continue",
+        "print $rdi - $want",
+        "p/x $pc",
+        "x/2i $pc",
+        "stepi",
+        "p/x $pc",
+        "print $rax - $rdi",
+        "delete",
+        "detach",
+        timeout=180,
+    )
+    assert "run control: vmigdb's TCG plugin" in out, out
+    values = re.findall(r"^\$\d+ = (\S+)", out, re.M)
+    listed = [int(v, 16) for v in re.findall(r"^(?:=> )?\s*(0x[0-9a-f]+)(?: <[^>]*>)?:", out, re.M)]
+    assert values[0] == "0" and int(values[1], 16) == target, out[-2000:]
+    assert listed[:1] == [target] and int(values[2], 16) == listed[1], out[-2000:]
+    assert values[3] == "1", out[-2000:]  # lea 0x1(%rdi),%rax ran once

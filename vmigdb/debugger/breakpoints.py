@@ -53,6 +53,13 @@ class Breakpoint:
         return (int(self.type), self.addr, self.kind)
 
 
+def _codes(bp: Breakpoint) -> tuple[bytes, ...] | None:
+    """The conditions' agent bytecode, for a driver that evaluates them itself; None when one
+    has none (a condition built in vmigdb only)."""
+    codes = tuple(getattr(condition, "code", None) for condition in bp.conditions)
+    return None if None in codes else codes  # type: ignore[return-value]
+
+
 class BreakpointLimitError(Exception):
     """The mechanism serving this request has no free slot (e.g. 4 debug registers under KVM)."""
 
@@ -100,10 +107,17 @@ class BreakpointTable:
         if previous is not None:
             bp = replace(bp, scope_cr3=previous.scope_cr3, mechanism=previous.mechanism)
         if bp.key in self.desired:
+            changed = _codes(self.desired[bp.key]) != _codes(bp)
             self.desired[bp.key] = bp
+            if changed and self._driver.decides_conditions and bp.key in self.installed:
+                self.installed[bp.key] = bp
+                self._insert(bp)
             return
         if bp.key not in self.installed:
             bp = self._choose_mechanism(bp)
+        elif self._driver.decides_conditions and _codes(self.installed[bp.key]) != _codes(bp):
+            self._insert(bp)  # still installed (removals are lazy), with other conditions
+            self.installed[bp.key] = bp
         self._install(bp)
         self.desired[bp.key] = bp
 
@@ -127,16 +141,24 @@ class BreakpointTable:
 
     def _install(self, bp: Breakpoint) -> None:
         if bp.key not in self.installed:
-            if bp.scope_cr3 is not None:
-                self._driver.insert_breakpoint(
-                    bp.type, bp.addr, bp.kind, bp.mechanism, scope_cr3=bp.scope_cr3
-                )
-            elif bp.mechanism is None:
-                self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind)
-            else:
-                self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind, bp.mechanism)
+            self._insert(bp)
             self.installed[bp.key] = bp
             self.changes += 1
+
+    def _insert(self, bp: Breakpoint) -> None:
+        codes = _codes(bp)
+        if self._driver.decides_conditions and codes is not None and bp.conditions:
+            self._driver.insert_breakpoint(
+                bp.type, bp.addr, bp.kind, bp.mechanism, scope_cr3=bp.scope_cr3, conditions=codes
+            )
+        elif bp.scope_cr3 is not None:
+            self._driver.insert_breakpoint(
+                bp.type, bp.addr, bp.kind, bp.mechanism, scope_cr3=bp.scope_cr3
+            )
+        elif bp.mechanism is None:
+            self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind)
+        else:
+            self._driver.insert_breakpoint(bp.type, bp.addr, bp.kind, bp.mechanism)
 
     def add_internal(self, addr: int, owner: str) -> None:
         """An execution breakpoint of vmigdb's own (raises like `add` when out of slots)."""

@@ -198,6 +198,9 @@ class Driver(ABC):
     name: str
     capabilities: Capabilities
     snapshots: SnapshotStore | None = None  # whole-VM snapshots, where the hypervisor has them
+    # Whether `insert_breakpoint` takes `conditions=` (GDB agent bytecode) and decides them itself
+    # (the QEMU driver with vmigdb's plugin); the debugger still checks every hit it reports.
+    decides_conditions: bool = False
 
     # -- required: reading a stopped machine ------------------------------------------------------
 

@@ -146,6 +146,7 @@ def _condition(expr: AgentExpr) -> Condition:
         except AgentError as exc:
             raise ConditionError(str(exc)) from exc
 
+    holds.code = expr.code  # type: ignore[attr-defined]  # for a driver that decides it itself
     return holds
 
 

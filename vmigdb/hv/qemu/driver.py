@@ -7,8 +7,10 @@ coherent. vmigdb composes every packet it sends there (see gdbstub.py for why).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import selectors
 import time
 
 from vmigdb.arch.x86_64.paging import PhysicalMemoryError, Translation, paging_mode, translate
@@ -25,6 +27,14 @@ from vmigdb.hv.base import (
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
+from vmigdb.hv.qemu.runctl import (
+    CONTINUE,
+    STEP,
+    MonitorClient,
+    PluginLink,
+    PluginStop,
+    parse_info_registers,
+)
 from vmigdb.hv.qemu.version import known_defects, version_text
 from vmigdb.wire.codec import decode_hex, encode_hex
 
@@ -150,6 +160,17 @@ _TCG_TIME = {
 }
 
 
+PLUGIN_MECHANISM = _m(
+    "tcg-plugin-run-control",
+    "vmigdb's TCG plugin: breakpoint scope and conditions decided in QEMU at guest speed; a true "
+    "hit or a step's end holds the vCPU (icount's one thread: the whole machine) before the "
+    "instruction; other breakpoints, watchpoints, writes and ^C stay QEMU's gdbstub's",
+    False,
+    "runs inside QEMU's translated code, never in the guest; a false hit costs a callback, not a "
+    "VM stop; under icount no guest instruction retires while it holds the machine",
+)
+
+
 def tcg_capabilities(time_mode: str, step_timers: bool = False) -> Capabilities:
     """Under TCG every run-control mechanism lives in QEMU's translator: none touches the guest.
     Only guest time can tell, depending on `time_mode` ("host" or "icount"). `step_timers`: QEMU
@@ -172,7 +193,11 @@ def tcg_capabilities(time_mode: str, step_timers: bool = False) -> Capabilities:
         single_step=_m(
             "tcg-single-step",
             "TCG translator single-step (interrupts and timers masked while stepping"
-            + ("; timers run for a step from hlt: icount with several vCPUs)" if step_timers else ")"),
+            + (
+                "; timers run for a step from hlt: icount with several vCPUs)"
+                if step_timers
+                else ")"
+            ),
             False,
             "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
         ),
@@ -288,6 +313,17 @@ class QemuDriver(Driver):
         self.qemu_version: tuple[int, int, int] | None = None  # set by whoever started QEMU
         self._icount_smp = False  # icount with several vCPUs: steps from HLT need timers
         self._sstep = QEMU_DEFAULT_SSTEP  # QEMU's single-step flags as vmigdb last set them
+        # vmigdb's run-control plugin (runctl.py), when QEMU runs it: conditional and scoped
+        # breakpoints, and steps from the stops it holds, are decided inside QEMU.
+        self._plugin: PluginLink | None = None
+        self._monitor: MonitorClient | None = None
+        self._plugin_bps: set[int] = set()  # addresses the plugin serves
+        self._plugin_held: PluginStop | None = None  # the stop the plugin holds, if any
+        self._others: dict[int, RegisterFile] | None = None  # other vCPUs at that stop
+        self._deferred: list[tuple[int, int, int]] = []  # gdbstub removals owed (plugin-held)
+        self._selector: selectors.DefaultSelector | None = None
+        self._one_insn = False  # QEMU's one-insn-per-tb, on while the plugin steps
+        self.plugin_note = ""  # `monitor info`: what serves run control, and why
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -305,6 +341,22 @@ class QemuDriver(Driver):
         if self._icount_smp:
             self.capabilities = tcg_capabilities(self.time_mode, step_timers=True)
         return stop
+
+    def attach_plugin(self, link: PluginLink, monitor: MonitorClient) -> None:
+        """Use vmigdb's QEMU plugin for conditional and scoped breakpoints and for the steps
+        from the stops it holds (`monitor` answers `info registers` while it holds one)."""
+        self._plugin, self._monitor = link, monitor
+        self.decides_conditions = True
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._channel.fileno(), selectors.EVENT_READ)
+        self._selector.register(link.fileno(), selectors.EVENT_READ)
+        self.capabilities = dataclasses.replace(
+            self.capabilities, extra=(*self.capabilities.extra, PLUGIN_MECHANISM)
+        )
+
+    @property
+    def plugin_holds(self) -> bool:
+        return self._plugin_held is not None
 
     def _in_hlt(self, cpu: int) -> bool:
         """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
@@ -366,6 +418,7 @@ class QemuDriver(Driver):
         return self._memory.ranges()
 
     def write_physical(self, pa: int, data: bytes) -> None:
+        self._refuse_while_held("writing guest memory")
         for offset in range(0, len(data), _WRITE_CHUNK):
             chunk = data[offset : offset + _WRITE_CHUNK]
             reply = self._channel.request(
@@ -382,6 +435,8 @@ class QemuDriver(Driver):
             self._g_cpu = cpu
 
     def read_registers(self, cpu: int) -> RegisterFile:
+        if self._plugin_held is not None:
+            return self._held_registers(cpu)
         self._select(cpu)
         reply = self._channel.request(b"g")
         try:
@@ -389,7 +444,27 @@ class QemuDriver(Driver):
         except ValueError as exc:
             raise DriverError(f"unexpected register packet from QEMU: {exc}") from exc
 
+    def _held_registers(self, cpu: int) -> RegisterFile:
+        held = self._plugin_held
+        assert held is not None
+        if cpu == held.cpu:
+            return held.registers
+        if self._others is None:
+            assert self._monitor is not None
+            self._others = parse_info_registers(self._monitor.hmp("info registers -a"))
+        if cpu not in self._others:
+            raise DriverError(f"QEMU's monitor showed no registers for CPU#{cpu - 1}")
+        return self._others[cpu]
+
+    def _refuse_while_held(self, what: str) -> None:
+        if self._plugin_held is not None:
+            raise DriverError(
+                f"{what} is not possible at this stop: vmigdb's QEMU plugin holds the machine "
+                "inside QEMU (plugin API 4 cannot write); step or continue first, or stop with ^C"
+            )
+
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
+        self._refuse_while_held("writing a register")
         current = self.read_registers(cpu)
         qemu_regnum, raw = current.qemu_write(regnum, value)
         reply = self._channel.request(b"P%x=" % qemu_regnum + encode_hex(raw))
@@ -403,12 +478,62 @@ class QemuDriver(Driver):
         length: int,
         mechanism: str | None = None,
         scope_cr3: int | None = None,  # QEMU's breakpoints are virtual: the debugger filters hits
+        conditions: tuple[bytes, ...] | None = None,
     ) -> None:
+        if self._plugin is not None and type == BreakpointType.SOFTWARE and mechanism is None:
+            # The plugin decides scope and conditions in QEMU; at a stop it holds, it serves
+            # every new breakpoint (QEMU's gdbstub cannot be reached until it lets go).
+            if scope_cr3 is not None or conditions or self._plugin_held is not None:
+                self._plugin_breakpoint(addr, scope_cr3, conditions or ())
+                return
+        if type.is_watchpoint:
+            self._refuse_while_held("setting a watchpoint")
         if mechanism == PATCHED_INT3:
             self._patched.add((addr, length))
         self._z(b"Z", type, addr, length)
 
+    def _plugin_breakpoint(
+        self, addr: int, scope_cr3: int | None, conditions: tuple[bytes, ...]
+    ) -> None:
+        assert self._plugin is not None
+        new = addr not in self._plugin_bps
+        self._plugin.set_breakpoint(addr, scope_cr3, conditions)
+        self._plugin_bps.add(addr)
+        if new and self._plugin_held is None:
+            self._retranslate(addr, scope_cr3)
+
+    def _retranslate(self, addr: int, scope_cr3: int | None) -> None:
+        """Make QEMU drop the code it translated from `addr` (it was translated without the
+        plugin's callback): write the instruction's first byte back, unchanged, through the
+        gdbstub (a physical write invalidates the translations of that byte). The plugin
+        retranslates it with its callback. A page not mapped now is translated later anyway."""
+        cpu = self._cpus[0]
+        regs = self.read_registers(cpu)
+        cr3 = scope_cr3 if scope_cr3 is not None else regs["cr3"]
+        try:
+            where = translate(
+                self._memory.read, cr3, addr, paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
+            )
+            if not isinstance(where, Translation):
+                return
+            byte = self._memory.read(where.pa, 1)
+        except PhysicalMemoryError:
+            return
+        reply = self._channel.request(b"M%x,1:" % where.pa + encode_hex(byte))
+        if reply != b"OK":
+            log.warning("QEMU refused the rewrite at %#x that retranslates it: %r", addr, reply)
+
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
+        if addr in self._plugin_bps and type == BreakpointType.SOFTWARE:
+            assert self._plugin is not None
+            self._plugin.remove_breakpoint(addr)
+            self._plugin_bps.discard(addr)
+            return
+        if (
+            self._plugin_held is not None
+        ):  # QEMU's gdbstub is unreachable: at the next stop it holds
+            self._deferred.append((int(type), addr, length))
+            return
         self._z(b"z", type, addr, length)
         self._patched.discard((addr, length))
 
@@ -460,6 +585,9 @@ class QemuDriver(Driver):
     def resume(self, actions: dict[int, str]) -> None:
         if not actions:
             raise DriverError("resume with no vCPU to run")
+        if self._plugin_held is not None:
+            self._release(actions)
+            return
         if self._icount_smp:
             self._set_step_flags([cpu for cpu, action in actions.items() if action == "s"])
         if all(actions.get(cpu) == "c" for cpu in self._cpus):
@@ -469,7 +597,32 @@ class QemuDriver(Driver):
             packet = b"vCont;" + b";".join(parts)
         self._send_resume(actions, packet)
 
+    def _release(self, actions: dict[int, str]) -> None:
+        """Let go of the stop the plugin holds: the held vCPU continues or steps (in QEMU, by
+        the plugin); under icount the others run with it, as after QEMU's vCont."""
+        held = self._plugin_held
+        assert held is not None and self._plugin is not None
+        steppers = [cpu for cpu, action in actions.items() if action == "s"]
+        if steppers and steppers != [held.cpu]:
+            raise DriverError(
+                f"at a stop vmigdb's QEMU plugin holds only CPU#{held.cpu - 1} can step"
+            )
+        # While the plugin steps, QEMU translates one instruction per block, so each step ends
+        # at a block's start, where QEMU's vCPU state (flags included) is complete.
+        self._one_insn_per_tb(bool(steppers))
+        self._plugin.go(held.cpu, STEP if steppers else CONTINUE)
+        self._plugin_held = None
+        self._others = None
+        if self._run_started is None:
+            self._run_started = time.monotonic()
+
+    def _one_insn_per_tb(self, on: bool) -> None:
+        if self._monitor is not None and on != self._one_insn:
+            self._monitor.hmp(f"one-insn-per-tb {'on' if on else 'off'}")
+            self._one_insn = on
+
     def _send_resume(self, actions: dict[int, str], packet: bytes) -> None:
+        self._one_insn_per_tb(False)
         self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
         self._channel.resume(packet)
         if self._run_started is None:
@@ -490,9 +643,38 @@ class QemuDriver(Driver):
         )
 
     def stop_fileno(self) -> int:
+        if self._selector is not None:
+            return self._selector.fileno()  # readable when QEMU or the plugin has said something
         return self._channel.fileno()
 
+    def _plugin_stop(self, stop: PluginStop | None) -> DriverStop | None:
+        """A stop the plugin holds; one that races an interrupt is let go (the interrupt's stop
+        comes from QEMU's gdbstub, which waits for it)."""
+        if stop is None:
+            return None
+        assert self._plugin is not None
+        if self._interrupting:
+            self._plugin.go(stop.cpu, CONTINUE)
+            return None
+        self._plugin_held = stop
+        self._others = None
+        if stop.kind == "error":
+            log.info("a condition at %#x could not be evaluated in QEMU; stopping", stop.pc)
+        return self._note(DriverStop(cpu=stop.cpu, signal=5))
+
+    def _after_gdbstub_stop(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for type, addr, length in deferred:
+            self._z(b"z", BreakpointType(type), addr, length)
+
     def poll_stop(self) -> DriverStop | None:
+        if self._plugin is not None:
+            try:
+                stop = self._plugin_stop(self._plugin.poll())
+            except MachineGone:
+                return self._note(DriverStop(cpu=None, signal=9, exited=self.exit_status or 0))
+            if stop is not None:
+                return stop
         try:
             while (packet := self._channel.poll_stop()) is not None:
                 stop = self._on_stop_reply(packet)
@@ -506,6 +688,16 @@ class QemuDriver(Driver):
         return None
 
     def wait_stop(self, timeout: float) -> DriverStop:
+        if self._plugin is not None and self._selector is not None:
+            deadline = time.monotonic() + timeout
+            while True:
+                stop = self.poll_stop()
+                if stop is not None:
+                    return stop
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the machine did not stop")
+                self._selector.select(min(left, 0.5))
         try:
             while True:
                 stop = self._on_stop_reply(self._channel.wait_stop(timeout))
@@ -523,6 +715,8 @@ class QemuDriver(Driver):
             stop = DriverStop(self._cpus[0] if self._cpus else 1, stop.signal, stop.watch)
         leftover = self._leftover_step(stop) and not self._interrupting
         self._armed.discard(stop.cpu)
+        if not leftover:
+            self._after_gdbstub_stop()
         if leftover:
             self.leftover_steps += 1
             log.info("CPU#%d stopped on a single-step QEMU had left armed; resuming", stop.cpu - 1)
@@ -544,6 +738,8 @@ class QemuDriver(Driver):
         return stop
 
     def interrupt(self) -> None:
+        if self._plugin_held is not None:
+            return  # already stopped
         if self._channel.running:
             self._interrupting = True
             self._channel.interrupt()
@@ -551,6 +747,8 @@ class QemuDriver(Driver):
     def kill(self) -> None:
         """Ask QEMU to quit (vKill: QEMU answers OK, then exits)."""
         try:
+            if self._plugin_held is not None:  # QEMU's gdbstub would wait for the held vCPU
+                self._release({self._plugin_held.cpu: "c"})
             if self._channel.running:
                 self._channel.interrupt()
                 self._channel.wait_stop(5.0)
@@ -559,6 +757,15 @@ class QemuDriver(Driver):
             pass
 
     def close(self) -> None:
+        if self._plugin is not None:
+            try:
+                if self._plugin_held is not None:
+                    self._plugin.go(self._plugin_held.cpu, CONTINUE)
+            except (MachineGone, DriverError):
+                pass
+            self._plugin.close()
+        if self._monitor is not None:
+            self._monitor.close()
         self._channel.close()
 
     def ran_seconds(self) -> float:
@@ -605,5 +812,6 @@ class QemuDriver(Driver):
                 f"{self._channel.resyncs} resynchronisation(s), "
                 f"{self.leftover_steps} stale single-step stop(s) absorbed",
             ),
+            *([("run control", self.plugin_note)] if self.plugin_note else []),
             *self.notes,
         ]

@@ -17,6 +17,7 @@ from vmigdb.hv.qemu.driver import QemuDriver
 from vmigdb.hv.qemu.gdbstub import GdbstubClient
 from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 from vmigdb.hv.qemu.qmp import Qmp
+from vmigdb.hv.qemu.runctl import MonitorClient, PluginLink
 from vmigdb.hv.qemu.snapshots import QemuSnapshots
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -55,6 +56,14 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
         )
         driver.qemu_version = process.version
         stop = driver.attach()
+        if process.plugin_link is not None:
+            monitor = MonitorClient(process.monitor_socket)
+            driver.attach_plugin(PluginLink(process.plugin_link), monitor)
+        driver.plugin_note = (
+            "vmigdb's TCG plugin decides breakpoint scope, conditions and held steps in QEMU"
+            if process.plugin_why is None
+            else f"QEMU's gdbstub ({process.plugin_why})"
+        )
         qmp = await Qmp.connect(process.qmp_socket)
         driver.snapshots = QemuSnapshots(qmp, icount=process.config.time_mode == "icount")
         process.unlink_paths()

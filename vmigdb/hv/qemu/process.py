@@ -48,6 +48,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -63,6 +64,7 @@ from vmigdb.errors import SetupError
 from vmigdb.hv.qemu.accel import resolve_accel
 from vmigdb.hv.qemu.drives import Drive, create_vmstate_image, drive_args, vmstate_args
 from vmigdb.hv.qemu.memory import PhysicalMemory, pc_below_4g
+from vmigdb.hv.qemu.plugin.build import plugin_path
 from vmigdb.hv.qemu.version import icount_boots_smp, known_defects, qemu_version, version_text
 from vmigdb.hv.qemu.workdir import make_workdir
 
@@ -109,6 +111,8 @@ class QemuConfig:
     time_mode: str = DEFAULT_TIME_MODE  # a TIME_MODE_CHOICES item: what guest time follows
     drives: tuple[Drive, ...] = ()  # disk images, the first one booted when there is no kernel
     snapshots: bool = True  # a VM-state node for `monitor snapshot` (needs qemu-img)
+    # vmigdb's run-control plugin (plugin/runctl.c) where it works: TCG under icount on QEMU 10
+    run_plugin: bool = True
 
     @property
     def kernel_cmdline(self) -> str:
@@ -207,6 +211,35 @@ def resolve_time_mode(
         f"its second vCPU (QEMU 10 does not); --smp 1 or QEMU 10 (scripts/setup installs it) "
         "gives instruction-counted time"
     )
+
+
+def wants_plugin(
+    config: QemuConfig, accel: str, version: tuple[int, int, int] | None
+) -> str | None:
+    """Why the run-control plugin is not used for this machine, or None when it is.
+
+    It needs plugin API 4 (QEMU 10) and TCG, and icount: its held stops are all-stops only when
+    every vCPU runs on QEMU's one icount thread (with host time each vCPU has its own thread)."""
+    if not config.run_plugin or os.environ.get("VMIGDB_PLUGIN") == "0":
+        return "turned off"
+    if accel != "tcg":
+        return f"{accel} runs no TCG plugins"
+    if version is None or version < (10, 0, 0):
+        return f"QEMU {version_text(version)} has no plugin API 4 (QEMU 10 has)"
+    if config.time_mode != "icount":
+        return "guest time is not instruction-counted (icount): breakpoints stay QEMU's"
+    return None
+
+
+def plugin_args(plugin: Path, plugin_socket: Path, monitor_socket: Path) -> list[str]:
+    """QEMU's arguments for vmigdb's plugin and the monitor socket the QEMU driver uses while the
+    plugin holds the machine."""
+    return [
+        "-plugin",
+        f"file={_opt(plugin)},sock={_opt(plugin_socket)}",
+        "-qmp",
+        f"unix:{_opt(monitor_socket)},server=on,wait=off",
+    ]
 
 
 def time_args(mode: str, accel: str) -> list[str]:
@@ -416,6 +449,10 @@ class QemuProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
         self.memory = None  # type: ignore[assignment]
+        self.plugin_link: socket.socket | None = None  # vmigdb's plugin, connected (runctl.py)
+        self.plugin_socket: Path | None = None
+        self.monitor_socket: Path | None = None
+        self.plugin_why: str | None = "not started"  # why the plugin is not used; None: it is
 
     @classmethod
     def start(cls, config: QemuConfig) -> QemuProcess:
@@ -465,6 +502,24 @@ class QemuProcess:
                 self.vmstate,
                 version,
             )
+            self.plugin_socket = self.monitor_socket = None
+            self.plugin_why = wants_plugin(config, accel, version)
+            listener = None
+            if self.plugin_why is None:
+                try:
+                    plugin = plugin_path()
+                except SetupError as exc:
+                    self.plugin_why = str(exc)
+                    log.warning("no run-control plugin: %s", exc)
+                else:
+                    self.plugin_socket = self.workdir / "runctl.sock"
+                    self.monitor_socket = self.workdir / "monitor.sock"
+                    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    listener.bind(str(self.plugin_socket))
+                    listener.listen(1)
+                    self.command_line += plugin_args(
+                        plugin, self.plugin_socket, self.monitor_socket
+                    )
             argv = [binary, *self.command_line[1:]]
             log.info("starting QEMU: %s", " ".join(self.command_line))
             stderr_fd = os.open(
@@ -499,6 +554,18 @@ class QemuProcess:
                 self.workdir,
             )
             self._wait_ready()
+            if listener is not None:
+                listener.settimeout(READY_TIMEOUT)
+                try:
+                    self.plugin_link, _ = listener.accept()
+                except TimeoutError as exc:
+                    raise SetupError(
+                        f"vmigdb's QEMU plugin did not connect: {self.last_words(1).strip()}"
+                    ) from exc
+                finally:
+                    listener.close()
+                while not _is_socket(self.monitor_socket):
+                    time.sleep(0.01)
         except BaseException:
             if ram_fd >= 0:
                 os.close(ram_fd)
@@ -547,6 +614,9 @@ class QemuProcess:
         """
         for p in (self.ram_path, self.gdb_socket, self.qmp_socket):
             _unlink(p)
+        for p in (self.plugin_socket, self.monitor_socket):
+            if p is not None:
+                _unlink(p)
 
     def poll(self) -> int | None:
         """QEMU's exit status, or None while it runs."""

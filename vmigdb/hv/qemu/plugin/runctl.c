@@ -1,0 +1,632 @@
+/*
+ * vmigdb's run-control plugin for QEMU's TCG (plugin API v4, QEMU 10.0).
+ *
+ * It decides inside QEMU, at guest speed, what would otherwise cost a VM stop: whether a
+ * breakpoint hit counts (its process scope and its GDB agent-expression conditions) and where a
+ * single-step or a range-step ends. Only a true stop reaches vmigdb: the vCPU is held inside the
+ * instruction callback, before the instruction executes, and its registers go to vmigdb with the
+ * stop. Under icount QEMU runs every vCPU on one thread, so holding that thread holds the whole
+ * machine and its virtual clock: an all-stop that the guest cannot time.
+ *
+ * Why a held callback and not QEMU's gdbstub: a plugin cannot stop the VM, and a vCPU released
+ * from a callback always executes the instruction it was called for (QEMU checks for exit
+ * requests only at the start of a translation block, before the plugin's callbacks). So vmigdb
+ * serves the held stop itself (registers from here, memory from the guest's RAM file) and the
+ * machine goes on when this plugin releases it.
+ *
+ * Instrumentation is decided at translation, so the plugin has two translation modes:
+ * - normal: a callback at each breakpoint address, and a conditional "follow" callback on every
+ *   later instruction of a block holding a breakpoint (so a step or a re-check that starts at a
+ *   breakpoint ends exactly, wherever that block goes next it is retranslated first, see below);
+ * - step: a conditional follow callback on every instruction (about 15% slower, only while the
+ *   user steps).
+ * Changing mode or adding a breakpoint while held calls qemu_plugin_reset from the held vCPU:
+ * QEMU flushes its translated code before that vCPU's next block, so the instructions after the
+ * current one in its block are the only ones translated the old way, and those carry follow
+ * callbacks. A breakpoint added while QEMU's gdbstub holds the machine is made to retranslate by
+ * vmigdb itself (it rewrites the instruction's first byte with its own value through the gdbstub,
+ * which makes QEMU drop the code translated from that byte).
+ *
+ * Protocol (one private unix socket, text lines, numbers in hex; vmigdb listens, we connect):
+ *   vmigdb -> plugin: reg NUM NAME              name of GDB register NUM for agent `reg`
+ *                     bp ADDR CR3MASK CR3 [CODE...]  set a breakpoint (CR3MASK 0: any process)
+ *                     del ADDR                  remove one
+ *                     go VCPU MODE LO HI        release the held vCPU: MODE 0 continue,
+ *                                               1 step, 2 step while LO <= pc < HI (range)
+ *   plugin -> vmigdb: hello VERSION NVCPUS
+ *                     stop VCPU KIND PC REGS    KIND bp|step|error, REGS: name=hex,...
+ *                                               (hex = the register's bytes, little-endian)
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "qemu_plugin_api.h"
+
+#define EXPORT __attribute__((visibility("default")))
+EXPORT int qemu_plugin_version = VMIGDB_PLUGIN_API_VERSION;
+
+#define MAX_BPS 1024 /* open addressing, power of two */
+#define MAX_CONDS 8
+#define MAX_REGNUM 256
+#define STACK_LIMIT 1024
+#define MAX_STEPS 100000
+
+enum follow { FOLLOW_NONE = 0, FOLLOW_STEP = 1, FOLLOW_RECHECK = 2 };
+
+struct cond {
+    uint8_t *code;
+    size_t len;
+};
+
+struct bp {
+    uint64_t addr; /* 0: free slot */
+    int live;      /* 0: deleted (slot kept as a tombstone for probing) */
+    uint64_t cr3_mask, cr3;
+    int nconds;
+    struct cond conds[MAX_CONDS];
+};
+
+struct vcpu {
+    uint64_t lo, hi;          /* range step: keep going while lo <= pc < hi */
+    uint64_t skip_follow_at;  /* the held address: its own follow callback is not a step */
+    uint64_t pc;              /* the instruction being decided (QEMU's rip may lag, see hold) */
+    GByteArray *buf;
+};
+
+static qemu_plugin_id_t plugin_id;
+static int sock = -1;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t released = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct bp bps[MAX_BPS];
+static int step_mode;              /* translation mode: follow callbacks everywhere */
+static int retranslate;            /* breakpoints added while held: flush at release */
+static int held = -1;              /* the vCPU held at a stop, -1 none */
+static unsigned long release_gen;  /* bumped by each `go` */
+static int go_mode;
+static uint64_t go_lo, go_hi;
+static int disconnected;
+static int flush_sent;      /* after a disconnect: one reset back to normal mode */
+
+static struct qemu_plugin_scoreboard *board; /* per vCPU: enum follow (u64) */
+static qemu_plugin_u64 follow;
+static struct vcpu *vcpus;
+static int nvcpus;
+
+static qemu_plugin_reg_descriptor *regs; /* QEMU's registers, in its gdbstub order */
+static unsigned nregs;
+static struct qemu_plugin_register *by_regnum[MAX_REGNUM]; /* GDB regnum -> handle */
+static char *regnum_name[MAX_REGNUM];
+static struct qemu_plugin_register *cr3_handle;
+static unsigned rip_index = ~0u; /* index of "rip" in regs */
+
+/* -- breakpoint table (written only while the machine is held or stopped) --------------------- */
+
+static unsigned slot_of(uint64_t addr) { return (unsigned)((addr * 0x9E3779B97F4A7C15ull) >> 54) & (MAX_BPS - 1); }
+
+static struct bp *find_bp(uint64_t addr)
+{
+    for (unsigned i = slot_of(addr), n = 0; n < MAX_BPS; i = (i + 1) & (MAX_BPS - 1), n++) {
+        if (bps[i].addr == 0) return NULL;
+        if (bps[i].addr == addr) return bps[i].live ? &bps[i] : NULL;
+    }
+    return NULL;
+}
+
+static struct bp *slot_for(uint64_t addr)
+{
+    struct bp *tomb = NULL;
+    for (unsigned i = slot_of(addr), n = 0; n < MAX_BPS; i = (i + 1) & (MAX_BPS - 1), n++) {
+        if (bps[i].addr == addr) return &bps[i];
+        if (bps[i].addr == 0) return tomb ? tomb : &bps[i];
+        if (!bps[i].live && !tomb) tomb = &bps[i];
+    }
+    return tomb;
+}
+
+static void clear_conds(struct bp *b)
+{
+    for (int i = 0; i < b->nconds; i++) free(b->conds[i].code);
+    b->nconds = 0;
+}
+
+static void vmigdb_reset(void);
+
+/* -- talking to vmigdb ------------------------------------------------------------------------- */
+
+static void send_line(const char *line, size_t len)
+{
+    pthread_mutex_lock(&write_lock);
+    while (len > 0 && sock >= 0) {
+        ssize_t n = write(sock, line, len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        line += n;
+        len -= (size_t)n;
+    }
+    pthread_mutex_unlock(&write_lock);
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+static int read_reg(struct vcpu *v, struct qemu_plugin_register *h, uint64_t *value)
+{
+    if (!h) return -1;
+    g_byte_array_set_size(v->buf, 0);
+    int n = qemu_plugin_read_register(h, v->buf);
+    if (n <= 0) return -1;
+    uint64_t x = 0;
+    for (int i = 0; i < n && i < 8; i++) x |= (uint64_t)v->buf->data[i] << (8 * i);
+    *value = x;
+    return 0;
+}
+
+/* Report a stop and hold this vCPU (and so, under icount, the machine) until vmigdb says go. */
+static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
+{
+    struct vcpu *v = &vcpus[vcpu_index];
+    size_t cap = 256 + (size_t)nregs * 96, len;
+    char *line = malloc(cap);
+    if (!line) return;
+    len = (size_t)snprintf(line, cap, "stop %x %s %llx %d ", vcpu_index, kind, (unsigned long long)pc, exact);
+    for (unsigned r = 0; r < nregs; r++) {
+        g_byte_array_set_size(v->buf, 0);
+        int n = qemu_plugin_read_register(regs[r].handle, v->buf);
+        if (n < 0) n = 0;
+        if (r == rip_index && n >= 8) {
+            /* QEMU 10.0 updates the vCPU's rip only at block boundaries: a callback in the middle
+             * of a block reads the block's start. The instruction's address is what is meant. */
+            for (int i = 0; i < 8; i++) v->buf->data[i] = (uint8_t)(pc >> (8 * i));
+        }
+        size_t need = strlen(regs[r].name) + 3 + 2 * (size_t)n;
+        if (len + need + 2 >= cap) break;
+        len += (size_t)snprintf(line + len, cap - len, "%s%s=", r ? "," : "", regs[r].name);
+        for (int i = 0; i < n; i++) {
+            line[len++] = HEX[v->buf->data[i] >> 4];
+            line[len++] = HEX[v->buf->data[i] & 15];
+        }
+    }
+    line[len++] = '\n';
+
+    pthread_mutex_lock(&lock);
+    while (held >= 0 && !disconnected) pthread_cond_wait(&released, &lock); /* one stop at a time */
+    if (disconnected) {
+        pthread_mutex_unlock(&lock);
+        free(line);
+        return;
+    }
+    held = (int)vcpu_index;
+    unsigned long gen = release_gen;
+    send_line(line, len);
+    free(line);
+    while (release_gen == gen && !disconnected) pthread_cond_wait(&released, &lock);
+    int mode = disconnected ? 0 : go_mode;
+    v->lo = go_lo;
+    v->hi = go_hi;
+    v->skip_follow_at = pc;
+    *(uint64_t *)qemu_plugin_scoreboard_find(board, vcpu_index) =
+        mode ? FOLLOW_STEP : (retranslate ? FOLLOW_RECHECK : FOLLOW_NONE);
+    step_mode = mode != 0; /* new one-instruction blocks (vmigdb turned one-insn-per-tb on) */
+    int flush = retranslate;
+    retranslate = 0;
+    held = -1;
+    pthread_cond_broadcast(&released);
+    pthread_mutex_unlock(&lock);
+    if (flush) vmigdb_reset();
+}
+
+/* -- GDB agent expressions (gdbserver's machine: vmigdb/rsp/agent.py is the reference) -------- */
+
+static int agent_eval(struct vcpu *v, const struct cond *c, uint64_t *out)
+{
+    static __thread uint64_t stack[STACK_LIMIT + 2];
+    const uint8_t *code = c->code;
+    size_t len = c->len, pc = 0;
+    int sp = 0; /* number of values */
+    long budget = MAX_STEPS;
+#define NEED(n) do { if (sp < (n)) return -1; } while (0)
+#define OPERAND(n) do { if (pc + (n) >= len) return -1; } while (0)
+#define PUSH(x) do { uint64_t v_ = (x); if (sp >= STACK_LIMIT) return -1; stack[sp] = v_; sp++; } while (0)
+#define TOP stack[sp - 1]
+    while (pc < len) {
+        uint8_t op = code[pc];
+        uint64_t a, b;
+        switch (op) {
+        case 0x02: NEED(2); b = stack[--sp]; TOP += b; pc++; break;
+        case 0x03: NEED(2); b = stack[--sp]; TOP -= b; pc++; break;
+        case 0x04: NEED(2); b = stack[--sp]; TOP *= b; pc++; break;
+        case 0x05: NEED(2); b = stack[--sp]; if (!b) return -1;
+            if ((int64_t)TOP == INT64_MIN && (int64_t)b == -1) TOP = (uint64_t)INT64_MIN;
+            else TOP = (uint64_t)((int64_t)TOP / (int64_t)b);
+            pc++; break;
+        case 0x06: NEED(2); b = stack[--sp]; if (!b) return -1; TOP /= b; pc++; break;
+        case 0x07: NEED(2); b = stack[--sp]; if (!b) return -1;
+            if ((int64_t)b == -1) TOP = 0; else TOP = (uint64_t)((int64_t)TOP % (int64_t)b);
+            pc++; break;
+        case 0x08: NEED(2); b = stack[--sp]; if (!b) return -1; TOP %= b; pc++; break;
+        case 0x09: NEED(2); b = stack[--sp]; TOP <<= (b & 63); pc++; break;
+        case 0x0a: NEED(2); b = stack[--sp]; TOP = (uint64_t)((int64_t)TOP >> (b & 63)); pc++; break;
+        case 0x0b: NEED(2); b = stack[--sp]; TOP >>= (b & 63); pc++; break;
+        case 0x0c: NEED(2); sp -= 2; pc++; break;                   /* trace */
+        case 0x0d: NEED(1); OPERAND(1); pc += 2; break;             /* trace_quick */
+        case 0x0e: NEED(1); TOP = !TOP; pc++; break;
+        case 0x0f: NEED(2); b = stack[--sp]; TOP &= b; pc++; break;
+        case 0x10: NEED(2); b = stack[--sp]; TOP |= b; pc++; break;
+        case 0x11: NEED(2); b = stack[--sp]; TOP ^= b; pc++; break;
+        case 0x12: NEED(1); TOP = ~TOP; pc++; break;
+        case 0x13: NEED(2); b = stack[--sp]; TOP = TOP == b; pc++; break;
+        case 0x14: NEED(2); b = stack[--sp]; TOP = (int64_t)TOP < (int64_t)b; pc++; break;
+        case 0x15: NEED(2); b = stack[--sp]; TOP = TOP < b; pc++; break;
+        case 0x16: case 0x2a: {                                     /* ext, zero_ext */
+            NEED(1); OPERAND(1);
+            unsigned bits = code[pc + 1];
+            if (bits < 64) {
+                uint64_t mask = (1ull << bits) - 1;
+                a = TOP & mask;
+                if (op == 0x16 && bits > 0 && (a >> (bits - 1)) & 1) a |= ~mask;
+                TOP = a;
+            }
+            pc += 2;
+            break;
+        }
+        case 0x17: case 0x18: case 0x19: case 0x1a: {               /* ref8..ref64 */
+            NEED(1);
+            size_t size = (size_t)1 << (op - 0x17);
+            g_byte_array_set_size(v->buf, 0);
+            if (!qemu_plugin_read_memory_vaddr(TOP, v->buf, size) || v->buf->len < size) return -1;
+            a = 0;
+            for (size_t i = 0; i < size; i++) a |= (uint64_t)v->buf->data[i] << (8 * i);
+            TOP = a;
+            pc++;
+            break;
+        }
+        case 0x20: case 0x21: {                                     /* if_goto, goto */
+            OPERAND(2);
+            size_t target = ((size_t)code[pc + 1] << 8) | code[pc + 2];
+            int jump = 1;
+            if (op == 0x20) { NEED(1); jump = stack[--sp] != 0; }
+            if (!jump) { pc += 3; break; }
+            if (target <= pc && (budget -= (long)len) < 0) return -1;
+            pc = target;
+            break;
+        }
+        case 0x22: OPERAND(1); PUSH(code[pc + 1]); pc += 2; break;
+        case 0x23: OPERAND(2); PUSH(((uint64_t)code[pc + 1] << 8) | code[pc + 2]); pc += 3; break;
+        case 0x24: case 0x25: {                                     /* const32, const64 */
+            size_t n = op == 0x24 ? 4 : 8;
+            OPERAND(n);
+            a = 0;
+            for (size_t i = 1; i <= n; i++) a = (a << 8) | code[pc + i];
+            PUSH(a);
+            pc += n + 1;
+            break;
+        }
+        case 0x26: {                                                /* reg */
+            OPERAND(2);
+            unsigned num = ((unsigned)code[pc + 1] << 8) | code[pc + 2];
+            if (num < MAX_REGNUM && rip_index < nregs && by_regnum[num] == regs[rip_index].handle)
+                a = v->pc;
+            else if (num >= MAX_REGNUM || !by_regnum[num] || read_reg(v, by_regnum[num], &a))
+                return -1;
+            PUSH(a);
+            pc += 3;
+            break;
+        }
+        case 0x27: NEED(1); *out = TOP; return 0;                   /* end */
+        case 0x28: NEED(1); PUSH(TOP); pc++; break;                 /* dup */
+        case 0x29: NEED(1); sp--; pc++; break;                      /* pop */
+        case 0x2b: NEED(2); a = TOP; TOP = stack[sp - 2]; stack[sp - 2] = a; pc++; break;
+        case 0x2e: OPERAND(2); pc += 3; break;                      /* tracev */
+        case 0x2f: NEED(2); sp -= 2; pc++; break;                   /* tracenz */
+        case 0x30: NEED(1); OPERAND(2); pc += 3; break;             /* trace16 */
+        case 0x32: {                                                /* pick */
+            OPERAND(1);
+            unsigned n = code[pc + 1];
+            NEED((int)n + 1);
+            PUSH(stack[sp - 1 - n]);
+            pc += 2;
+            break;
+        }
+        case 0x33: NEED(3); a = stack[sp - 1]; stack[sp - 1] = stack[sp - 2];  /* rot */
+            stack[sp - 2] = stack[sp - 3]; stack[sp - 3] = a; pc++; break;
+        default: return -1; /* float, getv/setv (no trace variables here), printf, unknown */
+        }
+    }
+    return -1; /* ran off the end */
+#undef NEED
+#undef OPERAND
+#undef PUSH
+#undef TOP
+}
+
+/*
+ * A callback's udata: the instruction's address and whether it starts its translation block,
+ * packed as (pc << 1) | first. x86-64 addresses are canonical (bit 63 equals bit 62), so an
+ * arithmetic shift gives the address back. Only at a block's start is all of QEMU's lazily
+ * written vCPU state in place: in the middle of a block its flags (cc_op) can lag.
+ */
+static void *pack(uint64_t pc, int first) { return (void *)(uintptr_t)((pc << 1) | (first ? 1 : 0)); }
+static uint64_t unpack_pc(void *udata) { return (uint64_t)((int64_t)(uintptr_t)udata >> 1); }
+static int unpack_first(void *udata) { return (int)((uintptr_t)udata & 1); }
+
+/* -- callbacks ---------------------------------------------------------------------------------- */
+
+/* Whether breakpoint `b` counts on this vCPU now: -1 cannot tell (report), 0 no, 1 yes. */
+static int counts(struct vcpu *v, const struct bp *b, uint64_t pc)
+{
+    v->pc = pc;
+    if (b->cr3_mask) {
+        uint64_t cr3;
+        if (read_reg(v, cr3_handle, &cr3)) return -1;
+        if ((cr3 & b->cr3_mask) != b->cr3) return 0;
+    }
+    if (b->nconds == 0) return 1;
+    for (int i = 0; i < b->nconds; i++) {
+        uint64_t value;
+        if (agent_eval(v, &b->conds[i], &value)) return -1;
+        if (value) return 1;
+    }
+    return 0;
+}
+
+static void on_breakpoint(unsigned int vcpu_index, void *udata)
+{
+    uint64_t pc = unpack_pc(udata);
+    struct bp *b = find_bp(pc);
+    if (!b) return;
+    int verdict = counts(&vcpus[vcpu_index], b, pc);
+    if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata));
+}
+
+/*
+ * QEMU 10.0 (plugin API 4) passes a conditional callback its vCPU's scoreboard offset instead of
+ * its index (cpu_index * entry size: vCPU 1 is called as 8, measured on 10.0.2); unconditional
+ * callbacks get the index. With 8-byte entries the two agree only for vCPU 0.
+ */
+static int cond_index_scaled;
+
+static unsigned cond_cb_vcpu(unsigned arg)
+{
+    if (cond_index_scaled && arg % sizeof(uint64_t) == 0 && arg / sizeof(uint64_t) < (unsigned)nvcpus)
+        return arg / sizeof(uint64_t);
+    return arg;
+}
+
+static void on_follow(unsigned int vcpu_index, void *udata)
+{
+    uint64_t pc = unpack_pc(udata);
+    vcpu_index = cond_cb_vcpu(vcpu_index);
+    if (vcpu_index >= (unsigned)nvcpus) return;
+    struct vcpu *v = &vcpus[vcpu_index];
+    uint64_t *f = qemu_plugin_scoreboard_find(board, vcpu_index);
+    if (v->skip_follow_at == pc) { /* the held instruction itself, about to execute */
+        v->skip_follow_at = 0;
+        return;
+    }
+    v->skip_follow_at = 0;
+    if (disconnected) {
+        *f = FOLLOW_NONE;
+        if (!__atomic_exchange_n(&flush_sent, 1, __ATOMIC_SEQ_CST)) vmigdb_reset();
+        return;
+    }
+    if (*f == FOLLOW_RECHECK) {
+        /* A breakpoint added while held, in code translated before it: decide it here. */
+        struct bp *b = find_bp(pc);
+        if (b) {
+            int verdict = counts(v, b, pc);
+            if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata));
+        }
+        return;
+    }
+    if (*f == FOLLOW_STEP && !(v->lo <= pc && pc < v->hi)) {
+        *f = FOLLOW_NONE;
+        hold(vcpu_index, "step", pc, unpack_first(udata));
+    }
+}
+
+static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
+{
+    size_t n = qemu_plugin_tb_n_insns(tb);
+    int seen_bp = 0;
+    for (size_t i = 0; i < n; i++) {
+        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
+        uint64_t pc = qemu_plugin_insn_vaddr(insn);
+        void *udata = pack(pc, i == 0);
+        if (find_bp(pc)) {
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_R_REGS, udata);
+            seen_bp = 1;
+        }
+        if (step_mode || seen_bp)
+            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS,
+                                                        QEMU_PLUGIN_COND_NE, follow, FOLLOW_NONE,
+                                                        udata);
+    }
+}
+
+static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
+{
+    if (vcpu_index < (unsigned)nvcpus && !vcpus[vcpu_index].buf)
+        vcpus[vcpu_index].buf = g_byte_array_new();
+    if (regs) return;
+    GArray *all = qemu_plugin_get_registers();
+    regs = (qemu_plugin_reg_descriptor *)all->data;
+    nregs = all->len;
+    for (unsigned r = 0; r < nregs; r++)
+        if (!strcmp(regs[r].name, "cr3")) cr3_handle = regs[r].handle;
+        else if (!strcmp(regs[r].name, "rip")) rip_index = r;
+    for (unsigned n = 0; n < MAX_REGNUM; n++)
+        for (unsigned r = 0; regnum_name[n] && r < nregs; r++)
+            if (!strcmp(regs[r].name, regnum_name[n])) by_regnum[n] = regs[r].handle;
+    char hello[64];
+    int len = snprintf(hello, sizeof hello, "hello %x %x\n", VMIGDB_PLUGIN_API_VERSION, nvcpus);
+    send_line(hello, (size_t)len);
+}
+
+static void register_callbacks(void)
+{
+    qemu_plugin_register_vcpu_init_cb(plugin_id, on_vcpu_init);
+    qemu_plugin_register_vcpu_tb_trans_cb(plugin_id, on_translate);
+}
+
+static void on_reset(qemu_plugin_id_t id)
+{
+    /* All vCPUs are outside translated code and QEMU has flushed it: switch modes now. */
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < nvcpus; i++) { /* everything is retranslated: nothing left to re-check */
+        uint64_t *f = qemu_plugin_scoreboard_find(board, (unsigned)i);
+        if (*f == FOLLOW_RECHECK) *f = FOLLOW_NONE;
+    }
+    pthread_mutex_unlock(&lock);
+    register_callbacks();
+}
+
+static void vmigdb_reset(void) { qemu_plugin_reset(plugin_id, on_reset); }
+
+/* -- the command reader ------------------------------------------------------------------------- */
+
+static uint8_t *unhex(const char *s, size_t *len)
+{
+    size_t n = strlen(s) / 2;
+    uint8_t *out = malloc(n ? n : 1);
+    for (size_t i = 0; out && i < n; i++) {
+        unsigned byte;
+        if (sscanf(s + 2 * i, "%2x", &byte) != 1) { free(out); return NULL; }
+        out[i] = (uint8_t)byte;
+    }
+    *len = n;
+    return out;
+}
+
+static void command(char *line)
+{
+    char *save = NULL, *verb = strtok_r(line, " ", &save);
+    if (!verb) return;
+    pthread_mutex_lock(&lock);
+    if (!strcmp(verb, "reg")) {
+        char *num = strtok_r(NULL, " ", &save), *name = strtok_r(NULL, " ", &save);
+        unsigned n = num ? (unsigned)strtoul(num, NULL, 16) : MAX_REGNUM;
+        if (name && n < MAX_REGNUM) {
+            free(regnum_name[n]);
+            regnum_name[n] = strdup(name);
+            for (unsigned r = 0; r < nregs; r++)
+                if (!strcmp(regs[r].name, name)) by_regnum[n] = regs[r].handle;
+        }
+    } else if (!strcmp(verb, "bp")) {
+        char *a = strtok_r(NULL, " ", &save), *m = strtok_r(NULL, " ", &save),
+             *c = strtok_r(NULL, " ", &save);
+        if (a && m && c) {
+            uint64_t addr = strtoull(a, NULL, 16);
+            struct bp *b = slot_for(addr);
+            if (b && addr) {
+                int added = !(b->addr == addr && b->live);
+                clear_conds(b);
+                b->addr = addr;
+                b->cr3_mask = strtoull(m, NULL, 16);
+                b->cr3 = strtoull(c, NULL, 16);
+                for (char *code; (code = strtok_r(NULL, " ", &save)) && b->nconds < MAX_CONDS;) {
+                    struct cond *k = &b->conds[b->nconds];
+                    if ((k->code = unhex(code, &k->len))) b->nconds++;
+                }
+                b->live = 1;
+                if (added && held >= 0) retranslate = 1;
+            }
+        }
+    } else if (!strcmp(verb, "del")) {
+        char *a = strtok_r(NULL, " ", &save);
+        struct bp *b = a ? find_bp(strtoull(a, NULL, 16)) : NULL;
+        if (b) {
+            clear_conds(b);
+            b->live = 0;
+        }
+    } else if (!strcmp(verb, "go")) {
+        char *mode = strtok_r(NULL, " ", &save); /* after the vCPU number */
+        mode = strtok_r(NULL, " ", &save);
+        char *lo = strtok_r(NULL, " ", &save), *hi = strtok_r(NULL, " ", &save);
+        go_mode = mode ? (int)strtol(mode, NULL, 16) : 0;
+        go_lo = go_mode == 2 && lo ? strtoull(lo, NULL, 16) : 0;
+        go_hi = go_mode == 2 && hi ? strtoull(hi, NULL, 16) : 0;
+        release_gen++;
+        pthread_cond_broadcast(&released);
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+static void *reader(void *arg)
+{
+    char buf[1 << 16];
+    size_t have = 0;
+    for (;;) {
+        ssize_t n = read(sock, buf + have, sizeof buf - 1 - have);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        have += (size_t)n;
+        char *start = buf, *nl;
+        while ((nl = memchr(start, '\n', have - (size_t)(start - buf)))) {
+            *nl = 0;
+            command(start);
+            start = nl + 1;
+        }
+        have -= (size_t)(start - buf);
+        memmove(buf, start, have);
+        if (have == sizeof buf - 1) have = 0; /* a line too long: drop it */
+    }
+    /* vmigdb is gone: forget every breakpoint and let the machine run on. */
+    pthread_mutex_lock(&lock);
+    for (unsigned i = 0; i < MAX_BPS; i++) {
+        clear_conds(&bps[i]);
+        bps[i].live = 0;
+    }
+    disconnected = 1;
+    step_mode = 0;
+    for (int i = 0; i < nvcpus; i++) /* the next follow callback flushes step-mode code */
+        *(uint64_t *)qemu_plugin_scoreboard_find(board, (unsigned)i) = FOLLOW_RECHECK;
+    pthread_cond_broadcast(&released);
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
+EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int argc, char **argv)
+{
+    const char *path = NULL;
+    if (info->version.cur < VMIGDB_PLUGIN_API_VERSION) {
+        fprintf(stderr, "vmigdb plugin: QEMU's plugin API is version %d, this plugin needs %d\n",
+                info->version.cur, VMIGDB_PLUGIN_API_VERSION);
+        return -1;
+    }
+    if (!info->system_emulation) {
+        fprintf(stderr, "vmigdb plugin: needs system emulation\n");
+        return -1;
+    }
+    for (int i = 0; i < argc; i++)
+        if (!strncmp(argv[i], "sock=", 5)) path = argv[i] + 5;
+    if (!path) {
+        fprintf(stderr, "vmigdb plugin: no sock=PATH argument\n");
+        return -1;
+    }
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path) return -1;
+    strcpy(addr.sun_path, path);
+    sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        fprintf(stderr, "vmigdb plugin: cannot connect to %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    plugin_id = id;
+    cond_index_scaled = info->version.cur == 4;
+    nvcpus = info->system.max_vcpus;
+    vcpus = calloc((size_t)nvcpus, sizeof *vcpus);
+    board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
+    follow = (qemu_plugin_u64){board, 0};
+    register_callbacks();
+    pthread_t t;
+    if (pthread_create(&t, NULL, reader, NULL)) return -1;
+    pthread_detach(t);
+    return 0;
+}
