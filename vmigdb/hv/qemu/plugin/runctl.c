@@ -14,18 +14,18 @@
  * serves the held stop itself (registers from here, memory from the guest's RAM file) and the
  * machine goes on when this plugin releases it.
  *
- * Instrumentation is decided at translation, so the plugin has two translation modes:
- * - normal: a callback at each breakpoint address, and a conditional "follow" callback on every
- *   later instruction of a block holding a breakpoint (so a step or a re-check that starts at a
- *   breakpoint ends exactly, wherever that block goes next it is retranslated first, see below);
- * - step: a conditional follow callback on every instruction (about 15% slower, only while the
- *   user steps).
- * Changing mode or adding a breakpoint while held calls qemu_plugin_reset from the held vCPU:
- * QEMU flushes its translated code before that vCPU's next block, so the instructions after the
- * current one in its block are the only ones translated the old way, and those carry follow
- * callbacks. A breakpoint added while QEMU's gdbstub holds the machine is made to retranslate by
- * vmigdb itself (it rewrites the instruction's first byte with its own value through the gdbstub,
- * which makes QEMU drop the code translated from that byte).
+ * Instrumentation is decided at translation: a callback at each breakpoint address, and a
+ * conditional "follow" callback on every later instruction of a block holding a breakpoint (a
+ * step that starts at a breakpoint ends exactly inside its block). While the user steps, vmigdb
+ * turns QEMU's one-insn-per-tb on, so every new block is one instruction and gets a follow
+ * callback: each step ends at a block's start, where QEMU's vCPU state is complete. (In the
+ * middle of a block QEMU 10.0 has not yet written rip, which hold() replaces, nor its lazily kept
+ * flags, which vmigdb then reports unavailable.) A breakpoint added while held calls
+ * qemu_plugin_reset from the held vCPU: QEMU flushes its translated code before that vCPU's next
+ * block, and until then the follow callbacks re-check the rest of the current block. A
+ * breakpoint added while QEMU's gdbstub holds the machine is made to retranslate by vmigdb (it
+ * rewrites the instruction's first byte with its own value through the gdbstub, which makes QEMU
+ * drop the code translated from that byte).
  *
  * Protocol (one private unix socket, text lines, numbers in hex; vmigdb listens, we connect):
  *   vmigdb -> plugin: reg NUM NAME              name of GDB register NUM for agent `reg`
