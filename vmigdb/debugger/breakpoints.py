@@ -106,18 +106,16 @@ class BreakpointTable:
         previous = self.desired.get(bp.key) or self.installed.get(bp.key)
         if previous is not None:
             bp = replace(bp, scope_cr3=previous.scope_cr3, mechanism=previous.mechanism)
-        if bp.key in self.desired:
-            changed = _codes(self.desired[bp.key]) != _codes(bp)
-            self.desired[bp.key] = bp
-            if changed and self._driver.decides_conditions and bp.key in self.installed:
-                self.installed[bp.key] = bp
+        installed = self.installed.get(bp.key)
+        if installed is not None and self._driver.decides_conditions:
+            if _codes(installed) != _codes(bp):  # the driver holds other conditions: replace them
                 self._insert(bp)
+                self.installed[bp.key] = bp
+        if bp.key in self.desired:
+            self.desired[bp.key] = bp
             return
-        if bp.key not in self.installed:
+        if installed is None:
             bp = self._choose_mechanism(bp)
-        elif self._driver.decides_conditions and _codes(self.installed[bp.key]) != _codes(bp):
-            self._insert(bp)  # still installed (removals are lazy), with other conditions
-            self.installed[bp.key] = bp
         self._install(bp)
         self.desired[bp.key] = bp
 

@@ -193,11 +193,7 @@ def tcg_capabilities(time_mode: str, step_timers: bool = False) -> Capabilities:
         single_step=_m(
             "tcg-single-step",
             "TCG translator single-step (interrupts and timers masked while stepping"
-            + (
-                "; timers run for a step from hlt: icount with several vCPUs)"
-                if step_timers
-                else ")"
-            ),
+            + ("; timers run for a step from hlt: icount with several vCPUs)" if step_timers else ")"),
             False,
             "QEMU translates one instruction at a time; no TF in the guest's RFLAGS",
         ),
@@ -353,10 +349,6 @@ class QemuDriver(Driver):
         self.capabilities = dataclasses.replace(
             self.capabilities, extra=(*self.capabilities.extra, PLUGIN_MECHANISM)
         )
-
-    @property
-    def plugin_holds(self) -> bool:
-        return self._plugin_held is not None
 
     def _in_hlt(self, cpu: int) -> bool:
         """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
@@ -529,9 +521,7 @@ class QemuDriver(Driver):
             self._plugin.remove_breakpoint(addr)
             self._plugin_bps.discard(addr)
             return
-        if (
-            self._plugin_held is not None
-        ):  # QEMU's gdbstub is unreachable: at the next stop it holds
+        if self._plugin_held is not None:  # QEMU's gdbstub is unreachable: at its next stop
             self._deferred.append((int(type), addr, length))
             return
         self._z(b"z", type, addr, length)
@@ -715,13 +705,12 @@ class QemuDriver(Driver):
             stop = DriverStop(self._cpus[0] if self._cpus else 1, stop.signal, stop.watch)
         leftover = self._leftover_step(stop) and not self._interrupting
         self._armed.discard(stop.cpu)
-        if not leftover:
-            self._after_gdbstub_stop()
         if leftover:
             self.leftover_steps += 1
             log.info("CPU#%d stopped on a single-step QEMU had left armed; resuming", stop.cpu - 1)
             self._send_resume(self._driven, self._resume_packet)
             return None
+        self._after_gdbstub_stop()
         return self._note(stop)
 
     def _note(self, stop: DriverStop) -> DriverStop:

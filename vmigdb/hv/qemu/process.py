@@ -502,7 +502,6 @@ class QemuProcess:
                 self.vmstate,
                 version,
             )
-            self.plugin_socket = self.monitor_socket = None
             self.plugin_why = wants_plugin(config, accel, version)
             listener = None
             if self.plugin_why is None:
@@ -564,8 +563,6 @@ class QemuProcess:
                     ) from exc
                 finally:
                     listener.close()
-                while not _is_socket(self.monitor_socket):
-                    time.sleep(0.01)
         except BaseException:
             if ram_fd >= 0:
                 os.close(ram_fd)
@@ -595,6 +592,7 @@ class QemuProcess:
             if (
                 _is_socket(self.gdb_socket)
                 and _is_socket(self.qmp_socket)
+                and (self.monitor_socket is None or _is_socket(self.monitor_socket))
                 and _maps_file(self.pid, *self._ram_id)
             ):
                 return
