@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
 from tests.e2e.conftest import Vm, boot
+from tests.e2e.mi import Gdb
+from tests.e2e.test_gdb_session import wait_ticker_advances
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +95,7 @@ def icount_vm(tmp_path_factory, guest_image):
         tmp_path_factory,
         guest_image,
         smp=2,
-        append="vmigdb.programs=ticker,loop",
+        append="vmigdb.programs=ticker,loop vmigdb.ksyms=jiffies",
         extra=("--time", "icount"),
     )
 
@@ -130,3 +133,82 @@ def test_conditions_are_decided_in_qemu_and_a_step_from_there_is_one_instruction
     assert values[0] == "0" and int(values[1], 16) == target, out[-2000:]
     assert listed[:1] == [target] and int(values[2], 16) == listed[1], out[-2000:]
     assert values[3] == "1", out[-2000:]  # lea 0x1(%rdi),%rax ran once
+
+
+def test_with_the_plugin_every_stop_stops_both_vcpus_and_detach_leaves_it_nothing(
+    icount_vm: Vm,
+) -> None:
+    """A plain breakpoint is the plugin's too: its hit (held in QEMU) and a ^C (QEMU's gdbstub)
+    each stop the whole 2-vCPU machine: the kernel's jiffies, which any vCPU's timer advances,
+    stand still for a second, and both vCPUs' registers are there. Detaching with a breakpoint on
+    the ticker's hot getpid leaves the plugin nothing that would hold the guest again."""
+    vm = icount_vm
+    getpid, jiffies = vm.ksyms["__x64_sys_getpid"], vm.ksyms["jiffies"]
+    gdb = Gdb(vm.address)
+
+    def machine_stands_still() -> None:
+        before = gdb.value(f"*(unsigned long *){jiffies:#x}")
+        time.sleep(1.0)
+        assert gdb.value(f"*(unsigned long *){jiffies:#x}") == before
+        for thread in (1, 2):
+            gdb.console_cmd(f"thread {thread}")
+            assert gdb.value("$rsp") != 0 and gdb.value("$cr3") != 0
+
+    try:
+        gdb.console_cmd(f"break *{getpid:#x}")
+        gdb.cmd("-exec-continue")
+        stop = gdb.wait_stopped()
+        assert stop.get("reason") == "breakpoint-hit", stop
+        assert gdb.value("$pc") == getpid
+        assert "vmigdb's TCG plugin" in gdb.console_cmd("monitor info")
+        machine_stands_still()
+        gdb.cmd("-exec-continue")  # the breakpoint stays: a second hit is held as well
+        assert gdb.wait_stopped().get("reason") == "breakpoint-hit"
+        gdb.console_cmd("delete")
+        gdb.cmd("-exec-continue")
+        time.sleep(0.5)
+        gdb.cmd("-exec-interrupt")
+        stop = gdb.wait_stopped()
+        assert stop.get("signal-name") == "SIGINT", stop
+        machine_stands_still()
+        gdb.console_cmd(f"break *{getpid:#x}")
+        gdb.cmd("-exec-continue")  # detach below from a stop the plugin holds, breakpoint in it
+        assert gdb.wait_stopped().get("reason") == "breakpoint-hit"
+    finally:
+        gdb.cmd("-target-detach")
+        gdb.close()
+    wait_ticker_advances(vm)
+    out = vm.gdb("monitor info", "detach")
+    assert "breakpoints: 0 requested, 0 held by the hypervisor" in out, out
+
+
+def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
+    icount_vm: Vm, guest_image
+) -> None:
+    """QEMU's gdbstub cannot be reached while the plugin holds a stop: a memory write goes to the
+    guest's RAM file (the plugin flushes QEMU's code at release); a register write is refused
+    with what to do (`monitor plugin-breakpoints off`: QEMU's gdbstub serves plain breakpoints
+    set from then on)."""
+    vm = icount_vm
+    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
+    target = int(started.group(2), 16)
+    out = vm.gdb(
+        f"add-symbol-file {guest_image.programs / 'loop'}",
+        f"break *{target:#x}",
+        "continue",
+        "set $old = vmigdb_loop_sink",
+        "set var vmigdb_loop_sink = 12345",
+        "print vmigdb_loop_sink",
+        "set var vmigdb_loop_sink = $old",
+        "print vmigdb_loop_sink == $old",
+        "set var $rax = $rax",
+        "monitor plugin-breakpoints off",
+        "monitor plugin-breakpoints on",
+        "delete",
+        "detach",
+        timeout=180,
+    )
+    values = re.findall(r"^\$\d+ = (\S+)", out, re.M)
+    assert values[:2] == ["12345", "1"], out[-3000:]
+    assert "monitor plugin-breakpoints off" in out and "cannot write registers" in out, out[-3000:]
+    assert "QEMU's gdbstub (conditional" in out, out[-3000:]

@@ -54,6 +54,7 @@ class Debugger:
         self.policy = StealthPolicy(stealth, driver.capabilities)
         self.breakpoints = BreakpointTable(driver, self.policy)
         self.guest = GuestView(driver)
+        driver.address_spaces = self.guest.address_spaces
         self._scope = ScopeWatch(self.breakpoints, watch_exit=driver.capabilities.run_control)
         self.state = MachineState(driver, self.policy, self._scope, self._read_unmapped)
         self.catchpoints = CatchpointTable(self.breakpoints)

@@ -67,6 +67,13 @@ class GuestView:
         except ANALYSIS_ERRORS as exc:
             log.warning("cannot build the guest's symbol file: %s", exc)
 
+    def address_spaces(self) -> list[int]:
+        """The CR3 of every process the guest's OS lists (none when it cannot be analysed)."""
+        try:
+            return [p.cr3 for p in self.os().processes() if p.cr3]
+        except (GuestUnavailable, *ANALYSIS_ERRORS):
+            return []
+
     def available(self) -> bool:
         try:
             self.os()

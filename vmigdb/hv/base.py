@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmigdb.arch.x86_64.registers import RegisterFile
@@ -179,6 +180,11 @@ class DriverError(Exception):
     """A request the hypervisor refused or could not carry out; the session turns it into `Exx`."""
 
 
+class NotNow(DriverError):
+    """The hypervisor cannot do this at this stop (it could at another); the message says what
+    the user can do, and GDB is shown it."""
+
+
 class MachineGone(DriverError):
     """The VM (or its hypervisor process) no longer exists."""
 
@@ -201,6 +207,9 @@ class Driver(ABC):
     # Whether `insert_breakpoint` takes `conditions=` (GDB agent bytecode) and decides them itself
     # (the QEMU driver with vmigdb's plugin); the debugger still checks every hit it reports.
     decides_conditions: bool = False
+    # The guest's address spaces (CR3 values of its processes), set by the debugger where it can
+    # list them: a driver that must find every physical copy of a virtual address asks it.
+    address_spaces: Callable[[], list[int]] | None = None
 
     # -- required: reading a stopped machine ------------------------------------------------------
 

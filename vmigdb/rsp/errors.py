@@ -19,6 +19,7 @@ breakpoint N." (the text is dropped); to `M`/`X`, "Cannot access memory at addre
 | `Unsupported` (e.g. `UnsupportedBreakpoint`): the driver cannot do it at all | `E.text` |
 | `StealthRefused`: `--stealth strict` refused a visible mechanism | `E.text` |
 | `RegisterWriteRefused`: a value no vCPU could hold (reserved RFLAGS bits...) | `E.text` |
+| `NotNow`: the hypervisor cannot at this stop, and says what to do | `E.text` |
 | `BreakpointLimitError` | `E1c` (ENOSPC) |
 | `DriverError`: the hypervisor refused | `E05` (EIO) |
 | anything else: a bug | `Eff` |
@@ -32,7 +33,7 @@ from vmigdb.debugger.breakpoints import BreakpointLimitError
 from vmigdb.debugger.model import MemoryFault, RegisterWriteRefused
 from vmigdb.debugger.policy import StealthRefused
 from vmigdb.errors import log_internal_error
-from vmigdb.hv.base import DriverError, Unsupported
+from vmigdb.hv.base import DriverError, NotNow, Unsupported
 
 log = logging.getLogger("vmigdb.rsp")
 
@@ -68,6 +69,9 @@ def error_reply(exc: BaseException, payload: bytes) -> bytes:
         log.warning("register write %r %s", payload[:64], exc)
         return text_reply(str(exc))
     if isinstance(exc, Unsupported):
+        log.info("refused %r: %s", payload[:64], exc)
+        return text_reply(f"vmigdb: {exc}")
+    if isinstance(exc, NotNow):
         log.info("refused %r: %s", payload[:64], exc)
         return text_reply(f"vmigdb: {exc}")
     if isinstance(exc, BreakpointLimitError):

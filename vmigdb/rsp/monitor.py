@@ -296,6 +296,22 @@ class Monitor:
         except GuestError as exc:
             raise MonitorError(f"cannot read it from the guest: {exc}") from None
 
+    def cmd_plugin_breakpoints(self, args: list[str]) -> str:
+        """plugin-breakpoints [on|off] — plain breakpoints held in QEMU by vmigdb's plugin (on:
+        fast, no register writes at their stops) or QEMU's gdbstub's (off)"""
+        driver = self._debugger.driver
+        if not getattr(driver, "has_plugin", False):
+            raise MonitorError("no vmigdb plugin serves run control here (see 'monitor info')")
+        if args:
+            if args[0] not in ("on", "off") or len(args) > 1:
+                raise MonitorError("usage: monitor plugin-breakpoints [on|off]")
+            driver.plugin_breakpoints = args[0] == "on"
+        where = "vmigdb's plugin" if driver.plugin_breakpoints else "QEMU's gdbstub"
+        return (
+            f"breakpoints without conditions or scope set from now on: {where} "
+            "(conditional and scoped ones: always the plugin)"
+        )
+
     def cmd_stealth(self, args: list[str]) -> str:
         """stealth — the stealth mode, every mechanism the driver declares, its visibility, its use"""
         driver = self._debugger.driver

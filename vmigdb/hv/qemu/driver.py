@@ -13,7 +13,13 @@ import re
 import selectors
 import time
 
-from vmigdb.arch.x86_64.paging import PhysicalMemoryError, Translation, paging_mode, translate
+from vmigdb.arch.x86_64.paging import (
+    PagingMode,
+    PhysicalMemoryError,
+    Translation,
+    paging_mode,
+    translate,
+)
 from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.hv.base import (
     BreakpointType,
@@ -23,6 +29,7 @@ from vmigdb.hv.base import (
     DriverStop,
     MachineGone,
     Mechanism,
+    NotNow,
 )
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
@@ -78,6 +85,9 @@ _HLT = b"\xf4"
 BRING_UP_GRACE_S = 60.0
 _CR0_PG = 1 << 31
 
+
+KERNEL_HALF = 1 << 63  # addresses from here on are the kernel's, mapped in every address space
+_CR3_PAGE = 0x000F_FFFF_FFFF_F000  # CR3 without its PCID (or flag) bits: the top table
 
 def unpaged_vcpus(cr0s: dict[int, int]) -> list[int]:
     """The vCPUs (1-based, as keyed) with paging off while another runs with it on: none while
@@ -320,6 +330,9 @@ class QemuDriver(Driver):
         self._selector: selectors.DefaultSelector | None = None
         self._one_insn = False  # QEMU's one-insn-per-tb, on while the plugin steps
         self.plugin_note = ""  # `monitor info`: what serves run control, and why
+        # Breakpoints without conditions or scope: the plugin's (fast) or QEMU's gdbstub's
+        # (register writes possible at their stops); `monitor plugin-breakpoints on|off`.
+        self.plugin_breakpoints = True
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -349,6 +362,10 @@ class QemuDriver(Driver):
         self.capabilities = dataclasses.replace(
             self.capabilities, extra=(*self.capabilities.extra, PLUGIN_MECHANISM)
         )
+
+    @property
+    def has_plugin(self) -> bool:
+        return self._plugin is not None
 
     def _in_hlt(self, cpu: int) -> bool:
         """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
@@ -410,6 +427,13 @@ class QemuDriver(Driver):
         return self._memory.ranges()
 
     def write_physical(self, pa: int, data: bytes) -> None:
+        if self._plugin_held is not None and getattr(self._memory, "writable", False):
+            # QEMU's gdbstub cannot be reached: store into the RAM file, and have the plugin
+            # flush QEMU's translated code before the guest runs on (the store may be code).
+            assert self._plugin is not None
+            self._memory.write(pa, data)
+            self._plugin.flush()
+            return
         self._refuse_while_held("writing guest memory")
         for offset in range(0, len(data), _WRITE_CHUNK):
             chunk = data[offset : offset + _WRITE_CHUNK]
@@ -450,9 +474,11 @@ class QemuDriver(Driver):
 
     def _refuse_while_held(self, what: str) -> None:
         if self._plugin_held is not None:
-            raise DriverError(
+            raise NotNow(
                 f"{what} is not possible at this stop: vmigdb's QEMU plugin holds the machine "
-                "inside QEMU (plugin API 4 cannot write); step or continue first, or stop with ^C"
+                "inside QEMU (plugin API 4 cannot write registers); step or continue first, stop "
+                "with ^C, or `monitor plugin-breakpoints off` to have QEMU's gdbstub serve "
+                "breakpoints without conditions or scope"
             )
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
@@ -473,9 +499,12 @@ class QemuDriver(Driver):
         conditions: tuple[bytes, ...] | None = None,
     ) -> None:
         if self._plugin is not None and type == BreakpointType.SOFTWARE and mechanism is None:
-            # The plugin decides scope and conditions in QEMU; at a stop it holds, it serves
-            # every new breakpoint (QEMU's gdbstub cannot be reached until it lets go).
-            if scope_cr3 is not None or conditions or self._plugin_held is not None:
+            # The plugin decides scope and conditions in QEMU, and its stops are held before the
+            # instruction with no VM stop, so the steps that follow are the plugin's too (one
+            # round trip each, not QEMU's vm_stop). Plain breakpoints go to QEMU's gdbstub
+            # instead when the user wants register writes at their stops.
+            plain = scope_cr3 is None and not conditions and self._plugin_held is None
+            if not plain or self.plugin_breakpoints:
                 self._plugin_breakpoint(addr, scope_cr3, conditions or ())
                 return
         if type.is_watchpoint:
@@ -487,6 +516,8 @@ class QemuDriver(Driver):
     def _plugin_breakpoint(
         self, addr: int, scope_cr3: int | None, conditions: tuple[bytes, ...]
     ) -> None:
+        """At a stop the plugin holds, it flushes QEMU's translated code itself when it lets go;
+        at a stop QEMU's gdbstub holds, vmigdb makes QEMU drop the code translated from `addr`."""
         assert self._plugin is not None
         new = addr not in self._plugin_bps
         self._plugin.set_breakpoint(addr, scope_cr3, conditions)
@@ -495,25 +526,43 @@ class QemuDriver(Driver):
             self._retranslate(addr, scope_cr3)
 
     def _retranslate(self, addr: int, scope_cr3: int | None) -> None:
-        """Make QEMU drop the code it translated from `addr` (it was translated without the
-        plugin's callback): write the instruction's first byte back, unchanged, through the
-        gdbstub (a physical write invalidates the translations of that byte). The plugin
-        retranslates it with its callback. A page not mapped now is translated later anyway."""
-        cpu = self._cpus[0]
-        regs = self.read_registers(cpu)
-        cr3 = scope_cr3 if scope_cr3 is not None else regs["cr3"]
-        try:
-            where = translate(
-                self._memory.read, cr3, addr, paging_mode(regs["cr0"], regs["cr4"], regs["efer"])
-            )
-            if not isinstance(where, Translation):
-                return
-            byte = self._memory.read(where.pa, 1)
-        except PhysicalMemoryError:
-            return
-        reply = self._channel.request(b"M%x,1:" % where.pa + encode_hex(byte))
-        if reply != b"OK":
-            log.warning("QEMU refused the rewrite at %#x that retranslates it: %r", addr, reply)
+        """Make QEMU drop the code it translated from `addr` without the plugin's callback: write
+        the instruction's first byte back, unchanged, through the gdbstub, at each physical
+        address `addr` has in an address space that can run it (a physical write invalidates
+        the translations of that byte; QEMU's own breakpoints flush nothing since QEMU 6.2). A
+        user address goes through every process's page tables: a process that is not running
+        may have its code translated, and shared code has one physical copy. A page no address
+        space maps now has no translation that could be reused without a fresh one, except a
+        page cache page another process maps later at the same address (said in the README)."""
+        written: set[int] = set()
+        for cr3, mode in self._spaces_for(addr, scope_cr3):
+            try:
+                where = translate(self._memory.read, cr3, addr, mode)
+                if not isinstance(where, Translation) or where.pa in written:
+                    continue
+                byte = self._memory.read(where.pa, 1)
+            except PhysicalMemoryError:
+                continue
+            reply = self._channel.request(b"M%x,1:" % where.pa + encode_hex(byte))
+            if reply != b"OK":
+                log.warning("QEMU refused the rewrite at %#x that retranslates it: %r", addr, reply)
+            written.add(where.pa)
+
+    def _spaces_for(self, addr: int, scope_cr3: int | None) -> list[tuple[int, PagingMode]]:
+        """The page tables (CR3 base, paging mode) to find `addr`'s physical copies through."""
+        cpus = [self.read_registers(cpu) for cpu in self._cpus]
+        if not cpus:
+            return []
+        mode = paging_mode(cpus[0]["cr0"], cpus[0]["cr4"], cpus[0]["efer"])
+        if scope_cr3 is not None:
+            return [(scope_cr3 & _CR3_PAGE, mode)]
+        bases = [regs["cr3"] & _CR3_PAGE for regs in cpus]
+        # With page-table isolation a vCPU in user mode runs on the user half of a pair whose
+        # kernel half, 4 KiB below, maps the kernel.
+        bases += [base & ~0x1000 for base in bases if base & 0x1000]
+        if addr < KERNEL_HALF and self.address_spaces is not None:
+            bases += [cr3 & _CR3_PAGE for cr3 in self.address_spaces()]
+        return [(base, mode) for base in dict.fromkeys(bases)]
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:
         if addr in self._plugin_bps and type == BreakpointType.SOFTWARE:

@@ -2,7 +2,10 @@
 
 QEMU keeps guest RAM in one file (``memory-backend-file,share=on``); vmigdb maps the same file
 read-only. Reading it is a memcpy in vmigdb's own process: no QMP round trip, no gdbstub packet,
-and nothing the guest can observe. Writes never go through this mapping; they go through QEMU.
+and nothing the guest can observe. Writes go through QEMU, except at a stop vmigdb's plugin holds
+inside QEMU (QEMU's gdbstub cannot be reached then): the driver writes the file (`write`, on a
+descriptor kept for that alone) and has the plugin flush QEMU's translated code before the guest
+runs on.
 
 The file is RAM in QEMU's ``ram_addr`` order, not guest-physical order: on the ``pc`` machine the
 first ``below_4g`` bytes appear at guest-physical 0, and the rest at 4 GiB (above the PCI hole).
@@ -55,7 +58,13 @@ class PhysicalMemory:
 
     how = "shared, read directly"  # for `monitor info`
 
-    def __init__(self, path_or_fd: str | os.PathLike[str] | int, size: int, below_4g: int) -> None:
+    def __init__(
+        self,
+        path_or_fd: str | os.PathLike[str] | int,
+        size: int,
+        below_4g: int,
+        writable: bool = False,
+    ) -> None:
         if size <= 0 or not 0 <= below_4g <= min(size, FOUR_GIB):
             raise ValueError(f"bad RAM layout: size={size:#x} below_4g={below_4g:#x}")
         self.size = size
@@ -72,6 +81,19 @@ class PhysicalMemory:
                 os.close(fd)
         self._view: memoryview | None = memoryview(self._mmap)
         self._closed = False
+        self._write_fd = os.dup(path_or_fd) if writable and isinstance(path_or_fd, int) else -1
+
+    @property
+    def writable(self) -> bool:
+        return self._write_fd >= 0 and not self._closed
+
+    def write(self, pa: int, data: bytes) -> None:
+        """Store `data` at `pa` in the file QEMU's guest RAM is (only while QEMU runs no vCPU:
+        QEMU does not see the store as a write, so it keeps any code it translated from it)."""
+        off = self._offset(pa, len(data))
+        if not self.writable:
+            raise _error(pa)
+        os.pwrite(self._write_fd, data, off)
 
     def _offset(self, pa: int, length: int) -> int:
         """File offset of ``[pa, pa + length)``, or raise if any of it is not RAM."""
@@ -112,6 +134,9 @@ class PhysicalMemory:
     def close(self) -> None:
         """Unmap. Safe to call twice; views still held by callers keep the mapping alive."""
         self._closed = True
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
         if self._view is not None:
             self._view.release()
             self._view = None

@@ -486,7 +486,7 @@ class QemuProcess:
             self.ram_path, ram_fd = _create_ram_file(size, self.workdir)
             st = os.fstat(ram_fd)
             self._ram_id = (st.st_dev, st.st_ino)
-            self.memory = PhysicalMemory(ram_fd, size, pc_below_4g(size))
+            self.memory = PhysicalMemory(ram_fd, size, pc_below_4g(size), writable=True)
             self.vmstate = self.workdir / "vmstate.qcow2"
             if not (config.snapshots and create_vmstate_image(self.vmstate)):
                 if config.snapshots:

@@ -37,18 +37,17 @@ class PluginStop:
 
 
 def parse_stop(line: str) -> PluginStop:
-    """`stop VCPU KIND PC EXACT name=hex,...` (vCPU 0-based, hex little-endian register bytes).
+    """`stop VCPU KIND PC EXACT HEX` (vCPU 0-based; HEX: the registers PluginLink asked for, in
+    QEMU's gdbstub order, as QEMU's `g` packet would carry them).
     EXACT 0: the instruction is inside a translation block, where QEMU 10.0 has not written
     the lazily kept flags yet: eflags is reported unavailable rather than wrong."""
     try:
         _, vcpu, kind, pc, exact, regs = line.split(" ", 5)
-        raw = dict(item.split("=", 1) for item in regs.split(",") if item)
-        payload = b"".join(bytes.fromhex(raw[name]) for name, _ in QEMU_REGISTERS)
-        registers = RegisterFile.from_qemu_g(payload)
+        registers = RegisterFile.from_qemu_g(bytes.fromhex(regs))
         if exact != "1":
             registers = RegisterFile(registers.data, registers.long_mode, _FLAGS_UNKNOWN)
         return PluginStop(int(vcpu, 16) + 1, kind, int(pc, 16), registers)
-    except (ValueError, KeyError) as exc:
+    except ValueError as exc:
         raise DriverError(f"malformed stop from vmigdb's QEMU plugin: {line[:120]!r}") from exc
 
 
@@ -63,6 +62,7 @@ class PluginLink:
             raise DriverError(f"vmigdb's QEMU plugin said {self.hello!r}")
         for regnum, register in enumerate(REGISTERS):  # for conditions' `reg` opcodes
             self.send(f"reg {regnum:x} {register.name}")
+        self.send("want " + " ".join(name for name, _ in QEMU_REGISTERS))
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -82,6 +82,10 @@ class PluginLink:
 
     def remove_breakpoint(self, addr: int) -> None:
         self.send(f"del {addr:x}")
+
+    def flush(self) -> None:
+        """Guest memory changed under the held stop: QEMU drops its translated code at release."""
+        self.send("flush")
 
     def go(self, cpu: int, mode: int, lo: int = 0, hi: int = 0) -> None:
         self.send(f"go {cpu - 1:x} {mode:x} {lo:x} {hi:x}")

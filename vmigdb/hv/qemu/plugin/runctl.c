@@ -23,19 +23,30 @@
  * flags, which vmigdb then reports unavailable.) A breakpoint added while held calls
  * qemu_plugin_reset from the held vCPU: QEMU flushes its translated code before that vCPU's next
  * block, and until then the follow callbacks re-check the rest of the current block. A
- * breakpoint added while QEMU's gdbstub holds the machine is made to retranslate by vmigdb (it
- * rewrites the instruction's first byte with its own value through the gdbstub, which makes QEMU
- * drop the code translated from that byte).
+ * breakpoint added while QEMU's gdbstub holds the machine is made to retranslate by vmigdb: it
+ * rewrites the instruction's first byte with its own value, through the gdbstub, in every
+ * address space that maps it, which makes QEMU drop the code translated from that byte. (QEMU's
+ * own breakpoints flush nothing since QEMU 6.2, which checks them before every block.)
+ *
+ * QEMU 10.0 bug worked around: on a single-threaded TCG (icount), code that reads a scoreboard
+ * (conditional callbacks, inline operations) multiplies the translating vCPU's index in place,
+ * and that index is a TCG constant there: in a block translated by vCPU 1 every other use of the
+ * constant 1 becomes 8, and the guest computes wrong results (seen as a 2-vCPU guest's kernel
+ * panicking at boot). With more than one vCPU the follow callbacks are therefore
+ * unconditional and test their flag in C.
  *
  * Protocol (one private unix socket, text lines, numbers in hex; vmigdb listens, we connect):
  *   vmigdb -> plugin: reg NUM NAME              name of GDB register NUM for agent `reg`
+ *                     want NAME...              the registers a stop reports, in this order
  *                     bp ADDR CR3MASK CR3 [CODE...]  set a breakpoint (CR3MASK 0: any process)
  *                     del ADDR                  remove one
+ *                     flush                     guest memory was written: flush at release
  *                     go VCPU MODE LO HI        release the held vCPU: MODE 0 continue,
  *                                               1 step, 2 step while LO <= pc < HI (range)
  *   plugin -> vmigdb: hello VERSION NVCPUS
- *                     stop VCPU KIND PC REGS    KIND bp|step|error, REGS: name=hex,...
- *                                               (hex = the register's bytes, little-endian)
+ *                     stop VCPU KIND PC EXACT REGS  KIND bp|step|error; EXACT 0: inside a block;
+ *                                               REGS: the wanted registers' bytes as QEMU
+ *                                               gives them (little-endian), one hex string
  */
 #include <errno.h>
 #include <pthread.h>
@@ -97,6 +108,7 @@ static int flush_sent;      /* after a disconnect: one reset back to normal mode
 
 static struct qemu_plugin_scoreboard *board; /* per vCPU: enum follow (u64) */
 static qemu_plugin_u64 follow;
+static int cond_cbs_safe; /* QEMU's scoreboard code does not corrupt guest code (see the top) */
 static struct vcpu *vcpus;
 static int nvcpus;
 
@@ -105,7 +117,10 @@ static unsigned nregs;
 static struct qemu_plugin_register *by_regnum[MAX_REGNUM]; /* GDB regnum -> handle */
 static char *regnum_name[MAX_REGNUM];
 static struct qemu_plugin_register *cr3_handle;
-static unsigned rip_index = ~0u; /* index of "rip" in regs */
+static struct qemu_plugin_register *rip_handle;
+#define MAX_WANT 128
+static struct qemu_plugin_register *want[MAX_WANT]; /* what a stop reports, in vmigdb's order */
+static int nwant;
 
 /* -- breakpoint table (written only while the machine is held or stopped) --------------------- */
 
@@ -176,18 +191,16 @@ static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
     char *line = malloc(cap);
     if (!line) return;
     len = (size_t)snprintf(line, cap, "stop %x %s %llx %d ", vcpu_index, kind, (unsigned long long)pc, exact);
-    for (unsigned r = 0; r < nregs; r++) {
+    for (int w = 0; w < nwant; w++) { /* the registers vmigdb asked for, in its order */
         g_byte_array_set_size(v->buf, 0);
-        int n = qemu_plugin_read_register(regs[r].handle, v->buf);
+        int n = want[w] ? qemu_plugin_read_register(want[w], v->buf) : 0;
         if (n < 0) n = 0;
-        if (r == rip_index && n >= 8) {
+        if (want[w] == rip_handle && n >= 8) {
             /* QEMU 10.0 updates the vCPU's rip only at block boundaries: a callback in the middle
              * of a block reads the block's start. The instruction's address is what is meant. */
             for (int i = 0; i < 8; i++) v->buf->data[i] = (uint8_t)(pc >> (8 * i));
         }
-        size_t need = strlen(regs[r].name) + 3 + 2 * (size_t)n;
-        if (len + need + 2 >= cap) break;
-        len += (size_t)snprintf(line + len, cap - len, "%s%s=", r ? "," : "", regs[r].name);
+        if (len + 2 * (size_t)n + 2 >= cap) break;
         for (int i = 0; i < n; i++) {
             line[len++] = HEX[v->buf->data[i] >> 4];
             line[len++] = HEX[v->buf->data[i] & 15];
@@ -311,7 +324,7 @@ static int agent_eval(struct vcpu *v, const struct cond *c, uint64_t *out)
         case 0x26: {                                                /* reg */
             OPERAND(2);
             unsigned num = ((unsigned)code[pc + 1] << 8) | code[pc + 2];
-            if (num < MAX_REGNUM && rip_index < nregs && by_regnum[num] == regs[rip_index].handle)
+            if (num < MAX_REGNUM && rip_handle && by_regnum[num] == rip_handle)
                 a = v->pc;
             else if (num >= MAX_REGNUM || !by_regnum[num] || read_reg(v, by_regnum[num], &a))
                 return -1;
@@ -402,10 +415,10 @@ static unsigned cond_cb_vcpu(unsigned arg)
 static void on_follow(unsigned int vcpu_index, void *udata)
 {
     uint64_t pc = unpack_pc(udata);
-    vcpu_index = cond_cb_vcpu(vcpu_index);
     if (vcpu_index >= (unsigned)nvcpus) return;
     struct vcpu *v = &vcpus[vcpu_index];
     uint64_t *f = qemu_plugin_scoreboard_find(board, vcpu_index);
+    if (*f == FOLLOW_NONE) return; /* what the conditional form tests before calling */
     if (v->skip_follow_at == pc) { /* the held instruction itself, about to execute */
         v->skip_follow_at = 0;
         return;
@@ -431,6 +444,11 @@ static void on_follow(unsigned int vcpu_index, void *udata)
     }
 }
 
+static void on_follow_cond(unsigned int vcpu_index, void *udata)
+{
+    on_follow(cond_cb_vcpu(vcpu_index), udata);
+}
+
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     size_t n = qemu_plugin_tb_n_insns(tb);
@@ -443,10 +461,12 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_R_REGS, udata);
             seen_bp = 1;
         }
-        if (step_mode || seen_bp)
-            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS,
-                                                        QEMU_PLUGIN_COND_NE, follow, FOLLOW_NONE,
-                                                        udata);
+        if ((step_mode || seen_bp) && cond_cbs_safe)
+            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow_cond,
+                                                        QEMU_PLUGIN_CB_R_REGS, QEMU_PLUGIN_COND_NE,
+                                                        follow, FOLLOW_NONE, udata);
+        else if (step_mode || seen_bp)
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS, udata);
     }
 }
 
@@ -460,7 +480,7 @@ static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     nregs = all->len;
     for (unsigned r = 0; r < nregs; r++)
         if (!strcmp(regs[r].name, "cr3")) cr3_handle = regs[r].handle;
-        else if (!strcmp(regs[r].name, "rip")) rip_index = r;
+        else if (!strcmp(regs[r].name, "rip")) rip_handle = regs[r].handle;
     for (unsigned n = 0; n < MAX_REGNUM; n++)
         for (unsigned r = 0; regnum_name[n] && r < nregs; r++)
             if (!strcmp(regs[r].name, regnum_name[n])) by_regnum[n] = regs[r].handle;
@@ -518,6 +538,13 @@ static void command(char *line)
             for (unsigned r = 0; r < nregs; r++)
                 if (!strcmp(regs[r].name, name)) by_regnum[n] = regs[r].handle;
         }
+    } else if (!strcmp(verb, "want")) {
+        nwant = 0;
+        for (char *name; (name = strtok_r(NULL, " ", &save)) && nwant < MAX_WANT; nwant++) {
+            want[nwant] = NULL; /* unknown to QEMU: reported empty, vmigdb sees the stop short */
+            for (unsigned r = 0; r < nregs; r++)
+                if (!strcmp(regs[r].name, name)) want[nwant] = regs[r].handle;
+        }
     } else if (!strcmp(verb, "bp")) {
         char *a = strtok_r(NULL, " ", &save), *m = strtok_r(NULL, " ", &save),
              *c = strtok_r(NULL, " ", &save);
@@ -538,6 +565,8 @@ static void command(char *line)
                 if (added && held >= 0) retranslate = 1;
             }
         }
+    } else if (!strcmp(verb, "flush")) { /* vmigdb wrote guest memory while held */
+        if (held >= 0) retranslate = 1;
     } else if (!strcmp(verb, "del")) {
         char *a = strtok_r(NULL, " ", &save);
         struct bp *b = a ? find_bp(strtoull(a, NULL, 16)) : NULL;
@@ -620,6 +649,7 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
     }
     plugin_id = id;
     cond_index_scaled = info->version.cur == 4;
+    cond_cbs_safe = info->system.max_vcpus == 1; /* vCPU 0 is the one index the bug keeps */
     nvcpus = info->system.max_vcpus;
     vcpus = calloc((size_t)nvcpus, sizeof *vcpus);
     board = qemu_plugin_scoreboard_new(sizeof(uint64_t));
