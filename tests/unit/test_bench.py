@@ -13,7 +13,14 @@ import pytest
 
 from vmigdb.bench import stats
 from vmigdb.bench.gdbrun import parse_records, script_text
-from vmigdb.bench.observe import cpu_busy_seconds, nice_floor, private_kib, ticker_rate
+from vmigdb.bench.observe import (
+    cpu_busy_seconds,
+    host_rate,
+    nice_floor,
+    private_kib,
+    ticker_lines,
+    ticker_rate,
+)
 from vmigdb.bench.stats import QEMU, SPEC_BY_KEY, VMIGDB, Cell, Summary
 from vmigdb.bench.workloads import loop_lines
 
@@ -103,7 +110,7 @@ def test_table_rows() -> None:
         "370",
         "timeout after 200 s",
         "–",
-        ">= 5x",
+        ">= 50x",
         "",
     ]
     assert by_label["footprint (MiB)"][1:] == ["–", "30.0 [29.0-31.0]", "–", "< 100 MiB", "yes"]
@@ -173,6 +180,22 @@ def test_ticker_rate_uses_whole_lines_and_guest_seconds() -> None:
     assert ticker_rate(console) == pytest.approx(320000 / 3)
     assert ticker_rate("ticker pid=95 round=3 calls=300000\n") is None
     assert ticker_rate("ticker pid=95 round=3 calls=1\nticker pid=99 round=4 calls=2\n") is None
+
+
+def test_host_rate_is_calls_per_host_second_between_the_first_and_last_line() -> None:
+    lines = ticker_lines("ticker pid=95 round=3 calls=300000\nloop pid=96 round=1 sum=1\n"
+                         "ticker pid=95 round=4 calls=400000\nticker pid=95 round=5 calls=4")
+    assert lines == [(95, 300000), (95, 400000)]  # the last line is still being written
+    # two guest seconds of calls that took the host four seconds: 50,000 calls per host second
+    assert host_rate([(10.0, 95, 300000), (12.0, 95, 350000), (14.0, 95, 500000)]) == 50000
+    assert host_rate([(10.0, 95, 300000)]) is None
+    assert host_rate([(10.0, 95, 1), (11.0, 99, 2)]) is None  # the ticker restarted
+
+
+def test_paired_ratio_divides_repetition_by_repetition() -> None:
+    cells = {VMIGDB: Cell([99.0, 200.0]), QEMU: Cell([100.0, 200.0, 300.0])}
+    assert stats.paired_ratio(cells, VMIGDB, QEMU).values == [0.99, 1.0]
+    assert stats.paired_ratio({VMIGDB: Cell([1.0])}, VMIGDB, QEMU) is None
 
 
 SMAPS = """\

@@ -18,6 +18,9 @@ HEADER = [
     "time mode", "rate, idle", "rate, busy", "RTC rate", "largest jump, 10 s stop",
     "RDTSC outliers, debugged", "undisturbed", "busy loop (chunks/s)",
 ]  # fmt: skip
+# Two vCPUs: an SMP guest is what users run, and where guest time is hardest to hide (the
+# run-control issue's RDTSC row: 2 vCPUs, 50 hits + 200 steps, 0 outliers).
+CLOCKS_SMP = 2
 GOALS = ["goal", "0.9-1.1", "0.9-1.1", "0.9-1.1", "< 50 ms", "0", "", "higher"]
 
 
@@ -31,6 +34,7 @@ def measure_clocks(image, workdir: Path, mode: str, config: Config, log) -> dict
             idle=config.clock_phase,
             busy=config.clock_phase,
             accel="tcg",
+            smp=CLOCKS_SMP,
             log=log,
         )
     except (BenchError, ValueError) as exc:

@@ -1,9 +1,17 @@
-"""The idle-guest workload: how fast the guest's own ticker runs while a debugger is attached.
+"""The ticker workloads: how fast the guest's own ticker runs while a debugger is attached.
 
-The ticker (a guest program) prints its getpid count once per guest second. A window of its output
-gives calls per second: detached (no GDB), then (a) with GDB attached and continuing, no
-breakpoints, (b) the same with 4 breakpoints on syscalls nothing in the guest makes. Each figure is
-the attached rate over the detached rate measured just before.
+The ticker (a guest program) calls getpid in a loop and prints its count once per guest second.
+Each line is stamped with when it appeared on the console, which gives calls per host second:
+the guest's real throughput (guest seconds would hide a debugger's cost: under icount they count
+instructions, and a VM stop freezes them). Measured detached (no GDB), then
+- idle: (a) with GDB attached and continuing, no breakpoints, (b) the same with 4 breakpoints on
+  syscalls nothing in the guest makes;
+- scoped hot: a breakpoint on getpid, which the ticker runs hot, scoped to another process (the
+  parked loop program), so that no hit counts; QEMU's gdbstub has no process scope, so there the
+  breakpoint carries a condition GDB finds false (the nearest it can do), and its rate is the
+  hits GDB counted per host second.
+Each figure is the attached rate over the detached rate measured just before it. The detached
+rate of vmigdb's QEMU (its plugin loaded) over that of plain QEMU is "plugin loaded".
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import time
 
 from vmigdb.bench.gdbrun import Gdb, interrupt, wait_record
 from vmigdb.bench.guest import BenchError, Server
-from vmigdb.bench.observe import ticker_rate
+from vmigdb.bench.observe import host_rate, ticker_lines
 from vmigdb.bench.stats import Cell
 
 NEVER_CALLED = (  # syscalls nothing in the demo guest makes: breakpoints that never hit
@@ -20,51 +28,104 @@ NEVER_CALLED = (  # syscalls nothing in the demo guest makes: breakpoints that n
     "__x64_sys_kexec_load", "__x64_sys_reboot",
 )  # fmt: skip
 SETTLE_S = 0.5  # after GDB says it continues: it inserts the breakpoints and resumes
+POLL_S = 0.01  # how often the console is read: the error of each line's arrival time
 
 
 def window(server: Server, seconds: float) -> float:
-    """The ticker's calls per guest second over the next `seconds` of its console output."""
-    offset = len(server.console())
-    time.sleep(seconds)
-    value = ticker_rate(server.console()[offset:])
+    """The ticker's calls per host second over the next `seconds` of its console output."""
+    arrivals: list[tuple[float, int, int]] = []
+    with open(server.console_path, "rb") as console:
+        console.seek(0, 2)
+        pending = ""
+        end = time.monotonic() + seconds
+        while (now := time.monotonic()) < end:
+            pending += console.read().decode(errors="replace")
+            if "\n" in pending:
+                done, _, pending = pending.rpartition("\n")
+                arrivals += [(now, pid, calls) for pid, calls in ticker_lines(done + "\n")]
+            time.sleep(POLL_S)
+    value = host_rate(arrivals)
     if value is None:
         raise BenchError("the ticker printed fewer than two lines in the window")
     return value
 
 
-def attached(server: Server, gdb: Gdb, seconds: float, name: str, breakpoints: list[int]) -> float:
-    """The ticker's rate while a GDB with these breakpoints sits in `continue`; then ^C, detach."""
-    lines = "".join(f'    run("break *{a:#x}")\n' for a in breakpoints)
+def attached(
+    server: Server,
+    gdb: Gdb,
+    seconds: float,
+    name: str,
+    breakpoints: list[int],
+    setup: tuple[str, ...] = (),
+    count_hits: bool = False,
+) -> float:
+    """The ticker's rate while a GDB with these breakpoints sits in `continue`; then ^C, detach.
+
+    count_hits: the breakpoints carry a condition GDB evaluates and finds false, counting each
+    hit in $vmigdb_hits; the rate is then hits per host second (each hit is one ticker call),
+    since a guest stopped at every call prints too few lines to time.
+    """
+    condition = " if ($vmigdb_hits = $vmigdb_hits + 1) < 0" if count_hits else ""
+    lines = "".join(f'    run("{command}")\n' for command in setup)
+    if count_hits:
+        lines += '    run("set $vmigdb_hits = 0")\n'
+    lines += "".join(f'    run("break *{a:#x}{condition}")\n' for a in breakpoints)
     body = f"""
 def main():
 {lines}    emit(kind="continuing")
     run("continue")
-    emit(kind="interrupted", pc=value("$pc"))
+    emit(kind="interrupted", pc=value("$pc"), hits=value("$vmigdb_hits") if {count_hits} else 0)
 """
     proc, out = gdb.start(name, body)
     try:
         wait_record(out, "continuing", proc, 60)
-        time.sleep(SETTLE_S)
-        value = window(server, seconds)
+        started = time.monotonic()
+        if count_hits:
+            time.sleep(seconds)
+        else:
+            time.sleep(SETTLE_S)
+            value = window(server, seconds)
     finally:
         interrupt(proc)
-    stopped = wait_record(out, "interrupted", proc, 1)
+    stopped = wait_record(out, "interrupted", proc, 1 if not count_hits else 30)
+    if count_hits:
+        return stopped["hits"] / (time.monotonic() - started)
     if stopped["pc"] in breakpoints:
         raise BenchError(f"a breakpoint that should never hit did, at {stopped['pc']:#x}")
     return value
 
 
-def measure_idle(server: Server, gdb: Gdb, config, log) -> tuple[Cell, Cell]:
+def measure_scoped_hot(server: Server, gdb: Gdb, config, log) -> Cell:
+    """A breakpoint on the code the ticker runs hot, scoped away from it: attached / detached."""
+    getpid = server.ksyms.get("__x64_sys_getpid")
+    if getpid is None:
+        raise BenchError("__x64_sys_getpid is not in the guest's ksyms")
+    scoped = server.name == "vmigdb"
+    setup = ("monitor process loop",) if scoped else ()
+    cell = Cell()
+    for i in range(config.idle_reps):
+        base = window(server, config.idle_window)
+        hot = attached(
+            server, gdb, config.idle_window, "scoped-hot", [getpid], setup, count_hits=not scoped
+        )
+        cell.values.append(hot / base)
+        log(f"{server.name}: scoped hot {i + 1}/{config.idle_reps}: detached {base:,.0f} calls/s, "
+            f"attached x{cell.values[-1]:.3f}")
+    return cell
+
+
+def measure_idle(server: Server, gdb: Gdb, config, log) -> tuple[Cell, Cell, Cell]:
     breakpoints = [server.ksyms[s] for s in NEVER_CALLED if s in server.ksyms][:4]
     if len(breakpoints) < 4:
         raise BenchError("fewer than 4 never-called syscalls found in the guest's ksyms")
-    a, b = Cell(), Cell()
+    a, b, bases = Cell(), Cell(), Cell()
     for i in range(config.idle_reps):
         base = window(server, config.idle_window)
+        bases.values.append(base)
         a.values.append(attached(server, gdb, config.idle_window, "idle-a", []) / base)
         b.values.append(attached(server, gdb, config.idle_window, "idle-b", breakpoints) / base)
         log(
             f"{server.name}: idle {i + 1}/{config.idle_reps}: detached {base:,.0f} calls/s, "
             f"(a) x{a.values[-1]:.3f}, (b) x{b.values[-1]:.3f}"
         )
-    return a, b
+    return a, b, bases

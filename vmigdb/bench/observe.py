@@ -1,7 +1,8 @@
 """Host-side observations: the guest ticker's rate (from its console), vmigdb's private memory, and
 how busy other processes kept the host.
 
-`ticker_rate`, `private_kib` and `cpu_busy_seconds` are pure (text in, number out) and unit-tested;
+`ticker_rate`, `host_rate`, `private_kib` and `cpu_busy_seconds` are pure (text in, number out)
+and unit-tested;
 `FootprintSampler` and `OtherLoad` read /proc while a workload runs.
 """
 
@@ -35,6 +36,26 @@ def ticker_rate(console: str) -> float | None:
     if rounds <= 0:
         return None
     return (int(last.group(3)) - int(first.group(3))) / rounds
+
+
+def ticker_lines(text: str) -> list[tuple[int, int]]:
+    """(pid, calls) of each complete ticker line of `text`."""
+    return [
+        (int(m.group(1)), int(m.group(3))) for m in TICKER_RE.finditer(text) if m.end() < len(text)
+    ]
+
+
+def host_rate(arrivals: list[tuple[float, int, int]]) -> float | None:
+    """Calls per host second from ticker lines stamped with when they appeared on the console
+    (host seconds, pid, calls): the guest's real throughput. Guest time can hide what a debugger
+    costs: under icount a guest second is a count of instructions, however long the host took,
+    and a VM stop freezes the guest's CLOCK_MONOTONIC. None: fewer than two lines."""
+    if len(arrivals) < 2:
+        return None
+    (t0, pid0, c0), (t1, pid1, c1) = arrivals[0], arrivals[-1]
+    if pid0 != pid1 or t1 <= t0:
+        return None
+    return (c1 - c0) / (t1 - t0)
 
 
 def private_kib(smaps: str, exclude_kib: int) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vmigdb.bench import stats
-from vmigdb.bench.clocks import clock_rows
+from vmigdb.bench.clocks import CLOCKS_SMP, clock_rows
 from vmigdb.bench.inside import LEGEND as INSIDE_LEGEND
 from vmigdb.bench.inside import inside_rows
 from vmigdb.hv.qemu.process import TIME_MODES
 
-CLOCKS_TITLE = "Guest clocks under vmigdb (the clocks step: python -m vmigdb.bench.timemodes)"
+CLOCKS_TITLE = (
+    f"Guest clocks under vmigdb, {CLOCKS_SMP} vCPUs (the clocks step: python -m vmigdb.bench.timemodes)"
+)
 INSIDE_TITLE = "Inside one process, under vmigdb (the inside step: vmigdb.bench.inside)"
 CLOCKS_LEGEND = (
     "rates are guest seconds per host second (the RTC's while idle); the jump is the largest of "

@@ -45,6 +45,7 @@ MEMORY_MIB = 1024
 SMP = 1
 STEPS = (
     "idle",
+    "scoped_hot",
     "bulk_read",
     "dump_memory",
     "scattered",
@@ -56,6 +57,7 @@ STEPS = (
     "inside",
 )
 STEP_KEYS = {"idle": ("idle_a", "idle_b"), "bulk_read": ("bulk_read", "footprint")}
+IDLE_BASE = "idle_base"  # the detached ticker rates idle measured (for plugin_loaded)
 APPEND = f"vmigdb.programs=ticker,loop:park vmigdb.ksyms={','.join(EXTRA_KSYMS)}"
 
 _start = time.monotonic()
@@ -169,9 +171,10 @@ def run_server(
                     work.unpark_loop()
                     unparked = True
                 if step == "idle":
-                    a, b = work.idle()
+                    a, b, bases = work.idle()
                     put("idle_a", a)
                     put("idle_b", b)
+                    put(IDLE_BASE, bases)
                 elif step == "bulk_read":
                     footprint = stats.Cell() if name == "vmigdb" else None
                     put("bulk_read", work.bulk_read(footprint))
@@ -212,6 +215,9 @@ def run_mode(run: ModeRun, image, config: Config, args: argparse.Namespace, root
             run_server, servers[name], image, config, run.mode, comparison, run.results, root
         )
         measured_load(run, name, workloads)
+    plugin_loaded = stats.paired_ratio(run.results.get(IDLE_BASE, {}), "vmigdb", "qemu")
+    if plugin_loaded is not None:
+        run.results["plugin_loaded"] = {"vmigdb": plugin_loaded}
     for step in ("clocks", "inside"):
         if step not in args.only:
             continue

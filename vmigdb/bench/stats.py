@@ -50,11 +50,14 @@ SPECS: tuple[Spec, ...] = (
     Spec("dump_memory", "bulk dump, monitor", "MB/s", 500, target_on=VMIGDB, qemu_applicable=False),
     Spec("scattered", "scattered read", "x/8xg/s", 1.0),
     Spec("registers", "registers", "reads/s", 1.0),
-    Spec("stepi", "stepi", "steps/s", 0.8),
-    Spec("cond_bp", "conditional bp", "hits/s", 5),
+    Spec("stepi", "stepi", "steps/s", 1.5),
+    Spec("cond_bp", "conditional bp", "hits/s", 50),
     Spec("next_loop", "next over loop", "s per 100k-iter next", 20, higher_is_better=False),
     Spec("idle_a", "idle, attached", "x detached", 0.95, target_on=VMIGDB),
     Spec("idle_b", "idle, 4 bps", "x detached", 1.0),
+    Spec("plugin_loaded", "idle, plugin loaded", "x plain QEMU", 0.95, target_on=VMIGDB,
+         qemu_applicable=False),
+    Spec("scoped_hot", "scoped bp, hot code", "x detached", 0.9, target_on=VMIGDB),
     Spec(
         "footprint",
         "footprint",
@@ -66,6 +69,15 @@ SPECS: tuple[Spec, ...] = (
     ),
 )
 SPEC_BY_KEY = {spec.key: spec for spec in SPECS}
+
+
+def paired_ratio(cells: dict[str, Cell], top: str, bottom: str) -> Cell | None:
+    """Repetition i of `top` over repetition i of `bottom` (e.g. one server's detached rate over
+    the other's), or None when either server has no figures."""
+    a, b = cells.get(top), cells.get(bottom)
+    if a is None or b is None or not a.values or not b.values:
+        return None
+    return Cell(values=[x / y for x, y in zip(a.values, b.values, strict=False) if y])
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vmigdb.bench.gdbrun import Gdb
 from vmigdb.bench.guest import BenchError, Server
-from vmigdb.bench.idle import NEVER_CALLED, measure_idle
+from vmigdb.bench.idle import NEVER_CALLED, measure_idle, measure_scoped_hot
 from vmigdb.bench.observe import FootprintSampler, nice_floor
 from vmigdb.bench.stats import Cell, best_of, rate
 
@@ -380,6 +380,11 @@ def main():
         return cell
 
     # ---- idle guest ------------------------------------------------------------------------------
-    def idle(self) -> tuple[Cell, Cell]:
-        """(a) attached without breakpoints, (b) with 4 that never hit: rate / detached rate."""
+    def idle(self) -> tuple[Cell, Cell, Cell]:
+        """(a) attached without breakpoints, (b) with 4 that never hit: rate / detached rate;
+        and the detached rates themselves."""
         return measure_idle(self.server, self.gdb, self.config, self.log)
+
+    def scoped_hot(self) -> Cell:
+        """A breakpoint on code the ticker runs hot, scoped to another process: x detached."""
+        return measure_scoped_hot(self.server, self.gdb, self.config, self.log)
