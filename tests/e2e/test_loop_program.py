@@ -155,6 +155,7 @@ def test_with_the_plugin_every_stop_stops_both_vcpus_and_detach_leaves_it_nothin
             assert gdb.value("$rsp") != 0 and gdb.value("$cr3") != 0
 
     try:
+        gdb.console_cmd("monitor plugin-breakpoints on")
         gdb.console_cmd(f"break *{getpid:#x}")
         gdb.cmd("-exec-continue")
         stop = gdb.wait_stopped()
@@ -178,7 +179,7 @@ def test_with_the_plugin_every_stop_stops_both_vcpus_and_detach_leaves_it_nothin
         gdb.cmd("-target-detach")
         gdb.close()
     wait_ticker_advances(vm)
-    out = vm.gdb("monitor info", "detach")
+    out = vm.gdb("monitor info", "monitor plugin-breakpoints off", "detach")
     assert "breakpoints: 0 requested, 0 held by the hypervisor" in out, out
 
 
@@ -194,6 +195,7 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
     target = int(started.group(2), 16)
     out = vm.gdb(
         f"add-symbol-file {guest_image.programs / 'loop'}",
+        "monitor plugin-breakpoints on",
         f"break *{target:#x}",
         "continue",
         "set $old = vmigdb_loop_sink",
@@ -201,10 +203,10 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
         "print vmigdb_loop_sink",
         "set var vmigdb_loop_sink = $old",
         "print vmigdb_loop_sink == $old",
-        "set var $rax = $rax",
-        "monitor plugin-breakpoints off",
-        "monitor plugin-breakpoints on",
+        "set var $rax = $rax + 1",
+        "monitor snapshot list",
         "delete",
+        "monitor plugin-breakpoints off",
         "detach",
         timeout=180,
     )
@@ -212,3 +214,4 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
     assert values[:2] == ["12345", "1"], out[-3000:]
     assert "monitor plugin-breakpoints off" in out and "cannot write registers" in out, out[-3000:]
     assert "QEMU's gdbstub (conditional" in out, out[-3000:]
+    assert "cannot stop the VM for a snapshot" in out, out[-3000:]

@@ -272,13 +272,25 @@ def main():
 
     def stepi(self) -> Cell:
         getpid = self.server.ksyms["__x64_sys_getpid"]
+        # vmigdb: the plugin's stops and steps where it is loaded (QEMU's gdbstub otherwise)
+        plugin = self.server.name == "vmigdb"
         body = f"""
 def main():
+    if {plugin}:
+        try:
+            quiet("monitor plugin-breakpoints on")
+        except gdb.error:  # no plugin here (host time)
+            pass
     for _ in range({self.config.passes}):
         run("break *{getpid:#x}")
         run("continue")
         run("delete")
         emit(kind="pass", seconds=timed("stepi {self.config.stepi}"))
+    if {plugin}:
+        try:
+            quiet("monitor plugin-breakpoints off")
+        except gdb.error:
+            pass
 """
         timeout = 60 + self.config.passes * (10 + self.config.stepi / 100)
         return self._reps(

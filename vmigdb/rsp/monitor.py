@@ -217,6 +217,11 @@ class Monitor:
 
     def cmd_snapshot(self, args: list[str]) -> Later:
         """snapshot save|load|delete NAME, snapshot list — whole-VM snapshots (detonation loops)"""
+        if getattr(self._debugger.driver, "plugin_holds", False):
+            raise MonitorError(
+                "vmigdb's QEMU plugin holds this stop inside QEMU, which cannot stop the VM for a "
+                "snapshot meanwhile: continue or stop with ^C first"
+            )
         verb = args[0] if args else ""
         if not (verb == "list" and len(args) == 1) and not (
             verb in ("save", "load", "delete") and len(args) == 2
@@ -298,7 +303,7 @@ class Monitor:
 
     def cmd_plugin_breakpoints(self, args: list[str]) -> str:
         """plugin-breakpoints [on|off] — plain breakpoints held in QEMU by vmigdb's plugin (on:
-        fast, no register writes at their stops) or QEMU's gdbstub's (off)"""
+        fast steps, no register writes or snapshots at their stops) or QEMU's gdbstub's (off)"""
         driver = self._debugger.driver
         if not getattr(driver, "has_plugin", False):
             raise MonitorError("no vmigdb plugin serves run control here (see 'monitor info')")

@@ -330,9 +330,10 @@ class QemuDriver(Driver):
         self._selector: selectors.DefaultSelector | None = None
         self._one_insn = False  # QEMU's one-insn-per-tb, on while the plugin steps
         self.plugin_note = ""  # `monitor info`: what serves run control, and why
-        # Breakpoints without conditions or scope: the plugin's (fast) or QEMU's gdbstub's
-        # (register writes possible at their stops); `monitor plugin-breakpoints on|off`.
-        self.plugin_breakpoints = True
+        # Breakpoints without conditions or scope: the plugin's (fast steps from their stops) or
+        # QEMU's gdbstub's (the default: register writes and snapshots possible at their stops);
+        # `monitor plugin-breakpoints on|off`.
+        self.plugin_breakpoints = False
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -366,6 +367,11 @@ class QemuDriver(Driver):
     @property
     def has_plugin(self) -> bool:
         return self._plugin is not None
+
+    @property
+    def plugin_holds(self) -> bool:
+        """Is this stop held inside QEMU by the plugin (QEMU cannot stop the VM meanwhile)?"""
+        return self._plugin_held is not None
 
     def _in_hlt(self, cpu: int) -> bool:
         """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
