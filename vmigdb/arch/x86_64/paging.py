@@ -25,6 +25,7 @@ __all__ = [
     "ReadPhys",
     "Translation",
     "Translator",
+    "cr3_tables",
     "paging_mode",
     "translate",
     "translate_range",
@@ -124,6 +125,11 @@ _U64 = (1 << 64) - 1
 _PAE_PDPTE_RESERVED = 0x1E6  # bits 1, 2, 5..8 must be 0 in a PAE PDPTE
 _PAGE = 0x1000
 
+
+
+def cr3_tables(cr3: int) -> int:
+    """CR3 as the page tables to walk: without PCID bits only."""
+    return cr3 & _ADDR_MASK
 
 def _read_entry(read_phys: ReadPhys, addr: int, size: int) -> int | None:
     try:

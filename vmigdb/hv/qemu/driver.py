@@ -17,6 +17,7 @@ from vmigdb.arch.x86_64.paging import (
     PagingMode,
     PhysicalMemoryError,
     Translation,
+    cr3_tables,
     paging_mode,
     translate,
 )
@@ -85,9 +86,8 @@ _HLT = b"\xf4"
 BRING_UP_GRACE_S = 60.0
 _CR0_PG = 1 << 31
 
-
 KERNEL_HALF = 1 << 63  # addresses from here on are the kernel's, mapped in every address space
-_CR3_PAGE = 0x000F_FFFF_FFFF_F000  # CR3 without its PCID (or flag) bits: the top table
+
 
 def unpaged_vcpus(cr0s: dict[int, int]) -> list[int]:
     """The vCPUs (1-based, as keyed) with paging off while another runs with it on: none while
@@ -556,18 +556,19 @@ class QemuDriver(Driver):
 
     def _spaces_for(self, addr: int, scope_cr3: int | None) -> list[tuple[int, PagingMode]]:
         """The page tables (CR3 base, paging mode) to find `addr`'s physical copies through."""
-        cpus = [self.read_registers(cpu) for cpu in self._cpus]
-        if not cpus:
+        if not self._cpus:
             return []
-        mode = paging_mode(cpus[0]["cr0"], cpus[0]["cr4"], cpus[0]["efer"])
+        first = self.read_registers(self._cpus[0])
+        mode = paging_mode(first["cr0"], first["cr4"], first["efer"])
         if scope_cr3 is not None:
-            return [(scope_cr3 & _CR3_PAGE, mode)]
-        bases = [regs["cr3"] & _CR3_PAGE for regs in cpus]
+            return [(cr3_tables(scope_cr3), mode)]
+        cpus = [first, *(self.read_registers(cpu) for cpu in self._cpus[1:])]
+        bases = [cr3_tables(regs["cr3"]) for regs in cpus]
         # With page-table isolation a vCPU in user mode runs on the user half of a pair whose
         # kernel half, 4 KiB below, maps the kernel.
         bases += [base & ~0x1000 for base in bases if base & 0x1000]
         if addr < KERNEL_HALF and self.address_spaces is not None:
-            bases += [cr3 & _CR3_PAGE for cr3 in self.address_spaces()]
+            bases += [cr3_tables(cr3) for cr3 in self.address_spaces()]
         return [(base, mode) for base in dict.fromkeys(bases)]
 
     def remove_breakpoint(self, type: BreakpointType, addr: int, length: int) -> None:

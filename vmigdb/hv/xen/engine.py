@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmigdb.arch.x86_64.paging import paging_mode
+from vmigdb.arch.x86_64.paging import cr3_tables, paging_mode
 from vmigdb.errors import log_internal_error
 from vmigdb.hv.base import BreakpointType, DriverError, DriverStop
 from vmigdb.hv.xen.catches import Catches
@@ -48,7 +48,6 @@ from vmigdb.hv.xen.targets import (
     Watch,
     access_size,
     cr3_base,
-    cr3_tables,
 )
 from vmigdb.hv.xen.views import PAGE, R, Views, W, X
 

@@ -42,11 +42,6 @@ def cr3_base(cr3: int) -> int:
     return cr3 & 0x000F_FFFF_FFFF_E000
 
 
-def cr3_tables(cr3: int) -> int:
-    """CR3 as the page tables to walk: without PCID bits only."""
-    return cr3 & 0x000F_FFFF_FFFF_F000
-
-
 @dataclass
 class ExecBreak:
     """A breakpoint GDB placed at `va` (Z0/Z1): the guest-physical bytes it covers."""

@@ -108,7 +108,9 @@ static int flush_sent;      /* after a disconnect: one reset back to normal mode
 
 static struct qemu_plugin_scoreboard *board; /* per vCPU: enum follow (u64) */
 static qemu_plugin_u64 follow;
-static int cond_cbs_safe; /* QEMU's scoreboard code does not corrupt guest code (see the top) */
+/* QEMU's scoreboard code does not corrupt guest code (see the top). The same bug passes a
+ * conditional callback cpu_index * 8 for its vCPU: with one vCPU that is 0, the right index. */
+static int cond_cbs_safe;
 static struct vcpu *vcpus;
 static int nvcpus;
 
@@ -398,20 +400,6 @@ static void on_breakpoint(unsigned int vcpu_index, void *udata)
     if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata));
 }
 
-/*
- * QEMU 10.0 (plugin API 4) passes a conditional callback its vCPU's scoreboard offset instead of
- * its index (cpu_index * entry size: vCPU 1 is called as 8, measured on 10.0.2); unconditional
- * callbacks get the index. With 8-byte entries the two agree only for vCPU 0.
- */
-static int cond_index_scaled;
-
-static unsigned cond_cb_vcpu(unsigned arg)
-{
-    if (cond_index_scaled && arg % sizeof(uint64_t) == 0 && arg / sizeof(uint64_t) < (unsigned)nvcpus)
-        return arg / sizeof(uint64_t);
-    return arg;
-}
-
 static void on_follow(unsigned int vcpu_index, void *udata)
 {
     uint64_t pc = unpack_pc(udata);
@@ -444,11 +432,6 @@ static void on_follow(unsigned int vcpu_index, void *udata)
     }
 }
 
-static void on_follow_cond(unsigned int vcpu_index, void *udata)
-{
-    on_follow(cond_cb_vcpu(vcpu_index), udata);
-}
-
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     size_t n = qemu_plugin_tb_n_insns(tb);
@@ -461,11 +444,12 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_R_REGS, udata);
             seen_bp = 1;
         }
-        if ((step_mode || seen_bp) && cond_cbs_safe)
-            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow_cond,
-                                                        QEMU_PLUGIN_CB_R_REGS, QEMU_PLUGIN_COND_NE,
-                                                        follow, FOLLOW_NONE, udata);
-        else if (step_mode || seen_bp)
+        if (!step_mode && !seen_bp) continue;
+        if (cond_cbs_safe)
+            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS,
+                                                        QEMU_PLUGIN_COND_NE, follow, FOLLOW_NONE,
+                                                        udata);
+        else
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS, udata);
     }
 }
@@ -648,7 +632,6 @@ EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info, int
         return -1;
     }
     plugin_id = id;
-    cond_index_scaled = info->version.cur == 4;
     cond_cbs_safe = info->system.max_vcpus == 1; /* vCPU 0 is the one index the bug keeps */
     nvcpus = info->system.max_vcpus;
     vcpus = calloc((size_t)nvcpus, sizeof *vcpus);
