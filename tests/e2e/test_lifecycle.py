@@ -72,14 +72,38 @@ def shm_files() -> set[str]:
     return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("vmigdb-")}
 
 
-def test_sigkill_of_vmigdb_takes_qemu_down_and_leaves_no_ram_file(tmp_path, guest_image) -> None:
+# Who holds the stop when vmigdb dies: QEMU's gdbstub, or vmigdb's plugin (a vCPU blocked in a
+# callback inside QEMU, which must not keep QEMU alive).
+HOLDERS = {"gdbstub": (), "plugin": ("monitor plugin-breakpoints on",)}
+
+
+@pytest.mark.parametrize("holder", HOLDERS)
+def test_sigkill_of_vmigdb_takes_qemu_down_and_leaves_no_ram_file(
+    tmp_path, guest_image, holder
+) -> None:
     before = shm_files()
     vm = Vm(tmp_path, guest_image.kernel, guest_image.initrd)
     qemu = qemu_of(vm)
-    vm.gdb(f"break *{vm.ksyms['__x64_sys_getpid']:#x}", "continue")  # a breakpoint is held
-    vm.proc.kill()
-    vm.proc.wait()
-    assert wait_gone(qemu), "QEMU outlived vmigdb"
+    # GDB stays connected at the hit (it sleeps), so vmigdb dies while the stop is held.
+    argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off"]
+    argv += ["-ex", f"target remote {vm.address}"]
+    for command in (*HOLDERS[holder], f"break *{vm.ksyms['__x64_sys_getpid']:#x}", "continue"):
+        argv += ["-ex", command]
+    argv += ["-ex", "echo HELD\\n", "-ex", "shell sleep 120"]
+    gdb = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = ""
+        while "HELD" not in seen:
+            line = gdb.stdout.readline()
+            assert line, f"GDB ended before the hit: {seen}"
+            seen += line
+        assert "Breakpoint 1," in seen, seen
+        vm.proc.kill()
+        vm.proc.wait()
+        assert wait_gone(qemu), "QEMU outlived vmigdb"
+    finally:
+        gdb.kill()
+        gdb.wait()
     assert shm_files() <= before
     # Its work directory (QEMU's logs) stays behind, and the next start sweeps it away.
     m = re.search(r"workdir (\S+)", vm.stderr())

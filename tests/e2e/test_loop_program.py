@@ -215,3 +215,37 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
     assert "monitor plugin-breakpoints off" in out and "cannot write registers" in out, out[-3000:]
     assert "QEMU's gdbstub (conditional" in out, out[-3000:]
     assert "cannot stop the VM for a snapshot" in out, out[-3000:]
+
+
+def test_watchpoints_are_the_plugins_and_stop_right_after_the_access(icount_vm: Vm) -> None:
+    """Under icount QEMU's own watchpoints can abort QEMU with 2 vCPUs; vmigdb's plugin serves
+    them. Set at a stop QEMU's gdbstub holds (attach) and at one the plugin holds (a breakpoint
+    hit), each stops right after the instruction that wrote jiffies: one tick later, in the
+    kernel's jiffies update."""
+    vm = icount_vm
+    getpid = vm.ksyms["__x64_sys_getpid"]
+    out = vm.gdb(
+        "monitor stealth",
+        "watch *(unsigned long *)&jiffies",
+        "continue",
+        "continue",
+        "delete",
+        "monitor plugin-breakpoints on",
+        f"break *{getpid:#x}",
+        "continue",
+        "watch *(unsigned long *)&jiffies",
+        "delete 2",
+        "continue",
+        "info symbol $pc",
+        "delete",
+        "monitor plugin-breakpoints off",
+        "detach",
+        timeout=180,
+    )
+    assert "watchpoint: vmigdb's TCG plugin" in out, out[-3000:]
+    assert out.count("Breakpoint 2, ") == 1, out[-3000:]
+    olds = [int(v) for v in re.findall(r"^Old value = (\d+)", out, re.M)]
+    news = [int(v) for v in re.findall(r"^New value = (\d+)", out, re.M)]
+    assert len(olds) == len(news) == 3, out[-3000:]
+    assert all(new == old + 1 for old, new in zip(olds, news, strict=True)), out[-3000:]
+    assert re.search(r"tick_do_update_jiffies64 \+ \d+ in section", out), out[-3000:]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from vmigdb.arch.x86_64.registers import QEMU_REGISTERS, REGISTER_INDEX
-from vmigdb.hv.base import DriverError
+from vmigdb.hv.base import BreakpointType, DriverError
 from vmigdb.hv.qemu.runctl import parse_info_registers, parse_stop
 
 
-def _stop_line(exact: int, rip: int = 0xFFFFFFFF810B0F45) -> str:
+def _stop_line(exact: int, rip: int = 0xFFFFFFFF810B0F45, kind: str = "step") -> str:
     values = {"rax": 0x27, "rip": rip, "eflags": 0x246, "cr3": 0x1234000}
     regs = "".join(values.get(name, 0).to_bytes(size, "little").hex() for name, size in QEMU_REGISTERS)
-    return f"stop 1 step {rip:x} {exact} {regs}"
+    return f"stop 1 {kind} {rip:x} {exact} {regs}"
 
 
 def test_a_stop_at_a_block_start_carries_every_register() -> None:
@@ -28,9 +28,18 @@ def test_inside_a_block_the_lagging_flags_are_unavailable_not_wrong() -> None:
     assert stop.registers.unavailable == {REGISTER_INDEX["eflags"]}
 
 
+def test_a_watchpoint_stop_names_its_type_and_watched_address() -> None:
+    stop = parse_stop(_stop_line(0, kind="watch:3:ffffffff82e079c0"))
+    assert stop.kind == "watch" and stop.pc == 0xFFFFFFFF810B0F45
+    assert stop.watch == (BreakpointType.READ_WATCH, 0xFFFFFFFF82E079C0)
+    assert parse_stop(_stop_line(1)).watch is None
+
+
 def test_a_malformed_stop_is_a_driver_error() -> None:
     with pytest.raises(DriverError):
         parse_stop("stop 0 bp ffff 1 00")  # a register QEMU did not have: the stop is short
+    with pytest.raises(DriverError):
+        parse_stop(_stop_line(1, kind="watch:0:1000"))  # type 0 is a breakpoint
 
 
 HMP = """\r

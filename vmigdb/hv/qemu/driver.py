@@ -174,10 +174,21 @@ PLUGIN_MECHANISM = _m(
     "tcg-plugin-run-control",
     "vmigdb's TCG plugin: breakpoint scope and conditions decided in QEMU at guest speed; a true "
     "hit or a step's end holds the vCPU (icount's one thread: the whole machine) before the "
-    "instruction; other breakpoints, watchpoints, writes and ^C stay QEMU's gdbstub's",
+    "instruction; watchpoints too; other breakpoints, writes and ^C stay QEMU's gdbstub's",
     False,
     "runs inside QEMU's translated code, never in the guest; a false hit costs a callback, not a "
     "VM stop; under icount no guest instruction retires while it holds the machine",
+)
+
+
+# Under icount QEMU's own watchpoints can abort QEMU with several vCPUs (plugin/runctl.c says how).
+PLUGIN_WATCHPOINT = _m(
+    "tcg-plugin-watchpoint",
+    "vmigdb's TCG plugin: a memory callback on every instruction while a watchpoint exists; the "
+    "stop is held at the next instruction, as x86 reports data breakpoints",
+    False,
+    "runs inside QEMU's translated code; no debug register is used; the guest runs slower while "
+    "a watchpoint exists, which icount's instruction-counted time does not show",
 )
 
 
@@ -324,6 +335,11 @@ class QemuDriver(Driver):
         self._plugin: PluginLink | None = None
         self._monitor: MonitorClient | None = None
         self._plugin_bps: set[int] = set()  # addresses the plugin serves
+        self._plugin_watches: set[tuple[BreakpointType, int, int]] = set()  # (type, addr, length)
+        # A first watchpoint set at a stop QEMU's gdbstub holds: QEMU translates one instruction
+        # per block until the plugin has flushed the code translated without memory callbacks.
+        self._watch_flush_pending = False
+        self._plugin_stepping = False
         self._plugin_held: PluginStop | None = None  # the stop the plugin holds, if any
         self._others: dict[int, RegisterFile] | None = None  # other vCPUs at that stop
         self._deferred: list[tuple[int, int, int]] = []  # gdbstub removals owed (plugin-held)
@@ -360,8 +376,11 @@ class QemuDriver(Driver):
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._channel.fileno(), selectors.EVENT_READ)
         self._selector.register(link.fileno(), selectors.EVENT_READ)
+        link.on_flushed = self._on_watch_flushed
         self.capabilities = dataclasses.replace(
-            self.capabilities, extra=(*self.capabilities.extra, PLUGIN_MECHANISM)
+            self.capabilities,
+            watchpoint=PLUGIN_WATCHPOINT,
+            extra=(*self.capabilities.extra, PLUGIN_MECHANISM),
         )
 
     @property
@@ -513,6 +532,9 @@ class QemuDriver(Driver):
             if not plain or self.plugin_breakpoints:
                 self._plugin_breakpoint(addr, scope_cr3, conditions or ())
                 return
+        if type.is_watchpoint and self._plugin is not None:
+            self._plugin_watch(type, addr, length)
+            return
         if type.is_watchpoint:
             self._refuse_while_held("setting a watchpoint")
         if mechanism == PATCHED_INT3:
@@ -530,6 +552,22 @@ class QemuDriver(Driver):
         self._plugin_bps.add(addr)
         if new and self._plugin_held is None:
             self._retranslate(addr, scope_cr3)
+
+    def _plugin_watch(self, type: BreakpointType, addr: int, length: int) -> None:
+        """QEMU's own watchpoints abort QEMU under icount with several vCPUs: the plugin serves
+        them. The first one needs code retranslated with memory callbacks: at a held stop the
+        plugin flushes at release; at a gdbstub stop it flushes at the next translation, which
+        one-insn-per-tb makes immediate (turned off again when the plugin says `flushed`)."""
+        assert self._plugin is not None
+        first = not self._plugin_watches
+        self._plugin.set_watch(type, addr, length)
+        self._plugin_watches.add((type, addr, length))
+        if first and self._plugin_held is None:
+            self._watch_flush_pending = True
+
+    def _on_watch_flushed(self) -> None:
+        self._watch_flush_pending = False
+        self._one_insn_per_tb(self._plugin_stepping)
 
     def _retranslate(self, addr: int, scope_cr3: int | None) -> None:
         """Make QEMU drop the code it translated from `addr` without the plugin's callback: write
@@ -576,6 +614,11 @@ class QemuDriver(Driver):
             assert self._plugin is not None
             self._plugin.remove_breakpoint(addr)
             self._plugin_bps.discard(addr)
+            return
+        if (type, addr, length) in self._plugin_watches:
+            assert self._plugin is not None
+            self._plugin.remove_watch(type, addr, length)
+            self._plugin_watches.discard((type, addr, length))
             return
         if self._plugin_held is not None:  # QEMU's gdbstub is unreachable: at its next stop
             self._deferred.append((int(type), addr, length))
@@ -655,7 +698,8 @@ class QemuDriver(Driver):
             )
         # While the plugin steps, QEMU translates one instruction per block, so each step ends
         # at a block's start, where QEMU's vCPU state (flags included) is complete.
-        self._one_insn_per_tb(bool(steppers))
+        self._plugin_stepping = bool(steppers)
+        self._one_insn_per_tb(self._plugin_stepping or self._watch_flush_pending)
         self._plugin.go(held.cpu, STEP if steppers else CONTINUE)
         self._plugin_held = None
         self._others = None
@@ -668,7 +712,8 @@ class QemuDriver(Driver):
             self._one_insn = on
 
     def _send_resume(self, actions: dict[int, str], packet: bytes) -> None:
-        self._one_insn_per_tb(False)
+        self._plugin_stepping = False
+        self._one_insn_per_tb(self._watch_flush_pending)
         self._g_cpu = None  # QEMU may move its selected vCPU to the one that stops next
         self._channel.resume(packet)
         if self._run_started is None:
@@ -706,7 +751,7 @@ class QemuDriver(Driver):
         self._others = None
         if stop.kind == "error":
             log.info("a condition at %#x could not be evaluated in QEMU; stopping", stop.pc)
-        return self._note(DriverStop(cpu=stop.cpu, signal=5))
+        return self._note(DriverStop(cpu=stop.cpu, signal=5, watch=stop.watch))
 
     def _after_gdbstub_stop(self) -> None:
         deferred, self._deferred = self._deferred, []

@@ -6,7 +6,7 @@ conditions decided in QEMU) or a step ends, and reports that vCPU's registers wi
 Under icount every vCPU runs on one QEMU thread, so that hold is an all-stop; QEMU's gdbstub
 cannot be used while it lasts (any byte makes QEMU wait for the held vCPU), so the other vCPUs'
 registers come from QEMU's monitor (`info registers -a`, served by QEMU's main loop, which the
-hold does not block).
+hold does not block). Watchpoints are the plugin's as well: their stops carry the watched address.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import json
 import logging
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmigdb.arch.x86_64.registers import QEMU_REGISTERS, REGISTER_INDEX, REGISTERS, RegisterFile
-from vmigdb.hv.base import DriverError, MachineGone
+from vmigdb.hv.base import BreakpointType, DriverError, MachineGone
 
 log = logging.getLogger("vmigdb.hv.qemu.runctl")
 
@@ -31,14 +32,16 @@ CR3_BASE_MASK = 0x000F_FFFF_FFFF_E000  # the page-table base, as the debugger co
 @dataclass(frozen=True, slots=True)
 class PluginStop:
     cpu: int  # 1-based, as the gdbstub numbers threads
-    kind: str  # "bp", "step", or "error" (a condition that could not be evaluated)
+    kind: str  # "bp", "step", "watch", or "error" (a condition that could not be evaluated)
     pc: int
     registers: RegisterFile
+    watch: tuple[BreakpointType, int] | None = None  # a watchpoint's type and address
 
 
 def parse_stop(line: str) -> PluginStop:
-    """`stop VCPU KIND PC EXACT HEX` (vCPU 0-based; HEX: the registers PluginLink asked for, in
-    QEMU's gdbstub order, as QEMU's `g` packet would carry them).
+    """`stop VCPU KIND PC EXACT HEX` (vCPU 0-based; KIND `watch:TYPE:ADDR` for a watchpoint, PC
+    then the instruction after the access; HEX: the registers PluginLink asked for, in QEMU's
+    gdbstub order, as QEMU's `g` packet would carry them).
     EXACT 0: the instruction is inside a translation block, where QEMU 10.0 has not written
     the lazily kept flags yet: eflags is reported unavailable rather than wrong."""
     try:
@@ -46,7 +49,13 @@ def parse_stop(line: str) -> PluginStop:
         registers = RegisterFile.from_qemu_g(bytes.fromhex(regs))
         if exact != "1":
             registers = RegisterFile(registers.data, registers.long_mode, _FLAGS_UNKNOWN)
-        return PluginStop(int(vcpu, 16) + 1, kind, int(pc, 16), registers)
+        watch = None
+        if kind.startswith("watch:"):
+            kind, type, addr = kind.split(":")
+            watch = (BreakpointType(int(type, 16)), int(addr, 16))
+            if not watch[0].is_watchpoint:
+                raise ValueError(f"not a watchpoint type: {type}")
+        return PluginStop(int(vcpu, 16) + 1, kind, int(pc, 16), registers, watch)
     except ValueError as exc:
         raise DriverError(f"malformed stop from vmigdb's QEMU plugin: {line[:120]!r}") from exc
 
@@ -57,6 +66,7 @@ class PluginLink:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._buffer = b""
+        self.on_flushed: Callable[[], None] = lambda: None  # the plugin said `flushed`
         self.hello = self._read_line(10.0)  # sent at the first vCPU's init
         if not self.hello.startswith("hello "):
             raise DriverError(f"vmigdb's QEMU plugin said {self.hello!r}")
@@ -83,6 +93,12 @@ class PluginLink:
     def remove_breakpoint(self, addr: int) -> None:
         self.send(f"del {addr:x}")
 
+    def set_watch(self, type: BreakpointType, addr: int, length: int) -> None:
+        self.send(f"watch {int(type):x} {addr:x} {length:x}")
+
+    def remove_watch(self, type: BreakpointType, addr: int, length: int) -> None:
+        self.send(f"unwatch {int(type):x} {addr:x} {length:x}")
+
     def flush(self) -> None:
         """Guest memory changed under the held stop: QEMU drops its translated code at release."""
         self.send("flush")
@@ -92,22 +108,30 @@ class PluginLink:
 
     def poll(self) -> PluginStop | None:
         """A stop if one is waiting (never blocks)."""
-        if b"\n" not in self._buffer:
-            self._sock.setblocking(False)
-            try:
-                self._fill()
-            except BlockingIOError:
-                pass
-            finally:
-                self._sock.setblocking(True)
-        if b"\n" not in self._buffer:
-            return None
-        return self._stop(self._take_line())
+        while True:
+            if b"\n" not in self._buffer:
+                self._sock.setblocking(False)
+                try:
+                    self._fill()
+                except BlockingIOError:
+                    pass
+                finally:
+                    self._sock.setblocking(True)
+            if b"\n" not in self._buffer:
+                return None
+            stop = self._stop(self._take_line())
+            if stop is not None:
+                return stop
 
     def wait(self, timeout: float) -> PluginStop:
-        return self._stop(self._read_line(timeout))
+        while (stop := self._stop(self._read_line(timeout))) is None:
+            pass
+        return stop
 
-    def _stop(self, line: str) -> PluginStop:
+    def _stop(self, line: str) -> PluginStop | None:
+        if line == "flushed":
+            self.on_flushed()
+            return None
         if not line.startswith("stop "):
             raise DriverError(f"unexpected message from vmigdb's QEMU plugin: {line[:80]!r}")
         return parse_stop(line)

@@ -28,6 +28,16 @@
  * address space that maps it, which makes QEMU drop the code translated from that byte. (QEMU's
  * own breakpoints flush nothing since QEMU 6.2, which checks them before every block.)
  *
+ * Watchpoints are the plugin's too: QEMU's own, under icount with several vCPUs, abort QEMU
+ * ("Raised interrupt while not in I/O function": a vCPU whose hit was found but not yet reported
+ * keeps it after the watchpoint is gone, and raises it in the middle of a later block). While a
+ * watchpoint exists every instruction gets a memory callback, which marks a matching access, and
+ * a follow callback, which holds the vCPU at the next instruction: after the access, as x86
+ * reports data breakpoints. Code translated before the first watchpoint has no memory callbacks:
+ * a watchpoint set while held flushes at release; one set while QEMU's gdbstub holds the
+ * machine flushes at the next translation (vmigdb turns one-insn-per-tb on until then, so that
+ * translation comes at once) and says `flushed`.
+ *
  * QEMU 10.0 bug worked around: on a single-threaded TCG (icount), code that reads a scoreboard
  * (conditional callbacks, inline operations) multiplies the translating vCPU's index in place,
  * and that index is a TCG constant there: in a block translated by vCPU 1 every other use of the
@@ -40,13 +50,17 @@
  *                     want NAME...              the registers a stop reports, in this order
  *                     bp ADDR CR3MASK CR3 [CODE...]  set a breakpoint (CR3MASK 0: any process)
  *                     del ADDR                  remove one
+ *                     watch TYPE ADDR LEN       a watchpoint (TYPE as in GDB's Z: 2 write,
+ *                                               3 read, 4 access); unwatch TYPE ADDR LEN
  *                     flush                     guest memory was written: flush at release
  *                     go VCPU MODE LO HI        release the held vCPU: MODE 0 continue,
  *                                               1 step, 2 step while LO <= pc < HI (range)
  *   plugin -> vmigdb: hello VERSION NVCPUS
- *                     stop VCPU KIND PC EXACT REGS  KIND bp|step|error; EXACT 0: inside a block;
+ *                     stop VCPU KIND PC EXACT REGS  KIND bp|step|error|watch:TYPE:ADDR;
+ *                                               EXACT 0: inside a block;
  *                                               REGS: the wanted registers' bytes as QEMU
  *                                               gives them (little-endian), one hex string
+ *                     flushed                   the flush a watchpoint asked for is done
  */
 #include <errno.h>
 #include <pthread.h>
@@ -67,8 +81,15 @@ EXPORT int qemu_plugin_version = VMIGDB_PLUGIN_API_VERSION;
 #define MAX_REGNUM 256
 #define STACK_LIMIT 1024
 #define MAX_STEPS 100000
+#define MAX_WATCH 16
 
-enum follow { FOLLOW_NONE = 0, FOLLOW_STEP = 1, FOLLOW_RECHECK = 2 };
+enum follow { FOLLOW_NONE = 0, FOLLOW_STEP = 1, FOLLOW_RECHECK = 2, FOLLOW_WATCH = 3 };
+enum watch_type { WATCH_WRITE = 2, WATCH_READ = 3, WATCH_ACCESS = 4 };
+
+struct watch {
+    uint64_t addr, len; /* len 0: free */
+    int type;
+};
 
 struct cond {
     uint8_t *code;
@@ -87,6 +108,8 @@ struct vcpu {
     uint64_t lo, hi;          /* range step: keep going while lo <= pc < hi */
     uint64_t skip_follow_at;  /* the held address: its own follow callback is not a step */
     uint64_t pc;              /* the instruction being decided (QEMU's rip may lag, see hold) */
+    int watch_type;           /* an access a watchpoint matched, reported at the next insn */
+    uint64_t watch_addr;
     GByteArray *buf;
 };
 
@@ -105,6 +128,10 @@ static int go_mode;
 static uint64_t go_lo, go_hi;
 static int disconnected;
 static int flush_sent;      /* after a disconnect: one reset back to normal mode */
+static struct watch watches[MAX_WATCH];
+static int nwatch;             /* live watchpoints: memory callbacks on every new block */
+static int flush_on_translate; /* a watchpoint came while not held: reset at the next block */
+static int announce_flush;     /* say `flushed` when that reset is done */
 
 static struct qemu_plugin_scoreboard *board; /* per vCPU: enum follow (u64) */
 static qemu_plugin_u64 follow;
@@ -229,8 +256,10 @@ static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
     *(uint64_t *)qemu_plugin_scoreboard_find(board, vcpu_index) =
         mode ? FOLLOW_STEP : (retranslate ? FOLLOW_RECHECK : FOLLOW_NONE);
     step_mode = mode != 0; /* new one-instruction blocks (vmigdb turned one-insn-per-tb on) */
-    int flush = retranslate;
+    int flush = retranslate || flush_on_translate;
+    if (flush_on_translate) announce_flush = 1;
     retranslate = 0;
+    flush_on_translate = 0;
     held = -1;
     pthread_cond_broadcast(&released);
     pthread_mutex_unlock(&lock);
@@ -407,6 +436,19 @@ static void on_follow(unsigned int vcpu_index, void *udata)
     struct vcpu *v = &vcpus[vcpu_index];
     uint64_t *f = qemu_plugin_scoreboard_find(board, vcpu_index);
     if (*f == FOLLOW_NONE) return; /* what the conditional form tests before calling */
+    if (v->watch_type && !disconnected) { /* the instruction that made the access is done */
+        char kind[48];
+        snprintf(kind, sizeof kind, "watch:%x:%llx", v->watch_type, (unsigned long long)v->watch_addr);
+        v->watch_type = 0;
+        if (*f == FOLLOW_WATCH) *f = FOLLOW_NONE;
+        v->skip_follow_at = 0;
+        hold(vcpu_index, kind, pc, unpack_first(udata));
+        return;
+    }
+    if (*f == FOLLOW_WATCH) { /* a watchpoint removed since its access */
+        *f = FOLLOW_NONE;
+        return;
+    }
     if (v->skip_follow_at == pc) { /* the held instruction itself, about to execute */
         v->skip_follow_at = 0;
         return;
@@ -432,10 +474,34 @@ static void on_follow(unsigned int vcpu_index, void *udata)
     }
 }
 
+/* A guest access: does a watchpoint match it? The hold comes at the next instruction. */
+static void on_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
+{
+    if (!nwatch || vcpu_index >= (unsigned)nvcpus) return;
+    uint64_t size = 1ull << qemu_plugin_mem_size_shift(info);
+    int store = qemu_plugin_mem_is_store(info);
+    for (int i = 0; i < MAX_WATCH; i++) {
+        const struct watch *w = &watches[i];
+        if (!w->len || vaddr >= w->addr + w->len || w->addr >= vaddr + size) continue;
+        if ((w->type == WATCH_WRITE && !store) || (w->type == WATCH_READ && store)) continue;
+        struct vcpu *v = &vcpus[vcpu_index];
+        v->watch_type = w->type;
+        v->watch_addr = w->addr;
+        uint64_t *f = qemu_plugin_scoreboard_find(board, vcpu_index);
+        if (*f == FOLLOW_NONE) *f = FOLLOW_WATCH;
+        return;
+    }
+}
+
 static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
 {
     size_t n = qemu_plugin_tb_n_insns(tb);
-    int seen_bp = 0;
+    int seen_bp = 0, watching = nwatch > 0;
+    if (flush_on_translate) { /* from a vCPU, where QEMU can flush: this block is instrumented */
+        flush_on_translate = 0;
+        announce_flush = 1;
+        vmigdb_reset();
+    }
     for (size_t i = 0; i < n; i++) {
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint64_t pc = qemu_plugin_insn_vaddr(insn);
@@ -444,7 +510,9 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_R_REGS, udata);
             seen_bp = 1;
         }
-        if (!step_mode && !seen_bp) continue;
+        if (watching)
+            qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, NULL);
+        if (!step_mode && !seen_bp && !watching) continue;
         if (cond_cbs_safe)
             qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS,
                                                         QEMU_PLUGIN_COND_NE, follow, FOLLOW_NONE,
@@ -487,8 +555,11 @@ static void on_reset(qemu_plugin_id_t id)
         uint64_t *f = qemu_plugin_scoreboard_find(board, (unsigned)i);
         if (*f == FOLLOW_RECHECK) *f = FOLLOW_NONE;
     }
+    int announce = announce_flush;
+    announce_flush = 0;
     pthread_mutex_unlock(&lock);
     register_callbacks();
+    if (announce) send_line("flushed\n", 8);
 }
 
 static void vmigdb_reset(void) { qemu_plugin_reset(plugin_id, on_reset); }
@@ -549,6 +620,29 @@ static void command(char *line)
                 if (added && held >= 0) retranslate = 1;
             }
         }
+    } else if (!strcmp(verb, "watch") || !strcmp(verb, "unwatch")) {
+        char *t = strtok_r(NULL, " ", &save), *a = strtok_r(NULL, " ", &save),
+             *l = strtok_r(NULL, " ", &save);
+        if (t && a && l) {
+            int type = (int)strtol(t, NULL, 16);
+            uint64_t addr = strtoull(a, NULL, 16), len = strtoull(l, NULL, 16);
+            struct watch *same = NULL, *free_slot = NULL;
+            for (int i = 0; i < MAX_WATCH; i++) {
+                struct watch *w = &watches[i];
+                if (w->len && w->addr == addr && w->len == len && w->type == type) same = w;
+                if (!w->len && !free_slot) free_slot = w;
+            }
+            if (verb[0] == 'u' && same) {
+                same->len = 0;
+                nwatch--;
+            } else if (verb[0] == 'w' && !same && free_slot && len) {
+                *free_slot = (struct watch){addr, len, type};
+                if (nwatch++ == 0) { /* code translated so far has no memory callbacks */
+                    if (held >= 0) retranslate = 1;
+                    else flush_on_translate = 1;
+                }
+            }
+        }
     } else if (!strcmp(verb, "flush")) { /* vmigdb wrote guest memory while held */
         if (held >= 0) retranslate = 1;
     } else if (!strcmp(verb, "del")) {
@@ -596,6 +690,8 @@ static void *reader(void *arg)
         clear_conds(&bps[i]);
         bps[i].live = 0;
     }
+    memset(watches, 0, sizeof watches);
+    nwatch = 0;
     disconnected = 1;
     step_mode = 0;
     for (int i = 0; i < nvcpus; i++) /* the next follow callback flushes step-mode code */
