@@ -129,8 +129,8 @@ class Vm:
         self.wait_for(check, timeout, f"console {pattern!r}")
         return found[0]
 
-    def gdb(self, *commands: str, timeout: float = 120) -> str:
-        """Run GDB in batch mode against the server; returns stdout+stderr."""
+    def gdb_argv(self, *commands: str) -> list[str]:
+        """The command line of a batch GDB connected to the server that runs `commands`."""
         argv = [
             "gdb",
             "-nx",
@@ -144,6 +144,11 @@ class Vm:
         ]
         for command in commands:
             argv += ["-ex", command]
+        return argv
+
+    def gdb(self, *commands: str, timeout: float = 120) -> str:
+        """Run GDB in batch mode against the server; returns stdout+stderr."""
+        argv = self.gdb_argv(*commands)
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         return result.stdout + result.stderr
 

@@ -85,11 +85,10 @@ def test_sigkill_of_vmigdb_takes_qemu_down_and_leaves_no_ram_file(
     vm = Vm(tmp_path, guest_image.kernel, guest_image.initrd)
     qemu = qemu_of(vm)
     # GDB stays connected at the hit (it sleeps), so vmigdb dies while the stop is held.
-    argv = ["gdb", "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off"]
-    argv += ["-ex", f"target remote {vm.address}"]
-    for command in (*HOLDERS[holder], f"break *{vm.ksyms['__x64_sys_getpid']:#x}", "continue"):
-        argv += ["-ex", command]
-    argv += ["-ex", "echo HELD\\n", "-ex", "shell sleep 120"]
+    getpid = vm.ksyms["__x64_sys_getpid"]
+    argv = vm.gdb_argv(
+        *HOLDERS[holder], f"break *{getpid:#x}", "continue", "echo HELD\\n", "shell sleep 120"
+    )
     gdb = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen = ""

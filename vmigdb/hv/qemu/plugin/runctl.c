@@ -440,9 +440,7 @@ static void on_follow(unsigned int vcpu_index, void *udata)
         char kind[48];
         snprintf(kind, sizeof kind, "watch:%x:%llx", v->watch_type, (unsigned long long)v->watch_addr);
         v->watch_type = 0;
-        if (*f == FOLLOW_WATCH) *f = FOLLOW_NONE;
-        v->skip_follow_at = 0;
-        hold(vcpu_index, kind, pc, unpack_first(udata));
+        hold(vcpu_index, kind, pc, unpack_first(udata)); /* sets this vCPU's follow state anew */
         return;
     }
     if (*f == FOLLOW_WATCH) { /* a watchpoint removed since its access */
