@@ -802,7 +802,12 @@ class QemuDriver(Driver):
         stop = parse_stop(packet)
         if stop is None:
             raise DriverError(f"unexpected stop reply from QEMU: {packet!r}")
-        if stop.cpu is None and stop.exited is None:
+        if stop.cpu is not None:
+            # At every stop QEMU points its Hg at the vCPU it reports (gdb_set_stop_cpu): no Hg
+            # round trip is needed to read the stopped vCPU's registers. Noted before anything
+            # below reads another vCPU's registers (which moves Hg again).
+            self._g_cpu = stop.cpu
+        elif stop.exited is None:
             stop = DriverStop(self._cpus[0] if self._cpus else 1, stop.signal, stop.watch)
         leftover = self._leftover_step(stop) and not self._interrupting
         self._armed.discard(stop.cpu)
@@ -821,10 +826,6 @@ class QemuDriver(Driver):
             self._run_started = None
         if stop.exited is not None:
             self.exit_status = stop.exited
-        elif stop.cpu is not None:
-            # At every stop QEMU points its Hg at the vCPU it reports (gdb_set_stop_cpu): no Hg
-            # round trip is needed to read the stopped vCPU's registers.
-            self._g_cpu = stop.cpu
         return stop
 
     def interrupt(self) -> None:
