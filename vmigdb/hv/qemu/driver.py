@@ -32,6 +32,7 @@ from vmigdb.hv.base import (
     Mechanism,
     NotNow,
 )
+from vmigdb.hv.qemu.bp_pages import PAGE, PageMarkers, marker_in
 from vmigdb.hv.qemu.channel import QemuChannel, ResumeRefused
 from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
@@ -180,6 +181,8 @@ PLUGIN_MECHANISM = _m(
     "VM stop; under icount no guest instruction retires while it holds the machine",
 )
 
+
+REWRITE_CHUNK = 1024  # bytes per gdbstub `M` when a page is rewritten to retranslate it
 
 # Under icount QEMU's own watchpoints can abort QEMU with several vCPUs (plugin/runctl.c says how).
 PLUGIN_WATCHPOINT = _m(
@@ -335,6 +338,8 @@ class QemuDriver(Driver):
         self._plugin: PluginLink | None = None
         self._monitor: MonitorClient | None = None
         self._plugin_bps: set[int] = set()  # addresses the plugin serves
+        self._markers = PageMarkers()  # one-instruction blocks on their pages (bp_pages.py)
+        self._unmarked: dict[int, int | None] = {}  # plugin breakpoints set while it held: scope
         self._plugin_watches: set[tuple[BreakpointType, int, int]] = set()  # (type, addr, length)
         # A first watchpoint set at a stop QEMU's gdbstub holds: QEMU translates one instruction
         # per block until the plugin has flushed the code translated without memory callbacks.
@@ -551,7 +556,64 @@ class QemuDriver(Driver):
         self._plugin.set_breakpoint(addr, scope_cr3, conditions)
         self._plugin_bps.add(addr)
         if new and self._plugin_held is None:
-            self._retranslate(addr, scope_cr3)
+            self._retranslate(addr, scope_cr3, whole_page=self._markers.needs(addr))
+            self._mark_page(addr, scope_cr3)
+        elif new:  # QEMU's gdbstub is unreachable: the marker waits for its next stop
+            self._unmarked[addr] = scope_cr3
+
+    def _mark_page(self, addr: int, scope_cr3: int | None) -> None:
+        """Make QEMU translate `addr`'s page one instruction per block (bp_pages.py)."""
+        if not self._markers.needs(addr):
+            self._markers.add(addr, None)
+            return
+        marker = None
+        spaces = self._spaces_for(addr, scope_cr3)
+        if scope_cr3 is None and self._g_cpu is not None and spaces:
+            # The stopped vCPU's process first: user addresses differ between processes.
+            regs = self.read_registers(self._g_cpu)
+            spaces.insert(0, (cr3_tables(regs["cr3"]), spaces[0][1]))
+        for cr3, mode in spaces:
+            try:
+                where = translate(self._memory.read, cr3, addr, mode)
+                if isinstance(where, Translation):
+                    code = self._memory.read(where.pa, min(32, PAGE - (addr & (PAGE - 1))))
+                    marker = marker_in(code, addr)
+                    break
+            except PhysicalMemoryError:
+                continue
+        self._markers.add(addr, marker)
+        if marker is not None:
+            log.debug("marker at %#x: QEMU translates %#x's page one instruction per block", marker, addr)
+            self._z(b"Z", BreakpointType.SOFTWARE, marker, 1)
+
+    def _unmark_page(self, addr: int) -> None:
+        self._unmarked.pop(addr, None)
+        marker = self._markers.remove(addr)
+        if marker is None:
+            return
+        if self._plugin_held is not None:
+            self._deferred.append((int(BreakpointType.SOFTWARE), marker, 1))
+        else:
+            self._z(b"z", BreakpointType.SOFTWARE, marker, 1)
+
+    def _stale_stop(self, stop: DriverStop) -> bool:
+        """A gdbstub stop nobody asked for: at a breakpoint whose removal waited for this stop
+        (it was removed while the plugin held the machine), or at a marker, where code jumped
+        into the middle of an instruction (the marker goes, for good, on that page)."""
+        if stop.cpu is None or stop.signal != 5 or stop.watch is not None:
+            return False
+        owed = {addr for type, addr, _ in self._deferred if type <= BreakpointType.HARDWARE}
+        if not owed and not self._markers.markers():
+            return False
+        pc = self.read_registers(stop.cpu)["rip"]
+        if pc in owed and pc not in self._plugin_bps:
+            return True
+        if not self._markers.is_marker(pc):
+            return False
+        log.info("the guest ran into the middle of an instruction at %#x; no marker there now", pc)
+        self._markers.drop(pc)
+        self._z(b"z", BreakpointType.SOFTWARE, pc, 1)
+        return True
 
     def _plugin_watch(self, type: BreakpointType, addr: int, length: int) -> None:
         """QEMU's own watchpoints abort QEMU under icount with several vCPUs: the plugin serves
@@ -569,7 +631,7 @@ class QemuDriver(Driver):
         self._watch_flush_pending = False
         self._one_insn_per_tb(self._plugin_stepping)
 
-    def _retranslate(self, addr: int, scope_cr3: int | None) -> None:
+    def _retranslate(self, addr: int, scope_cr3: int | None, whole_page: bool = False) -> None:
         """Make QEMU drop the code it translated from `addr` without the plugin's callback: write
         the instruction's first byte back, unchanged, through the gdbstub, at each physical
         address `addr` has in an address space that can run it (a physical write invalidates
@@ -577,19 +639,25 @@ class QemuDriver(Driver):
         user address goes through every process's page tables: a process that is not running
         may have its code translated, and shared code has one physical copy. A page no address
         space maps now has no translation that could be reused without a fresh one, except a
-        page cache page another process maps later at the same address (said in the README)."""
+        page cache page another process maps later at the same address (said in the README).
+        `whole_page`: the page is newly marked (bp_pages.py): all of its code is retranslated,
+        one instruction per block, each with the plugin's follow callback."""
         written: set[int] = set()
         for cr3, mode in self._spaces_for(addr, scope_cr3):
             try:
                 where = translate(self._memory.read, cr3, addr, mode)
                 if not isinstance(where, Translation) or where.pa in written:
                     continue
-                byte = self._memory.read(where.pa, 1)
+                start = where.pa & ~(PAGE - 1) if whole_page else where.pa
+                data = self._memory.read(start, PAGE if whole_page else 1)
             except PhysicalMemoryError:
                 continue
-            reply = self._channel.request(b"M%x,1:" % where.pa + encode_hex(byte))
-            if reply != b"OK":
-                log.warning("QEMU refused the rewrite at %#x that retranslates it: %r", addr, reply)
+            for at in range(0, len(data), REWRITE_CHUNK):  # QEMU's packets hold 4 KiB
+                chunk = data[at : at + REWRITE_CHUNK]
+                reply = self._channel.request(b"M%x,%x:" % (start + at, len(chunk)) + encode_hex(chunk))
+                if reply != b"OK":
+                    log.warning("QEMU refused the rewrite at %#x that retranslates it: %r", addr, reply)
+                    break
             written.add(where.pa)
 
     def _spaces_for(self, addr: int, scope_cr3: int | None) -> list[tuple[int, PagingMode]]:
@@ -614,6 +682,7 @@ class QemuDriver(Driver):
             assert self._plugin is not None
             self._plugin.remove_breakpoint(addr)
             self._plugin_bps.discard(addr)
+            self._unmark_page(addr)
             return
         if (type, addr, length) in self._plugin_watches:
             assert self._plugin is not None
@@ -757,6 +826,12 @@ class QemuDriver(Driver):
         deferred, self._deferred = self._deferred, []
         for type, addr, length in deferred:
             self._z(b"z", BreakpointType(type), addr, length)
+        unmarked, self._unmarked = self._unmarked, {}
+        for addr, scope_cr3 in unmarked.items():
+            if addr in self._plugin_bps and self._markers.needs(addr):
+                self._retranslate(addr, scope_cr3, whole_page=True)
+            if addr in self._plugin_bps:
+                self._mark_page(addr, scope_cr3)
 
     def poll_stop(self) -> DriverStop | None:
         if self._plugin is not None:
@@ -816,7 +891,13 @@ class QemuDriver(Driver):
             log.info("CPU#%d stopped on a single-step QEMU had left armed; resuming", stop.cpu - 1)
             self._send_resume(self._driven, self._resume_packet)
             return None
+        stale = self._stale_stop(stop)
         self._after_gdbstub_stop()
+        if stale and not self._interrupting:
+            self._send_resume(self._driven, self._resume_packet)
+            return None
+        if stale:  # it came before the ^C did: this is the stop the ^C asked for
+            stop = DriverStop(stop.cpu, 2)
         return self._note(stop)
 
     def _note(self, stop: DriverStop) -> DriverStop:

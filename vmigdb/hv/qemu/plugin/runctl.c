@@ -128,6 +128,11 @@ static int go_mode;
 static uint64_t go_lo, go_hi;
 static int disconnected;
 static int flush_sent;      /* after a disconnect: one reset back to normal mode */
+/* Pages holding a breakpoint: vmigdb has QEMU translate them one instruction per block (a
+ * gdbstub breakpoint beside ours, vmigdb/hv/qemu/bp_pages.py), and each of their instructions
+ * gets a follow callback, so a step from a stop there ends at a block's start (flags exact). */
+#define MAX_BP_PAGES 256
+static struct { uint64_t page; int n; } bp_pages[MAX_BP_PAGES];
 static struct watch watches[MAX_WATCH];
 static int nwatch;             /* live watchpoints: memory callbacks on every new block */
 static int flush_on_translate; /* a watchpoint came while not held: reset at the next block */
@@ -173,6 +178,30 @@ static struct bp *slot_for(uint64_t addr)
         if (!bps[i].live && !tomb) tomb = &bps[i];
     }
     return tomb;
+}
+
+static void count_bp_page(uint64_t addr, int delta)
+{
+    uint64_t page = addr & ~0xfffull;
+    int free_slot = -1;
+    for (int i = 0; i < MAX_BP_PAGES; i++) {
+        if (bp_pages[i].n && bp_pages[i].page == page) {
+            bp_pages[i].n += delta;
+            return;
+        }
+        if (!bp_pages[i].n && free_slot < 0) free_slot = i;
+    }
+    if (delta > 0 && free_slot >= 0) {
+        bp_pages[free_slot].page = page;
+        bp_pages[free_slot].n = delta;
+    }
+}
+
+static int on_bp_page(uint64_t pc)
+{
+    for (int i = 0; i < MAX_BP_PAGES; i++)
+        if (bp_pages[i].n && bp_pages[i].page == (pc & ~0xfffull)) return 1;
+    return 0;
 }
 
 static void clear_conds(struct bp *b)
@@ -510,7 +539,7 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         }
         if (watching)
             qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, NULL);
-        if (!step_mode && !seen_bp && !watching) continue;
+        if (!step_mode && !seen_bp && !watching && !on_bp_page(pc)) continue;
         if (cond_cbs_safe)
             qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS,
                                                         QEMU_PLUGIN_COND_NE, follow, FOLLOW_NONE,
@@ -615,6 +644,7 @@ static void command(char *line)
                     if ((k->code = unhex(code, &k->len))) b->nconds++;
                 }
                 b->live = 1;
+                if (added) count_bp_page(addr, 1);
                 if (added && held >= 0) retranslate = 1;
             }
         }
@@ -646,9 +676,10 @@ static void command(char *line)
     } else if (!strcmp(verb, "del")) {
         char *a = strtok_r(NULL, " ", &save);
         struct bp *b = a ? find_bp(strtoull(a, NULL, 16)) : NULL;
-        if (b) {
+        if (b && b->live) {
             clear_conds(b);
             b->live = 0;
+            count_bp_page(b->addr, -1);
         }
     } else if (!strcmp(verb, "go")) {
         char *mode = strtok_r(NULL, " ", &save); /* after the vCPU number */
@@ -688,6 +719,7 @@ static void *reader(void *arg)
         clear_conds(&bps[i]);
         bps[i].live = 0;
     }
+    memset(bp_pages, 0, sizeof bp_pages);
     memset(watches, 0, sizeof watches);
     nwatch = 0;
     disconnected = 1;
