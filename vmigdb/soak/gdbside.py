@@ -74,7 +74,13 @@ def resume(command="continue"):
     del STOPS[:]
     run(command)
     check(STOPS, f"{command}: GDB reported no stop")
+    LAST_STOP["watch"] = bool(STOPS[-1].get("watch"))
     return STOPS[-1]
+
+
+# Whether the latest stop was a watchpoint's: vmigdb's QEMU plugin holds those right after the
+# access, inside a translation block, where QEMU has not computed the flags yet (see `sane`).
+LAST_STOP = {"watch": False}
 
 
 def expect_breakpoint(stop, what):
@@ -84,11 +90,13 @@ def expect_breakpoint(stop, what):
     )
 
 
-def sane(where, flags_may_lag=False):
+def sane(where, flags_may_lag=None):
     """The selected thread's registers are ones an x86-64 CPU running Linux can hold.
     `flags_may_lag`: a stop vmigdb's QEMU plugin holds inside a translation block (a watchpoint's,
     right after the access) may report RFLAGS unavailable: QEMU computes them lazily."""
     name = f"{where} (thread {gdb.selected_thread().num})"
+    if flags_may_lag is None:
+        flags_may_lag = LAST_STOP["watch"]
     cs, ss, rip = u64("$cs"), u64("$ss"), u64("$rip")
     try:
         rflags = u64("$eflags")
@@ -382,7 +390,7 @@ def w_watch(kind, hits, loop_pid, sink, loop_code):
         expect_breakpoint(stop, f"watch {expression}")
         check(stop.get("watch"), f"watch {expression}: the stop was not the watchpoint: {stop}")
         pc, new = u64("$pc"), u64(expression)
-        sane(f"watch hit {i}", flags_may_lag=True)
+        sane(f"watch hit {i}")
         if kind == "user":
             cr3 = u64("$cr3") & CR3_PGD_MASK
             if cr3 != scope.cr3 & CR3_PGD_MASK:

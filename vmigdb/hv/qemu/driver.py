@@ -823,6 +823,8 @@ class QemuDriver(Driver):
         return self._note(DriverStop(cpu=stop.cpu, signal=5, watch=stop.watch))
 
     def _after_gdbstub_stop(self) -> None:
+        if self._plugin is not None:
+            self._plugin.stopped()
         deferred, self._deferred = self._deferred, []
         for type, addr, length in deferred:
             self._z(b"z", BreakpointType(type), addr, length)

@@ -99,6 +99,10 @@ class PluginLink:
     def remove_watch(self, type: BreakpointType, addr: int, length: int) -> None:
         self.send(f"unwatch {int(type):x} {addr:x} {length:x}")
 
+    def stopped(self) -> None:
+        """QEMU's gdbstub stopped the machine: a step the plugin was taking ends there."""
+        self.send("stopped")
+
     def flush(self) -> None:
         """Guest memory changed under the held stop: QEMU drops its translated code at release."""
         self.send("flush")

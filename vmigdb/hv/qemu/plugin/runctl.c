@@ -53,6 +53,7 @@
  *                     watch TYPE ADDR LEN       a watchpoint (TYPE as in GDB's Z: 2 write,
  *                                               3 read, 4 access); unwatch TYPE ADDR LEN
  *                     flush                     guest memory was written: flush at release
+ *                     stopped                   QEMU's gdbstub stopped the machine: steps end
  *                     go VCPU MODE LO HI        release the held vCPU: MODE 0 continue,
  *                                               1 step, 2 step while LO <= pc < HI (range)
  *   plugin -> vmigdb: hello VERSION NVCPUS
@@ -241,6 +242,15 @@ static int read_reg(struct vcpu *v, struct qemu_plugin_register *h, uint64_t *va
     return 0;
 }
 
+/* The machine stopped: no vCPU is stepping any more (GDB asks again if it wants). */
+static void cancel_steps(void)
+{
+    for (int i = 0; i < nvcpus; i++) {
+        uint64_t *f = qemu_plugin_scoreboard_find(board, (unsigned)i);
+        if (*f == FOLLOW_STEP) *f = FOLLOW_NONE;
+    }
+}
+
 /* Report a stop and hold this vCPU (and so, under icount, the machine) until vmigdb says go. */
 static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
 {
@@ -274,6 +284,7 @@ static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
         return;
     }
     held = (int)vcpu_index;
+    cancel_steps(); /* a step another vCPU was taking ends with this stop (all-stop) */
     unsigned long gen = release_gen;
     send_line(line, len);
     free(line);
@@ -671,6 +682,8 @@ static void command(char *line)
                 }
             }
         }
+    } else if (!strcmp(verb, "stopped")) { /* QEMU's gdbstub stopped the machine */
+        cancel_steps();
     } else if (!strcmp(verb, "flush")) { /* vmigdb wrote guest memory while held */
         if (held >= 0) retranslate = 1;
     } else if (!strcmp(verb, "del")) {
