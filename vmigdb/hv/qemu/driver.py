@@ -182,6 +182,9 @@ PLUGIN_MECHANISM = _m(
 )
 
 
+# Between the ^C that stops the machine to set page markers and the release of the vCPU the
+# plugin holds: QEMU reads the ^C at once (its vm_stop then waits for the held vCPU).
+MARK_STOP_GRACE_S = 0.02
 REWRITE_CHUNK = 1024  # bytes per gdbstub `M` when a page is rewritten to retranslate it
 
 # Under icount QEMU's own watchpoints can abort QEMU with several vCPUs (plugin/runctl.c says how).
@@ -765,15 +768,53 @@ class QemuDriver(Driver):
             raise DriverError(
                 f"at a stop vmigdb's QEMU plugin holds only CPU#{held.cpu - 1} can step"
             )
+        # Breakpoints set at this stop have no page marker yet (bp_pages.py), and only QEMU's
+        # gdbstub can set one: on a continue, it stops the machine on the way to set them.
         # While the plugin steps, QEMU translates one instruction per block, so each step ends
         # at a block's start, where QEMU's vCPU state (flags included) is complete.
         self._plugin_stepping = bool(steppers)
         self._one_insn_per_tb(self._plugin_stepping or self._watch_flush_pending)
+        marking = bool(self._unmarked) and not steppers
+        if marking:  # after the monitor's last word: QEMU's main loop now waits for the vCPU
+            self._channel.interrupt()
+            time.sleep(MARK_STOP_GRACE_S)  # QEMU reads the ^C and waits for the held vCPU
         self._plugin.go(held.cpu, STEP if steppers else CONTINUE)
         self._plugin_held = None
         self._others = None
         if self._run_started is None:
             self._run_started = time.monotonic()
+        if marking:
+            self._mark_on_the_way(actions)
+
+    def _mark_on_the_way(self, actions: dict[int, str]) -> None:
+        """The machine stops as soon as the released vCPU ends its translation block (QEMU's
+        ^C came first): mark the new breakpoints' pages and run on as asked. Under icount the
+        guest cannot time this stop. A breakpoint QEMU's gdbstub serves that was hit instead
+        is hit again at once; a plugin hit in the rest of that block must be let go (QEMU is
+        waiting for that vCPU), which the log says."""
+        assert self._plugin is not None and self._selector is not None
+        deadline = time.monotonic() + 10.0
+        while (packet := self._channel.poll_stop()) is None:
+            late = self._plugin.poll()
+            if late is not None:
+                log.warning(
+                    "CPU#%d reached %#x while QEMU stopped the machine to mark breakpoint "
+                    "pages; that hit is let go",
+                    late.cpu - 1,
+                    late.pc,
+                )
+                self._plugin.go(late.cpu, CONTINUE)
+                continue
+            if time.monotonic() > deadline:
+                packet = self._channel.wait_stop(1.0)  # resynchronises QEMU's gdbstub
+                break
+            self._selector.select(0.05)
+        stop = parse_stop(packet)
+        if stop is not None and stop.cpu is not None:
+            self._g_cpu = stop.cpu
+            self._armed.discard(stop.cpu)  # QEMU disarms the vCPU it reports
+        self._after_gdbstub_stop()
+        self.resume(actions)
 
     def _one_insn_per_tb(self, on: bool) -> None:
         if self._monitor is not None and on != self._one_insn:
