@@ -125,6 +125,15 @@ def test_conditions_are_decided_in_qemu_and_a_step_from_there_is_one_instruction
         "p/x $pc",
         "print $rax - $rdi",
         "print $eflags",
+        # a breakpoint set at a stop the plugin holds, on a page with no marker yet (ticker
+        # calls getpid hot): the page is marked on the way out of that stop
+        "delete",
+        "break __x64_sys_getpid",
+        "continue",
+        "x/2i $pc",
+        "stepi",
+        "p/x $pc",
+        "print $eflags",
         "delete",
         "detach",
         timeout=180,
@@ -133,11 +142,13 @@ def test_conditions_are_decided_in_qemu_and_a_step_from_there_is_one_instruction
     # The breakpoint's page runs one instruction per block (a marker beside it), so the step
     # ends at a block's start, where QEMU has written the lazily computed flags.
     assert "unavailable" not in out, out[-2000:]
+    assert out.count("Breakpoint 3, ") == 1, out[-2000:]
     values = re.findall(r"^\$\d+ = (\S+)", out, re.M)
     listed = [int(v, 16) for v in re.findall(r"^(?:=> )?\s*(0x[0-9a-f]+)(?: <[^>]*>)?:", out, re.M)]
     assert values[0] == "0" and int(values[1], 16) == target, out[-2000:]
     assert listed[:1] == [target] and int(values[2], 16) == listed[1], out[-2000:]
     assert values[3] == "1", out[-2000:]  # lea 0x1(%rdi),%rax ran once
+    assert int(values[5], 16) == listed[3], out[-2000:]  # the second stepi: one instruction too
 
 
 def test_with_the_plugin_every_stop_stops_both_vcpus_and_detach_leaves_it_nothing(
