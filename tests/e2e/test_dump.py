@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Vm
+from tests.e2e.conftest import Vm, boot
 from tests.e2e.dumps import Replay, first_prompt, gdb, registers
 from vmigdb.arch.x86_64.paging import Translation, Translator, paging_mode
 from vmigdb.hv.libvmi import DumpDriver
@@ -56,6 +56,14 @@ class Live:
     raw: Path
     buf: int
     dump_text: str
+
+
+@pytest.fixture(scope="module")
+def vm(tmp_path_factory, guest_image) -> Iterator[Vm]:
+    """The shared fixture's guest under host time: QEMU writes a dump by stopping the VM, which
+    it cannot do at a stop vmigdb's plugin holds (icount's scoped hits; test_loop_program checks
+    that refusal), so the stop in ticker's getpid here is one QEMU's gdbstub holds."""
+    yield from boot(tmp_path_factory, guest_image, smp=2, extra=("--time", "host"))
 
 
 @pytest.fixture(scope="module")

@@ -221,6 +221,7 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
         "print vmigdb_loop_sink == $old",
         "set var $rax = $rax + 1",
         "monitor snapshot list",
+        "monitor dump /nonexistent-dir/guest.elf",
         "delete",
         "monitor plugin-breakpoints off",
         "detach",
@@ -231,6 +232,7 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
     assert "monitor plugin-breakpoints off" in out and "cannot write registers" in out, out[-3000:]
     assert "QEMU's gdbstub (conditional" in out, out[-3000:]
     assert "cannot stop the VM for a snapshot" in out, out[-3000:]
+    assert "cannot stop the VM for a dump" in out, out[-3000:]
 
 
 def test_watchpoints_are_the_plugins_and_stop_right_after_the_access(icount_vm: Vm) -> None:

@@ -215,13 +215,18 @@ class Monitor:
             "next stop)"
         )
 
-    def cmd_snapshot(self, args: list[str]) -> Later:
-        """snapshot save|load|delete NAME, snapshot list — whole-VM snapshots (detonation loops)"""
+    def _refuse_at_plugin_hold(self, what: str) -> None:
+        """QEMU saves the machine by stopping it (vm_stop), which waits forever for a vCPU that
+        vmigdb's plugin holds inside a callback."""
         if getattr(self._debugger.driver, "plugin_holds", False):
             raise MonitorError(
-                "vmigdb's QEMU plugin holds this stop inside QEMU, which cannot stop the VM for a "
-                "snapshot meanwhile: continue or stop with ^C first"
+                "vmigdb's QEMU plugin holds this stop inside QEMU, which cannot stop the VM for "
+                f"{what} meanwhile: continue, then stop with ^C (a stop QEMU's gdbstub holds)"
             )
+
+    def cmd_snapshot(self, args: list[str]) -> Later:
+        """snapshot save|load|delete NAME, snapshot list — whole-VM snapshots (detonation loops)"""
+        self._refuse_at_plugin_hold("a snapshot")
         verb = args[0] if args else ""
         if not (verb == "list" and len(args) == 1) and not (
             verb in ("save", "load", "delete") and len(args) == 2
@@ -423,6 +428,7 @@ class Monitor:
             raise MonitorError(f"the {driver.name} driver cannot save the machine")
         if self._debugger.running:
             raise MonitorError("the guest is running: stop it first")
+        self._refuse_at_plugin_hold("a dump")
         path = os.path.abspath(args[0])
         if os.path.lexists(path):
             raise MonitorError(f"{path} exists: vmigdb never overwrites a file, name a new one")
