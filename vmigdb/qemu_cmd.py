@@ -28,9 +28,8 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
         "icount (TCG only): guest time counts instructions, so the debugger leaves no timing "
         "trace; all vCPUs share one host thread, at most 125 M instructions/s (a busy guest ran "
         "6-8x slower here). host: host time; breakpoints and steps make QEMU retranslate code, "
-        "which RDTSC can time. auto (default): icount under TCG with 1 vCPU, else host (with "
-        "several vCPUs icount is opt-in: QEMU 10.0.2 aborted under it in vmigdb's soak, QEMU 7.2 "
-        "hangs Debian's 6.1 kernel)",
+        "which RDTSC can time. auto (default): icount under TCG, else host (also with several "
+        "vCPUs on QEMU before 10: QEMU 7.2 with icount hangs Debian's 6.1 kernel)",
     )
 
 

@@ -44,13 +44,18 @@ def wait_ticker_advances(vm: Vm, timeout: float = 30) -> None:
     vm.wait_for(lambda: ticker_rounds(vm) > start, timeout, "the ticker to print again")
 
 
-def test_connect_shows_two_vcpus_and_kernel_registers(vm: Vm) -> None:
+def test_connect_shows_two_vcpus_and_their_registers(vm: Vm) -> None:
     out = vm.gdb("info threads", "info registers rip cs eflags cr0 cr3 efer")
     assert re.search(r'Thread 1 "CPU#0"', out), out
     assert re.search(r'Thread 2 "CPU#1"', out), out
     rip = int(re.search(r"^rip\s+(0x[0-9a-f]+)", out, re.M).group(1), 16)
-    assert rip >= 0xFFFFFFFF80000000, "stopped in the kernel"
-    assert re.search(r"^cs\s+0x10\s", out, re.M), out
+    cs = int(re.search(r"^cs\s+(0x[0-9a-f]+)\s", out, re.M).group(1), 16)
+    # An idle guest mostly stops in the kernel; under icount (2 vCPUs' default on QEMU 10) init's
+    # programs run longer after boot and the stop may land in one: either way, a Linux CS.
+    if rip >= 0xFFFFFFFF80000000:
+        assert cs == 0x10, out
+    else:
+        assert rip < 1 << 47 and cs == 0x33, out
     # IF may be clear: the stop can land in kernel code running with interrupts off.
     eflags = re.search(r"^eflags\s+(0x[0-9a-f]+)\s+\[", out, re.M)
     assert eflags and int(eflags.group(1), 16) & 0x2, out  # bit 1 always reads as 1

@@ -1,6 +1,5 @@
-"""Hidden guest time on a 2-vCPU guest (issue 16): `vmigdb qemu --smp 2 --time icount` on QEMU 10,
-and the guest cannot tell a debugger from its clocks. (Opt-in: `auto` keeps host time for several
-vCPUs, because QEMU 10.0.2 aborted twice in 22 minutes of the soak under icount with 2 vCPUs.)
+"""Hidden guest time on a 2-vCPU guest (issue 16): `vmigdb qemu --smp 2 --time icount` on QEMU 10
+(what `auto` picks there), and the guest cannot tell a debugger from its clocks.
 
 One boot of the demo guest with 2 vCPUs, running `clockprobe` (short idle and busy phases) and the
 `antidebug` battery side by side:

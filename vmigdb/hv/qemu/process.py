@@ -13,7 +13,7 @@ Guest time (`QemuConfig.time_mode`, `vmigdb qemu --time`). In both modes every g
 the kernel's clocksources, the RTC, which follows the VM clock) stops while the VM is stopped: a
 guest held at a breakpoint for 10 s sees under 1 ms pass. They differ while the guest runs
 (measured with `python -m vmigdb.bench.timemodes`):
-- "host" (the default): plain TCG, guest time is host time (idle and busy: 1.000x). But the
+- "host": plain TCG, guest time is host time (idle and busy: 1.000x). But the
   debugger's own work shows: QEMU drops its translated code at every breakpoint change and
   single-step toggle, and retranslating takes host time the TSC sees. An RDTSC-timed block
   right after a breakpoint hit or step takes 100-1000x its usual time (61 of ~450 samples in a
@@ -28,13 +28,14 @@ guest held at a breakpoint for 10 s sees under 1 ms pass. They differ while the 
   instructions per host second (a loop plain TCG runs 2600 times a second runs 310 times; the
   demo guest boots in ~19 s instead of ~6 s), and all vCPUs share one host thread.
 - "auto" (the default): the stealthiest mode that works for the machine asked for
-  (`resolve_time_mode`): icount under TCG with 1 vCPU, host under KVM (which cannot count
-  instructions) and with several vCPUs. QEMU 7.2 with icount hangs Debian's 6.1 kernel as it starts
-  a second vCPU; QEMU 10.0.2 boots 2-vCPU guests under icount (0 RDTSC outliers in 9,038 samples
-  during breakpoint hits and steps; clocks 0.97x host time idle, 1.00x busy) but aborted under it
-  twice in 22 minutes of the soak (ICOUNT_SMP_ABORTS), so there it is opt-in (`--time icount`).
-  Whether each vCPU did come up is the driver's to tell afterwards (`monitor info`: a vCPU still
-  with paging off once the kernel runs).
+  (`resolve_time_mode`): icount under TCG, host under KVM (which cannot count instructions) and,
+  with several vCPUs, on QEMU before 10. QEMU 7.2 with icount hangs Debian's 6.1 kernel as it
+  starts a second vCPU; QEMU 10.0.2 boots 2-vCPU guests under icount (0 RDTSC outliers in 9,038
+  samples during breakpoint hits and steps; clocks 0.97x host time idle, 1.00x busy). Its two
+  aborts under icount in the soak came from QEMU's own watchpoints, which vmigdb's plugin
+  replaces under icount (plugin/runctl.c says how). Whether each vCPU did come up is the
+  driver's to tell afterwards (`monitor info` warns of a vCPU still with paging off once the
+  kernel runs, naming `--time host`).
 """
 
 from __future__ import annotations
@@ -182,14 +183,6 @@ def build_command_line(
     return cmd
 
 
-# Why `auto` keeps host time for several vCPUs even where icount boots them (QEMU 10).
-ICOUNT_SMP_ABORTS = (
-    "with several vCPUs guest time stays host-paced: under icount with 2 vCPUs QEMU 10.0.2 "
-    "aborted twice in 22 minutes of the soak ('qemu: fatal: Raised interrupt while not in I/O "
-    "function', the guest lost)"
-)
-
-
 def resolve_time_mode(
     mode: str, accel: str, smp: int, version: tuple[int, int, int] | None = None
 ) -> tuple[str, str]:
@@ -204,8 +197,7 @@ def resolve_time_mode(
     if smp == 1:
         return "icount", "auto: TCG with 1 vCPU"
     if icount_boots_smp(version):
-        # Boots, but not yet safe enough to be the default: see ICOUNT_SMP_ABORTS.
-        return "host", f"auto: {ICOUNT_SMP_ABORTS}; --time icount chooses it"
+        return "icount", f"auto: TCG, and QEMU {version_text(version)} counts {smp} vCPUs' instructions"
     return "host", (
         f"auto: QEMU {version_text(version)} with icount hangs Debian's 6.1 kernel as it starts "
         f"its second vCPU (QEMU 10 does not); --smp 1 or QEMU 10 (scripts/setup installs it) "
@@ -515,6 +507,8 @@ class QemuProcess:
                     self.monitor_socket = self.workdir / "monitor.sock"
                     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                     listener.bind(str(self.plugin_socket))
+                    # owner-only like QEMU's sockets (the 0700 directory already shuts others out)
+                    os.chmod(self.plugin_socket, 0o600)
                     listener.listen(1)
                     self.command_line += plugin_args(
                         plugin, self.plugin_socket, self.monitor_socket

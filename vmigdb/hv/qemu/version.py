@@ -12,8 +12,7 @@ step-overs on QEMU 10.0.2. So vmigdb says so at start on QEMU 7.2, and setup ins
 
 QEMU 7.2 with icount (instruction-counted guest time) hangs Debian's 6.1 kernel as it brings up its
 second vCPU (after "x86: Booting SMP configuration:"). QEMU 10.0.2 boots the same 2-vCPU guests
-under icount (`icount_boots_smp`), so `--time icount` may be chosen for them there; `--time auto`
-still keeps host time for several vCPUs (process.py, ICOUNT_SMP_ABORTS).
+under icount (`icount_boots_smp`), so `--time auto` chooses icount for them there (process.py).
 """
 
 from __future__ import annotations
