@@ -93,3 +93,40 @@ def test_another_process_stepping_off_vmigdbs_own_breakpoint_does_not_end_the_ra
     fake.queue_stop(DriverStop(cpu=1, signal=5))
     event = dbg.poll()
     assert event is not None and event.reason is StopReason.STEP
+
+
+def two_vcpus(code: bytes) -> tuple[FakeDriver, Debugger]:
+    fake = FakeDriver(2)
+    fake.ram[KERNEL_PA : KERNEL_PA + len(code)] = code
+    dbg = Debugger(fake)
+    dbg.resume({1: "c", 2: "c"})
+    dbg.halt()
+    fake.set_reg(1, "rip", KERNEL_VA)
+    dbg.state.forget()
+    dbg.run_control.thread_of = lambda regs: regs["rbx"]  # the guest's OS, as the fake tells it
+    return fake, dbg
+
+
+def test_a_range_whose_thread_moved_to_the_other_vcpu_ends_there() -> None:
+    """The guest's scheduler moves the stepping thread to CPU#1 for good: its leaving the range
+    there ends the step (reported on that vCPU); another thread of the process leaving the same
+    range on it does not."""
+    fake, dbg = two_vcpus(NOPS)
+    fake.set_reg(1, "rbx", 7)
+    dbg.state.forget()
+    fake.resumes.clear()
+    dbg.resume({1: RangeStep(KERNEL_VA, KERNEL_VA + len(NOPS)), 2: "c"})
+    assert fake.resumes == [{1: "c", 2: "c"}]
+    fake.set_reg(2, "rbx", 8)  # another thread of the same process
+    fake.set_reg(2, "rip", KERNEL_VA + len(NOPS))
+    fake.queue_stop(DriverStop(cpu=2, signal=5))
+    assert dbg.poll() is None and fake.resumes[-1] == {2: "s"}  # stepped off, runs on
+    fake.set_reg(2, "rip", KERNEL_VA + len(NOPS) + 1)
+    fake.queue_stop(DriverStop(cpu=2, signal=5))
+    assert dbg.poll() is None
+    fake.set_reg(2, "rbx", 7)  # the stepping thread itself, now on CPU#1
+    fake.set_reg(2, "rip", KERNEL_VA + len(NOPS))
+    fake.queue_stop(DriverStop(cpu=2, signal=5))
+    event = dbg.poll()
+    assert event is not None and event.reason is StopReason.STEP and event.cpu == 2
+    assert event.registers is not None and event.registers["rip"] == KERNEL_VA + len(NOPS)
