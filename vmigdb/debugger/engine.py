@@ -79,7 +79,6 @@ class Debugger:
             self._scope,
             self.catchpoints,
             self.guest.ran,
-            thread_of=self.guest.current_thread,
         )
         self.snapshots = SnapshotControl(
             driver, self.state, self.guest, self._scope, self.run_control

@@ -13,7 +13,6 @@ import logging
 from typing import NoReturn
 
 from vmigdb.arch.x86_64.paging import PhysicalMemoryError
-from vmigdb.arch.x86_64.registers import RegisterFile
 from vmigdb.guest import registry
 from vmigdb.guest.base import GuestError, GuestOS
 from vmigdb.hv.base import Driver, DriverError
@@ -74,14 +73,6 @@ class GuestView:
             return [p.cr3 for p in self.os().processes() if p.cr3]
         except (GuestUnavailable, *ANALYSIS_ERRORS):
             return []
-
-    def current_thread(self, regs: RegisterFile) -> int | None:
-        """The id of the thread a vCPU with `regs` runs (None: it cannot be told)."""
-        try:
-            process = self.os().current_process(regs)
-        except (GuestUnavailable, *ANALYSIS_ERRORS):
-            return None
-        return None if process is None else process.pid
 
     def available(self) -> bool:
         try:

@@ -57,7 +57,6 @@ class ActiveRange:
     end: int
     plan: RangePlan | None  # None: no plan, every instruction is stepped
     cr3: int  # exit breakpoints count only in this address space
-    thread: int | None = None  # the stepping thread's id, where the guest's OS tells it
 
     def contains(self, address: int) -> bool:
         return self.start <= address < self.end

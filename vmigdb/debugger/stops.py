@@ -62,7 +62,6 @@ class RunControl:
         scope: ScopeWatch,
         catchpoints: CatchpointTable,
         on_run: Callable[[], None] = lambda: None,
-        thread_of: Callable[[RegisterFile], int | None] = lambda regs: None,
     ) -> None:
         self._driver = driver
         self._state = state
@@ -71,7 +70,6 @@ class RunControl:
         self._scope = scope
         self._catchpoints = catchpoints
         self._on_run = on_run  # other caches of guest state to drop when the guest runs
-        self.thread_of = thread_of  # the id of the thread a vCPU runs (the guest's OS tells)
         self._cpus = driver.cpus()
         self.running = False
         self.last_stop: StopEvent | None = None
@@ -283,7 +281,7 @@ class RunControl:
         rip = regs["rip"]
         # the stepping process's own step only: the vCPU may be running another process that
         # was just stepped off one of vmigdb's breakpoints (which is no exit from the range)
-        rng = self._range if self._range is not None and self._owns_range(cpu, regs) else None
+        rng = self._range if self._range is not None and self._range.owns(cpu, regs) else None
         if rng is not None and not rng.contains(rip):
             return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
         if self._breakpoints.at(rip):  # execution reached a GDB breakpoint
@@ -325,9 +323,7 @@ class RunControl:
             )
             event = StopEvent(StopReason.SIGNAL, cpu, SIGTRAP, None, None, regs, message)
             return self._report(event)
-        if self._breakpoints.internal_at(rip, RANGE) and rng is not None and self._owns_range(cpu, regs):
-            rng = self._range
-            assert rng is not None
+        if self._breakpoints.internal_at(rip, RANGE) and rng is not None and rng.owns(cpu, regs):
             if not rng.contains(rip):
                 return self._report(StopEvent(StopReason.STEP, cpu, SIGTRAP, None, None, regs))
             # an instruction whose destination only a step tells
@@ -419,24 +415,6 @@ class RunControl:
 
     # -- range stepping ---------------------------------------------------------------------------
 
-    def _owns_range(self, cpu: int, regs: RegisterFile) -> bool:
-        """Is `cpu` running the range step's thread? On the stepping vCPU, in its address space;
-        or on another vCPU the guest's scheduler moved that very thread to (which then takes the
-        range over: GDB's threads are vCPUs, and a `next` would otherwise wait for the thread to
-        come back to the first one, under icount with 2 vCPUs once for minutes)."""
-        rng = self._range
-        if rng is None:
-            return False
-        if rng.owns(cpu, regs):
-            return True
-        if rng.thread is None or cr3_base(regs["cr3"]) != rng.cr3:
-            return False
-        if self.thread_of(regs) != rng.thread:
-            return False
-        log.info("range step: thread %d moved to CPU#%d; it steps on there", rng.thread, cpu - 1)
-        self._range = replace(rng, cpu=cpu)
-        return True
-
     def _start_range(self, cpu: int, step: RangeStep) -> ActiveRange:
         """Plan a range step and place its exit breakpoints; without a plan, every step is taken."""
         regs = self._state.registers(cpu)
@@ -451,8 +429,7 @@ class RunControl:
             log.info("range %#x-%#x: stepping each instruction (%s)", step.start, step.end, exc)
             self._breakpoints.release_internal(RANGE)
             plan = None
-        thread = self.thread_of(regs) if plan is not None and len(self._cpus) > 1 else None
-        return ActiveRange(cpu, step.start, step.end, plan, cr3_base(regs["cr3"]), thread)
+        return ActiveRange(cpu, step.start, step.end, plan, cr3_base(regs["cr3"]))
 
     def _lost_step(self, cpu: int, rip: int) -> bool:
         """QEMU reported a step that did not move an instruction that cannot stay put: step again.
