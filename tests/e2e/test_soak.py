@@ -3,16 +3,15 @@
 It boots its own guest (2 vCPUs under host-paced guest time, see TIME below; antidebug, probe,
 loop, ticker and two spins running) and drives every GDB workload through real GDB 13 for 5
 minutes: bulk and scattered reads, register reads, stepi, plain, conditional and process-scoped
-breakpoints, range steps, watchpoints, ^C, detach and
-reconnect. It fails on any guest fault, any stuck program, any vmigdb error, any GDB check (see
-vmigdb/soak/report.py CHECKS) and any antidebug detection; under host-paced time, all but the
-timing ones: a guest that times itself sees the debugger (README, guest time: declared visible),
-so `rdtsc` (each single-step makes QEMU flush its translated code), `syscall_time` (a stop inside
-its timed system calls) and the clock checks (a vCPU held back by a busy host while its clocks ran
-on) are counted, not failed; what a debugger's bytes or flags would betray (checksum, int3, TF,
-ptrace, TracerPid) is never allowed.
-VMIGDB_SOAK_TIME=auto|icount picks another mode (no detection allowed then). This test asserts
-it ended clean, having run every workload.
+breakpoints, range steps, watchpoints, ^C, detach and reconnect. It fails on any guest fault, any
+stuck program, any vmigdb error, any GDB check (see vmigdb/soak/report.py CHECKS) and any
+antidebug detection; under host-paced time, all but the timing ones: a guest that times itself
+sees the debugger (README, guest time: declared visible), so `rdtsc` (each single-step makes QEMU
+flush its translated code), `syscall_time` (a stop inside its timed system calls) and the clock
+checks (a vCPU held back by a busy host while its clocks ran on) are counted, not failed; what a
+debugger's bytes or flags would betray (checksum, int3, TF, ptrace, TracerPid) is never allowed.
+VMIGDB_SOAK_TIME=auto|icount picks another mode (no detection allowed under icount). This test
+asserts it ended clean, having run every workload.
 
 VMIGDB_SLOW=1 runs it for 30 minutes (issue 12's acceptance figure); VMIGDB_SOAK_MINUTES=N for N.
 """
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from vmigdb.hv.qemu.version import icount_boots_smp, qemu_version
+from vmigdb.hv.qemu.process import resolve_time_mode
+from vmigdb.hv.qemu.version import qemu_version
 from vmigdb.soak.plan import KINDS
 from vmigdb.soak.report import format_text
 
@@ -40,11 +40,8 @@ MINUTES = float(os.environ.get("VMIGDB_SOAK_MINUTES", 30 if os.environ.get("VMIG
 # minutes once (in ~15 minutes of soak), its process having moved to the other vCPU for good (a
 # range step ends on the stepping vCPU only: README, range stepping). VMIGDB_SOAK_TIME=auto|icount.
 TIME = os.environ.get("VMIGDB_SOAK_TIME", "host")
-COUNTED = (  # what auto picks for 2 vCPUs: icount where QEMU boots SMP guests under it
-    TIME == "icount"
-    or TIME == "auto"
-    and icount_boots_smp(qemu_version(shutil.which("qemu-system-x86_64") or ""))
-)
+QEMU = qemu_version(shutil.which("qemu-system-x86_64") or "")
+COUNTED = resolve_time_mode(TIME, "tcg", 2, QEMU)[0] == "icount"  # what vmigdb will run
 # antidebug.c's timing checks: counted, not failed, unless guest time is instruction-counted
 TIMING = (
     set()

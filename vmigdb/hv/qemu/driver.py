@@ -768,14 +768,15 @@ class QemuDriver(Driver):
             raise DriverError(
                 f"at a stop vmigdb's QEMU plugin holds only CPU#{held.cpu - 1} can step"
             )
-        # Breakpoints set at this stop have no page marker yet (bp_pages.py), and only QEMU's
-        # gdbstub can set one: on a continue, it stops the machine on the way to set them.
         # While the plugin steps, QEMU translates one instruction per block, so each step ends
         # at a block's start, where QEMU's vCPU state (flags included) is complete.
         self._plugin_stepping = bool(steppers)
         self._one_insn_per_tb(self._plugin_stepping or self._watch_flush_pending)
+        # Breakpoints set at this stop have no page marker yet (bp_pages.py), and only QEMU's
+        # gdbstub can set one: on a continue, it stops the machine on the way to set them. The
+        # ^C goes after the monitor's last word: QEMU's main loop then waits for the vCPU.
         marking = bool(self._unmarked) and not steppers
-        if marking:  # after the monitor's last word: QEMU's main loop now waits for the vCPU
+        if marking:
             self._channel.interrupt()
             time.sleep(MARK_STOP_GRACE_S)  # QEMU reads the ^C and waits for the held vCPU
         self._plugin.go(held.cpu, STEP if steppers else CONTINUE)
