@@ -70,6 +70,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "qemu_plugin_api.h"
@@ -83,6 +85,7 @@ EXPORT int qemu_plugin_version = VMIGDB_PLUGIN_API_VERSION;
 #define STACK_LIMIT 1024
 #define MAX_STEPS 100000
 #define MAX_WATCH 16
+#define SPIN_NS 1000000 /* how long a held vCPU waits awake for vmigdb before it sleeps */
 
 enum follow { FOLLOW_NONE = 0, FOLLOW_STEP = 1, FOLLOW_RECHECK = 2, FOLLOW_WATCH = 3 };
 enum watch_type { WATCH_WRITE = 2, WATCH_READ = 3, WATCH_ACCESS = 4 };
@@ -251,6 +254,24 @@ static void cancel_steps(void)
     }
 }
 
+/* A stepping GDB answers within a few hundred microseconds (its stop's memory reads, then the
+ * next step): wait that long awake, yielding the CPU to whoever needs it, since waking a sleeping
+ * thread costs as much again on a virtualised host (vmigdb/awake_loop.py has the figures). */
+static void spin_while_held(unsigned long gen)
+{
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (unsigned i = 0;; i++) {
+        if (__atomic_load_n(&release_gen, __ATOMIC_ACQUIRE) != gen) return;
+        if (__atomic_load_n(&disconnected, __ATOMIC_RELAXED)) return;
+        sched_yield();
+        if ((i & 7) == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) > SPIN_NS) return;
+        }
+    }
+}
+
 /* Report a stop and hold this vCPU (and so, under icount, the machine) until vmigdb says go. */
 static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
 {
@@ -288,6 +309,9 @@ static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
     unsigned long gen = release_gen;
     send_line(line, len);
     free(line);
+    pthread_mutex_unlock(&lock);
+    spin_while_held(gen);
+    pthread_mutex_lock(&lock);
     while (release_gen == gen && !disconnected) pthread_cond_wait(&released, &lock);
     int mode = disconnected ? 0 : go_mode;
     v->lo = go_lo;
