@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from vmigdb.attach_cmd import ATTACH
+from vmigdb.awake_loop import new_event_loop
 from vmigdb.dump_cmd import DUMP
 from vmigdb.errors import SetupError
 from vmigdb.qemu_cmd import DEMO, QEMU
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "symbols":
             return _symbols(args)
         command = next(c for c in SERVE_COMMANDS if c.name == args.command)
-        return asyncio.run(serve(command, args))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(serve(command, args))
     except SetupError as exc:
         print(f"vmigdb: {exc}", file=sys.stderr)
         return 2
