@@ -184,10 +184,13 @@ class RspServer:
             self.finish(event)
 
 
-class GdbConnection(asyncio.Protocol):
+class GdbConnection(asyncio.BufferedProtocol):
     """One client's connection. See the module docstring."""
 
     def __init__(self, server: RspServer) -> None:
+        # Received bytes land in one buffer kept for the connection: asyncio's plain Protocol
+        # allocates 256 KiB for every read (10 us a packet here, against 1.5 us for 64 KiB).
+        self._received = memoryview(bytearray(0x10000))
         self.server = server
         self.debugger = server.debugger
         self.decoder = codec.Decoder()
@@ -228,7 +231,13 @@ class GdbConnection(asyncio.Protocol):
             self.debugger, host_files=self.server.local, save_machine=self.server.save_machine
         )
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._received[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.decoder.feed(data)
         for event in self.decoder.events():
             if self.done:
