@@ -7,9 +7,8 @@ instructions, and a VM stop freezes them). Measured detached (no GDB), then
 - idle: (a) with GDB attached and continuing, no breakpoints, (b) the same with 4 breakpoints on
   syscalls nothing in the guest makes;
 - scoped hot: a breakpoint on getpid, which the ticker runs hot, scoped to another process (the
-  parked loop program), so that no hit counts; QEMU's gdbstub has no process scope, so there the
-  breakpoint carries a condition GDB finds false (the nearest it can do), and its rate is the
-  hits GDB counted per host second.
+  parked loop program), so that no hit counts: vmigdb's plugin only (n/a for QEMU's gdbstub, which
+  has no process scope, and for vmigdb under host time, where every call would stop the VM).
 Each figure is the attached rate over the detached rate measured just before it. The detached
 rate of vmigdb's QEMU (its plugin loaded) over that of plain QEMU is "plugin loaded".
 """
@@ -57,39 +56,24 @@ def attached(
     name: str,
     breakpoints: list[int],
     setup: tuple[str, ...] = (),
-    count_hits: bool = False,
 ) -> float:
-    """The ticker's rate while a GDB with these breakpoints sits in `continue`; then ^C, detach.
-
-    count_hits: the breakpoints carry a condition GDB evaluates and finds false, counting each
-    hit in $vmigdb_hits; the rate is then hits per host second (each hit is one ticker call),
-    since a guest stopped at every call prints too few lines to time.
-    """
-    condition = " if ($vmigdb_hits = $vmigdb_hits + 1) < 0" if count_hits else ""
+    """The ticker's rate while a GDB with these breakpoints sits in `continue`; then ^C, detach."""
     lines = "".join(f'    run("{command}")\n' for command in setup)
-    if count_hits:
-        lines += '    run("set $vmigdb_hits = 0")\n'
-    lines += "".join(f'    run("break *{a:#x}{condition}")\n' for a in breakpoints)
+    lines += "".join(f'    run("break *{a:#x}")\n' for a in breakpoints)
     body = f"""
 def main():
 {lines}    emit(kind="continuing")
     run("continue")
-    emit(kind="interrupted", pc=value("$pc"), hits=value("$vmigdb_hits") if {count_hits} else 0)
+    emit(kind="interrupted", pc=value("$pc"))
 """
     proc, out = gdb.start(name, body)
     try:
         wait_record(out, "continuing", proc, 60)
-        started = time.monotonic()
-        if count_hits:
-            time.sleep(seconds)
-        else:
-            time.sleep(SETTLE_S)
-            value = window(server, seconds)
+        time.sleep(SETTLE_S)
+        value = window(server, seconds)
     finally:
         interrupt(proc)
-    stopped = wait_record(out, "interrupted", proc, 1 if not count_hits else 30)
-    if count_hits:
-        return stopped["hits"] / (time.monotonic() - started)
+    stopped = wait_record(out, "interrupted", proc, 1)
     if stopped["pc"] in breakpoints:
         raise BenchError(f"a breakpoint that should never hit did, at {stopped['pc']:#x}")
     return value
@@ -100,17 +84,20 @@ def measure_scoped_hot(server: Server, gdb: Gdb, config, log) -> Cell:
     getpid = server.ksyms.get("__x64_sys_getpid")
     if getpid is None:
         raise BenchError("__x64_sys_getpid is not in the guest's ksyms")
-    scoped = server.name == "vmigdb"
-    setup = ("monitor process loop",) if scoped else ()
+    if server.name != "vmigdb":
+        return Cell(error="n/a (no process scope: every call stops the VM)")
+    if server.time_mode == "host":
+        return Cell(error="n/a (host time: no plugin, every call stops the VM)")
+    setup = ("monitor process loop",)
     cell = Cell()
     for i in range(config.idle_reps):
         base = window(server, config.idle_window)
-        hot = attached(
-            server, gdb, config.idle_window, "scoped-hot", [getpid], setup, count_hits=not scoped
-        )
+        hot = attached(server, gdb, config.idle_window, "scoped-hot", [getpid], setup)
         cell.values.append(hot / base)
-        log(f"{server.name}: scoped hot {i + 1}/{config.idle_reps}: detached {base:,.0f} calls/s, "
-            f"attached x{cell.values[-1]:.3f}")
+        log(
+            f"{server.name}: scoped hot {i + 1}/{config.idle_reps}: detached {base:,.0f} calls/s, "
+            f"attached x{cell.values[-1]:.3f}"
+        )
     return cell
 
 
