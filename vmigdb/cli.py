@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from vmigdb.attach_cmd import ATTACH
-from vmigdb.awake_loop import new_event_loop
 from vmigdb.dump_cmd import DUMP
 from vmigdb.errors import SetupError
 from vmigdb.qemu_cmd import DEMO, QEMU
 from vmigdb.serve import ServeCommand, add_serve_options, serve
+from vmigdb.wire.awake import new_event_loop
 from vmigdb.xen_cmd import XEN
 
 SERVE_COMMANDS: tuple[ServeCommand, ...] = (QEMU, DEMO, ATTACH, DUMP, XEN)

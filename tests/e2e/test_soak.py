@@ -35,7 +35,7 @@ from vmigdb.soak.report import format_text
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-MINUTES = float(os.environ.get("VMIGDB_SOAK_MINUTES", 30 if os.environ.get("VMIGDB_SLOW") else 5))
+MINUTES = float(os.environ.get("VMIGDB_SOAK_MINUTES", 30 if os.environ.get("VMIGDB_SLOW") else 3))
 # Host time by default, not auto's icount: under icount a `next` over loop.c's loop waited for
 # minutes once (in ~15 minutes of soak), its process having moved to the other vCPU for good (a
 # range step ends on the stepping vCPU only: README, range stepping). VMIGDB_SOAK_TIME=auto|icount.

@@ -25,6 +25,7 @@ from collections import deque
 from typing import NoReturn
 
 from vmigdb.wire import codec
+from vmigdb.wire.awake import wait_awake
 
 log = logging.getLogger("vmigdb.wire")
 
@@ -96,9 +97,13 @@ class RspClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"{self.peer_name} did not answer in time")
-            ready, _, _ = select.select([self._sock], [], [], remaining)
-            if ready:
+            # awake for a moment first: QEMU answers a step or a read within ~100 us, sooner
+            # than a sleeping thread wakes on these hosts (vmigdb.wire.awake)
+            if wait_awake(self._readable, remaining):
                 self._read_some()
+
+    def _readable(self, timeout: float | None) -> bool:
+        return bool(select.select([self._sock], [], [], timeout)[0])
 
     def poll(self) -> bytes | None:
         """Return a complete packet if one has arrived, without blocking."""

@@ -9,8 +9,8 @@ import socket
 import threading
 import time
 
-from vmigdb import awake_loop
-from vmigdb.awake_loop import AwakeSelector, new_event_loop
+from vmigdb.wire import awake
+from vmigdb.wire.awake import AwakeSelector, new_event_loop
 
 
 def _pair_with_selector() -> tuple[socket.socket, socket.socket, AwakeSelector]:
@@ -37,7 +37,7 @@ def test_timeout_with_nothing_ready_returns_nothing_in_time() -> None:
 
 def test_data_after_the_poll_wakes_the_blocking_wait() -> None:
     a, b, selector = _pair_with_selector()
-    later = threading.Timer(awake_loop.AWAKE_S * 10, lambda: a.send(b"x"))
+    later = threading.Timer(awake.AWAKE_S * 10, lambda: a.send(b"x"))
     later.start()
     try:
         ready = selector.select(5.0)
