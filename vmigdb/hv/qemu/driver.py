@@ -45,6 +45,7 @@ from vmigdb.hv.qemu.runctl import (
     parse_info_registers,
 )
 from vmigdb.hv.qemu.version import known_defects, version_text
+from vmigdb.wire.awake import AwakeSelector
 from vmigdb.wire.codec import decode_hex, encode_hex
 
 log = logging.getLogger("vmigdb.hv.qemu")
@@ -381,7 +382,7 @@ class QemuDriver(Driver):
         from the stops it holds (`monitor` answers `info registers` while it holds one)."""
         self._plugin, self._monitor = link, monitor
         self.decides_conditions = True
-        self._selector = selectors.DefaultSelector()
+        self._selector = AwakeSelector()  # a blocking wait_stop answers as fast as the loop
         self._selector.register(self._channel.fileno(), selectors.EVENT_READ)
         self._selector.register(link.fileno(), selectors.EVENT_READ)
         link.on_flushed = self._on_watch_flushed
