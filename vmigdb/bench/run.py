@@ -51,6 +51,7 @@ STEPS = (
     "scattered",
     "registers",
     "stepi",
+    "stepi_default",
     "cond_bp",
     "next_loop",
     "clocks",

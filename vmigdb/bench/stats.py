@@ -51,6 +51,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("scattered", "scattered read", "x/8xg/s", 1.0),
     Spec("registers", "registers", "reads/s", 1.0),
     Spec("stepi", "stepi", "steps/s", 1.5),
+    Spec("stepi_default", "stepi, QEMU's breakpoint", "steps/s", 1.0),
     Spec("cond_bp", "conditional bp", "hits/s", 50),
     Spec("next_loop", "next over loop", "s per 100k-iter next", 20, higher_is_better=False),
     Spec("idle_a", "idle, attached", "x detached", 0.95, target_on=VMIGDB),

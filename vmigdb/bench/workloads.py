@@ -271,9 +271,17 @@ def main():
         )
 
     def stepi(self) -> Cell:
+        """Steps from a plain breakpoint's stop; vmigdb's plugin holds that stop and does the
+        steps where it is loaded (`monitor plugin-breakpoints on`; QEMU's gdbstub otherwise)."""
+        return self._stepi("stepi", self.server.name == "vmigdb")
+
+    def stepi_default(self) -> Cell:
+        """The same steps with vmigdb's defaults: a plain breakpoint is QEMU's gdbstub's, so its
+        stop and the steps from it are QEMU's, through vmigdb."""
+        return self._stepi("stepi_default", False)
+
+    def _stepi(self, name: str, plugin: bool) -> Cell:
         getpid = self.server.ksyms["__x64_sys_getpid"]
-        # vmigdb: the plugin's stops and steps where it is loaded (QEMU's gdbstub otherwise)
-        plugin = self.server.name == "vmigdb"
         body = f"""
 def main():
     if {plugin}:
@@ -295,7 +303,7 @@ def main():
         timeout = 60 + self.config.passes * (10 + self.config.stepi / 100)
         return self._reps(
             "stepi/s",
-            lambda: rate(self.config.stepi, best_of(self._passes("stepi", body, timeout), False)),
+            lambda: rate(self.config.stepi, best_of(self._passes(name, body, timeout), False)),
         )
 
     # ---- the loop program --------------------------------------------------------------------------
