@@ -256,7 +256,7 @@ static void cancel_steps(void)
 
 /* A stepping GDB answers within a few hundred microseconds (its stop's memory reads, then the
  * next step): wait that long awake, yielding the CPU to whoever needs it, since waking a sleeping
- * thread costs as much again on a virtualised host (vmigdb/awake_loop.py has the figures). */
+ * thread costs as much again on a virtualised host (vmigdb/wire/awake.py has the figures). */
 static void spin_while_held(unsigned long gen)
 {
     struct timespec start, now;
