@@ -263,7 +263,7 @@ static void spin_while_held(unsigned long gen)
     clock_gettime(CLOCK_MONOTONIC, &start);
     for (unsigned i = 0;; i++) {
         if (__atomic_load_n(&release_gen, __ATOMIC_ACQUIRE) != gen) return;
-        if (__atomic_load_n(&disconnected, __ATOMIC_RELAXED)) return;
+        if (__atomic_load_n(&disconnected, __ATOMIC_ACQUIRE)) return;
         sched_yield();
         if ((i & 7) == 0) {
             clock_gettime(CLOCK_MONOTONIC, &now);
@@ -725,7 +725,8 @@ static void command(char *line)
         go_mode = mode ? (int)strtol(mode, NULL, 16) : 0;
         go_lo = go_mode == 2 && lo ? strtoull(lo, NULL, 16) : 0;
         go_hi = go_mode == 2 && hi ? strtoull(hi, NULL, 16) : 0;
-        release_gen++;
+        /* atomic: a held vCPU reads it without the lock while it waits awake (spin_while_held) */
+        __atomic_add_fetch(&release_gen, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&released);
     }
     pthread_mutex_unlock(&lock);
@@ -759,7 +760,7 @@ static void *reader(void *arg)
     memset(bp_pages, 0, sizeof bp_pages);
     memset(watches, 0, sizeof watches);
     nwatch = 0;
-    disconnected = 1;
+    __atomic_store_n(&disconnected, 1, __ATOMIC_RELEASE); /* read unlocked by spin_while_held */
     step_mode = 0;
     for (int i = 0; i < nvcpus; i++) /* the next follow callback flushes step-mode code */
         *(uint64_t *)qemu_plugin_scoreboard_find(board, (unsigned)i) = FOLLOW_RECHECK;
