@@ -48,24 +48,8 @@ say "release $(uname -r)"
 
 ksyms="_text _stext linux_banner init_task __x64_sys_getpid __x64_sys_nanosleep __x64_sys_openat do_sys_openat2 default_idle"
 ksyms="$ksyms $(echo "$extra_ksyms" | tr ',' ' ')"
-# grep -F picks the candidate lines (" NAME" anywhere) first: busybox awk splitting all ~90,000
-# lines takes 4 s under TCG, grep -F 1 s.
-ksym_lines() {
-	for name in $ksyms; do set -- "$@" -e " $name"; done
-	grep -F "$@" /proc/kallsyms
-}
-# Core-kernel symbols only (module ones have a 4th field), exact names, first match wins.
-ksym_lines | awk -v want="$ksyms" '
-	BEGIN { n = split(want, w, " "); for (i = 1; i <= n; i++) need[w[i]] = 1 }
-	NF == 3 && ($3 in need) && !($3 in addr) { addr[$3] = $1 }
-	END {
-		for (i = 1; i <= n; i++) {
-			if (w[i] in done) continue
-			done[w[i]] = 1
-			if (w[i] in addr) print "vmigdb-guest: ksym " w[i] " " addr[w[i]]
-			else print "vmigdb-guest: ksym-missing " w[i]
-		}
-	}'
+# shellcheck disable=SC2086 # one name per argument
+/bin/ksyms $ksyms
 
 [ "$programs" = none ] && programs=
 for spec in $(echo "$programs" | tr ',' ' '); do
