@@ -7,7 +7,7 @@ Cache layout under the cache dir (default $XDG_CACHE_HOME/vmigdb, else ~/.cache/
     libc/<version>/                Debian's dynamic loader and libc (libc6)
     busybox/busybox-<debian version>
     programs/<key>/<name>          unstripped static test programs (GDB symbol files)
-    initrd/initrd-<key>.cpio.gz
+    initrd/initrd-<key>.cpio
     lock                           serialises concurrent builds
 """
 

@@ -1,7 +1,7 @@
 """The guest kernel: Debian's cloud kernel, resolved through its metapackage and cached by release.
 
 The cloud flavour is small, boots fast under TCG, and has what the demo guest needs built in
-(8250 console, devtmpfs, gzip initramfs, KASLR, kallsyms of all symbols).
+(8250 console, devtmpfs, initramfs, KASLR, kallsyms of all symbols).
 """
 
 from __future__ import annotations
