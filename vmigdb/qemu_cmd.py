@@ -28,8 +28,9 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
         "icount (TCG only): guest time counts instructions, so the debugger leaves no timing "
         "trace; all vCPUs share one host thread, at most 125 M instructions/s (a busy guest ran "
         "6-8x slower here). host: host time; breakpoints and steps make QEMU retranslate code, "
-        "which RDTSC can time. auto (default): icount under TCG, else host (also with several "
-        "vCPUs on QEMU before 10: QEMU 7.2 with icount hangs Debian's 6.1 kernel)",
+        "which RDTSC can time. auto (default): icount under TCG, else host (with several vCPUs on "
+        "QEMU before 10, icount is kept only if the guest brings up every vCPU under it: QEMU "
+        "7.2 with icount hangs Debian's 6.1 kernel; else QEMU starts again with host time)",
     )
 
 

@@ -54,6 +54,8 @@ class Vm:
         smp: int = 1,
         append: str = "",
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        listen_timeout: float = 60,
     ) -> None:
         self.port = free_port()
         self.console_path = tmp / "console.log"
@@ -84,8 +86,11 @@ class Vm:
             stdout=open(self.stdout_path, "wb"),
             stderr=open(self.stderr_path, "wb"),
             cwd=ROOT,
+            env=env,
         )
-        self.wait_for(lambda: "listening on" in self.stdout_path.read_text(), 60, "listening on")
+        self.wait_for(
+            lambda: "listening on" in self.stdout_path.read_text(), listen_timeout, "listening on"
+        )
         self.wait_console(r"vmigdb-guest: ready", 120)
         self.ksyms = {
             m.group(1): int(m.group(2), 16)

@@ -401,7 +401,7 @@ class QemuDriver(Driver):
         """Is this stop held inside QEMU by the plugin (QEMU cannot stop the VM meanwhile)?"""
         return self._plugin_held is not None
 
-    def _in_hlt(self, cpu: int) -> bool:
+    def in_hlt(self, cpu: int) -> bool:
         """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
         regs = self.read_registers(cpu)
         if regs["rip"] == 0:
@@ -417,7 +417,7 @@ class QemuDriver(Driver):
         """icount with several vCPUs: QEMU's timers run during a step from HLT, and only then
         (see ICOUNT_SMP_SSTEP)."""
         want = QEMU_DEFAULT_SSTEP
-        if any(self._in_hlt(cpu) for cpu in steppers):
+        if any(self.in_hlt(cpu) for cpu in steppers):
             want = ICOUNT_SMP_SSTEP
         if want == self._sstep:
             return

@@ -7,6 +7,7 @@ itself is ended by the parent-death signal set in process.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from vmigdb.hv.qemu.process import QemuConfig, QemuProcess
 from vmigdb.hv.qemu.qmp import Qmp
 from vmigdb.hv.qemu.runctl import MonitorClient, PluginLink
 from vmigdb.hv.qemu.snapshots import QemuSnapshots
+from vmigdb.hv.qemu.trial import try_icount
 
 log = logging.getLogger("vmigdb.hv.qemu")
 
@@ -47,7 +49,35 @@ class QemuMachine:
 
 
 async def launch_qemu(config: QemuConfig) -> QemuMachine:
-    """Boot the guest and attach; the guest is left stopped (the caller resumes it)."""
+    """Boot the guest and attach; the guest is left stopped (the caller resumes it). Where
+    "auto" time puts icount on trial (trial.py), the guest has run it first, and QEMU is started
+    again with host time if the guest hung under it."""
+    machine = await _launch(config)
+    if not machine.process.time_trial:
+        return machine
+    log.info("guest time: trying icount until the guest has brought up every vCPU")
+    try:
+        verdict = await try_icount(machine.driver)
+    except BaseException:
+        await machine.shutdown()
+        raise
+    if verdict.keep:
+        log.info("guest time: icount kept: %s", verdict.why)
+        machine.process.time_reason = f"auto: icount kept after a trial: {verdict.why}"
+        machine.driver.time_reason = machine.process.time_reason
+        return machine
+    log.warning("guest time: %s; starting QEMU again with host time", verdict.why)
+    await machine.shutdown()
+    machine = await _launch(dataclasses.replace(config, time_mode="host"))
+    machine.process.time_reason = (
+        f"auto: icount was tried and {verdict.why}; --smp 1 or QEMU 10 (scripts/setup installs "
+        "it) keeps instruction-counted time"
+    )
+    machine.driver.time_reason = machine.process.time_reason
+    return machine
+
+
+async def _launch(config: QemuConfig) -> QemuMachine:
     process = QemuProcess.start(config)
     try:
         client = QemuChannel(GdbstubClient.connect(process.gdb_socket))

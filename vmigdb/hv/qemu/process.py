@@ -26,11 +26,13 @@ guest held at a breakpoint for 10 s sees under 1 ms pass. They differ while the 
   devices, e.g. console output, is not guest time: an idle guest falls a little behind and
   catches up when next busy). Costs: a busy guest runs at most 10**9 / 2**ICOUNT_SHIFT
   instructions per host second (a loop plain TCG runs 2600 times a second runs 310 times; the
-  demo guest boots in ~19 s instead of ~6 s), and all vCPUs share one host thread.
+  demo guest boots to its `ready` line in ~7 s instead of ~3 s), and all vCPUs share one host thread.
 - "auto" (the default): the stealthiest mode that works for the machine asked for
-  (`resolve_time_mode`): icount under TCG, host under KVM (which cannot count instructions) and,
-  with several vCPUs, on QEMU before 10. QEMU 7.2 with icount hangs Debian's 6.1 kernel as it
-  starts a second vCPU; QEMU 10.0.2 boots 2-vCPU guests under icount (0 RDTSC outliers in 9,038
+  (`resolve_time_mode`): icount under TCG, host under KVM (which cannot count instructions). With
+  several vCPUs on QEMU before 10, icount is on trial (trial.py): QEMU 7.2 with icount hangs
+  Debian's 6.1 kernel as it starts a second vCPU but boots 6.12, so the guest is run until it has
+  brought up every vCPU, and QEMU is started again with host time if it hangs instead. QEMU
+  10.0.2 boots 2-vCPU guests under icount (0 RDTSC outliers in 9,038
   samples during breakpoint hits and steps; clocks 0.97x host time idle, 1.00x busy). Its two
   aborts under icount in the soak came from QEMU's own watchpoints, which vmigdb's plugin
   replaces under icount (plugin/runctl.c says how). Whether each vCPU did come up is the
@@ -198,11 +200,18 @@ def resolve_time_mode(
         return "icount", "auto: TCG with 1 vCPU"
     if icount_boots_smp(version):
         return "icount", f"auto: TCG, and QEMU {version_text(version)} counts {smp} vCPUs' instructions"
-    return "host", (
-        f"auto: QEMU {version_text(version)} with icount hangs Debian's 6.1 kernel as it starts "
-        f"its second vCPU (QEMU 10 does not); --smp 1 or QEMU 10 (scripts/setup installs it) "
-        "gives instruction-counted time"
+    return "icount", (
+        f"auto: on trial (trial.py): QEMU {version_text(version)} with icount hangs some kernels "
+        "as they start a second vCPU (Debian's 6.1), so it is kept only if the guest brings up "
+        "every vCPU"
     )
+
+
+def icount_on_trial(
+    mode: str, accel: str, smp: int, version: tuple[int, int, int] | None
+) -> bool:
+    """Does "auto" try icount first here, keeping it only if the guest brings every vCPU up?"""
+    return mode == "auto" and accel == "tcg" and smp > 1 and not icount_boots_smp(version)
 
 
 def wants_plugin(
@@ -445,6 +454,7 @@ class QemuProcess:
         self.plugin_socket: Path | None = None
         self.monitor_socket: Path | None = None
         self.plugin_why: str | None = "not started"  # why the plugin is not used; None: it is
+        self.time_trial = False  # icount kept only if the guest brings up every vCPU (trial.py)
 
     @classmethod
     def start(cls, config: QemuConfig) -> QemuProcess:
@@ -455,9 +465,10 @@ class QemuProcess:
         accel = resolve_accel("tcg" if icount_auto else config.accel)
         version = qemu_version(binary)
         time_mode, why = resolve_time_mode(config.time_mode, accel, config.smp, version)
+        trial = icount_on_trial(config.time_mode, accel, config.smp, version)
         log.info("guest time: %s (%s)", time_mode, why)
         config = dataclasses.replace(config, time_mode=time_mode)
-        if config.time_mode == "icount" and config.smp > 1 and not icount_boots_smp(version):
+        if config.time_mode == "icount" and config.smp > 1 and not icount_boots_smp(version) and not trial:
             log.warning(
                 "--time icount on QEMU %s: QEMU 7.2 with icount hangs Debian's 6.1 kernel as it "
                 "starts its second CPU (after 'x86: Booting SMP configuration:'; 6.12 boots): use "
@@ -468,6 +479,7 @@ class QemuProcess:
 
         self = cls(config, accel)
         self.time_reason = why  # why config.time_mode is what it is, for `monitor info`
+        self.time_trial = trial
         self.workdir = make_workdir()
         ram_fd = -1
         try:

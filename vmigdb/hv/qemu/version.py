@@ -10,9 +10,10 @@ conditional breakpoint's false hits (Hg, g, vCont;s:N, vCont;c): the guest died 
 of stops without a step (0x03 then vCont;c, 69,244 times) never harmed it, nor did 70,659
 step-overs on QEMU 10.0.2. So vmigdb says so at start on QEMU 7.2, and setup installs QEMU 10.
 
-QEMU 7.2 with icount (instruction-counted guest time) hangs Debian's 6.1 kernel as it brings up its
-second vCPU (after "x86: Booting SMP configuration:"). QEMU 10.0.2 boots the same 2-vCPU guests
-under icount (`icount_boots_smp`), so `--time auto` chooses icount for them there (process.py).
+QEMU 7.2 with icount (instruction-counted guest time) hangs Debian's 6.1 kernel in some boots as
+it brings up its second vCPU (after "x86: Booting SMP configuration:"). QEMU 10.0.2 boots the same
+2-vCPU guests under icount (`icount_boots_smp`), so `--time auto` chooses icount for them there;
+before 10 it puts icount on trial (trial.py).
 """
 
 from __future__ import annotations
