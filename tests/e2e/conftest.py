@@ -88,10 +88,16 @@ class Vm:
             cwd=ROOT,
             env=env,
         )
-        self.wait_for(
-            lambda: "listening on" in self.stdout_path.read_text(), listen_timeout, "listening on"
-        )
-        self.wait_console(r"vmigdb-guest: ready", 120)
+        try:
+            self.wait_for(
+                lambda: "listening on" in self.stdout_path.read_text(),
+                listen_timeout,
+                "listening on",
+            )
+            self.wait_console(r"vmigdb-guest: ready", 120)
+        except BaseException:
+            self.stop()  # a guest that did not come up must not run on beside the next tests
+            raise
         self.ksyms = {
             m.group(1): int(m.group(2), 16)
             for m in re.finditer(r"vmigdb-guest: ksym (\S+) ([0-9a-f]+)", self.console())
