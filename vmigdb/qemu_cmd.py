@@ -130,10 +130,9 @@ async def _open_qemu(args: argparse.Namespace) -> Target:
 
 
 async def _open_demo(args: argparse.Namespace) -> Target:
-    from vmigdb.images.build import build_guest, demo_append
+    from vmigdb.images.build import build_guest
 
     image = build_guest()
-    args.append = demo_append(args.append)
     return await _boot(args, image.kernel, image.initrd, (), demo=True)
 
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from vmigdb.images.build import demo_append
-
 ROOT = Path(__file__).resolve().parents[2]
 
 if shutil.which("qemu-system-x86_64") is None or shutil.which("gdb") is None:
@@ -79,7 +77,8 @@ class Vm:
             "--memory",
             "512",
         ]
-        argv += ["--append", demo_append(append)]
+        if append:
+            argv += ["--append", append]
         argv += list(extra)
         self.proc = subprocess.Popen(
             argv,
