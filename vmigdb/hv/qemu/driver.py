@@ -403,7 +403,10 @@ class QemuDriver(Driver):
 
     def in_hlt(self, cpu: int) -> bool:
         """Whether the vCPU sleeps in HLT: QEMU shows a halted vCPU's RIP just past its hlt."""
-        regs = self.read_registers(cpu)
+        return self.halted(self.read_registers(cpu))
+
+    def halted(self, regs: RegisterFile) -> bool:
+        """`in_hlt` for registers already read."""
         if regs["rip"] == 0:
             return False
         mode = paging_mode(regs["cr0"], regs["cr4"], regs["efer"])

@@ -63,17 +63,15 @@ async def launch_qemu(config: QemuConfig) -> QemuMachine:
         raise
     if verdict.keep:
         log.info("guest time: icount kept: %s", verdict.why)
-        machine.process.time_reason = f"auto: icount kept after a trial: {verdict.why}"
-        machine.driver.time_reason = machine.process.time_reason
+        machine.driver.time_reason = f"auto: icount kept after a trial: {verdict.why}"
         return machine
     log.warning("guest time: %s; starting QEMU again with host time", verdict.why)
     await machine.shutdown()
     machine = await _launch(dataclasses.replace(config, time_mode="host"))
-    machine.process.time_reason = (
+    machine.driver.time_reason = (  # what `monitor info` says of guest time
         f"auto: icount was tried and {verdict.why}; --smp 1 or QEMU 10 (scripts/setup installs "
         "it) keeps instruction-counted time"
     )
-    machine.driver.time_reason = machine.process.time_reason
     return machine
 
 

@@ -467,14 +467,14 @@ class QemuProcess:
         time_mode, why = resolve_time_mode(config.time_mode, accel, config.smp, version)
         trial = icount_on_trial(config.time_mode, accel, config.smp, version)
         log.info("guest time: %s (%s)", time_mode, why)
-        config = dataclasses.replace(config, time_mode=time_mode)
-        if config.time_mode == "icount" and config.smp > 1 and not icount_boots_smp(version) and not trial:
-            log.warning(
+        if config.time_mode == "icount" and config.smp > 1 and not icount_boots_smp(version):
+            log.warning(  # asked for: "auto" puts icount on trial instead (trial.py)
                 "--time icount on QEMU %s: QEMU 7.2 with icount hangs Debian's 6.1 kernel as it "
                 "starts its second CPU (after 'x86: Booting SMP configuration:'; 6.12 boots): use "
                 "--smp 1, --time host or QEMU 10 if the guest stops there",
                 version_text(version),
             )
+        config = dataclasses.replace(config, time_mode=time_mode)
         size = config.memory_mib << 20
 
         self = cls(config, accel)

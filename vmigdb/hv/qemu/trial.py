@@ -84,11 +84,12 @@ async def try_icount(driver: QemuDriver) -> Verdict:
         if stop.exited is not None:
             raise SetupError(f"the guest ended (status {stop.exited}) while icount was tried")
         now = time.monotonic()
-        paged = {cpu for cpu in cpus if driver.read_registers(cpu)["cr0"] & _CR0_PG}
+        regs = {cpu: driver.read_registers(cpu) for cpu in cpus}
+        paged = {cpu for cpu in cpus if regs[cpu]["cr0"] & _CR0_PG}
         if first_paged is None and paged:
             first_paged = now
         # Firmware and a vCPU waiting to be started halt too: only a rest with paging on counts.
-        rested |= {cpu for cpu in paged - rested if driver.in_hlt(cpu)}
+        rested |= {cpu for cpu in paged - rested if driver.halted(regs[cpu])}
         paged_for = None if first_paged is None else now - first_paged
         verdict = judge(cpus, rested, paged_for, now - started)
         if verdict is not None:
