@@ -22,7 +22,10 @@
  * middle of a block QEMU 10.0 has not yet written rip, which hold() replaces, nor its lazily kept
  * flags, which vmigdb then reports unavailable.) A breakpoint added while held calls
  * qemu_plugin_reset from the held vCPU: QEMU flushes its translated code before that vCPU's next
- * block, and until then the follow callbacks re-check the rest of the current block. A
+ * block, and until then the follow callbacks re-check the rest of the current block. Not so for
+ * one GDB put back after stepping over it, when no code was translated from its address in
+ * between (its translations all still have the callback): under icount a flush ends the vCPU's
+ * turn on QEMU's one thread, and another busy vCPU's turn then shows in RDTSC-timed code. A
  * breakpoint added while QEMU's gdbstub holds the machine is made to retranslate by vmigdb: it
  * rewrites the instruction's first byte with its own value, through the gdbstub, in every
  * address space that maps it, which makes QEMU drop the code translated from that byte. (QEMU's
@@ -103,6 +106,7 @@ struct cond {
 struct bp {
     uint64_t addr; /* 0: free slot */
     int live;      /* 0: deleted (slot kept as a tombstone for probing) */
+    int instrumented; /* deleted, and still no translation of addr without its callback */
     uint64_t cr3_mask, cr3;
     int nconds;
     struct cond conds[MAX_CONDS];
@@ -164,13 +168,20 @@ static int nwant;
 
 static unsigned slot_of(uint64_t addr) { return (unsigned)((addr * 0x9E3779B97F4A7C15ull) >> 54) & (MAX_BPS - 1); }
 
-static struct bp *find_bp(uint64_t addr)
+/* addr's slot, live or a tombstone; NULL if it has none. */
+static struct bp *find_slot(uint64_t addr)
 {
     for (unsigned i = slot_of(addr), n = 0; n < MAX_BPS; i = (i + 1) & (MAX_BPS - 1), n++) {
         if (bps[i].addr == 0) return NULL;
-        if (bps[i].addr == addr) return bps[i].live ? &bps[i] : NULL;
+        if (bps[i].addr == addr) return &bps[i];
     }
     return NULL;
+}
+
+static struct bp *find_bp(uint64_t addr)
+{
+    struct bp *b = find_slot(addr);
+    return b && b->live ? b : NULL;
 }
 
 static struct bp *slot_for(uint64_t addr)
@@ -568,7 +579,9 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
         uint64_t pc = qemu_plugin_insn_vaddr(insn);
         void *udata = pack(pc, i == 0);
-        if (find_bp(pc)) {
+        struct bp *b = find_slot(pc);
+        if (b && !b->live) b->instrumented = 0; /* a deleted breakpoint's code, without it */
+        if (b && b->live) {
             qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_R_REGS, udata);
             seen_bp = 1;
         }
@@ -670,6 +683,12 @@ static void command(char *line)
             struct bp *b = slot_for(addr);
             if (b && addr) {
                 int added = !(b->addr == addr && b->live);
+                /* GDB takes a breakpoint out to step over it, and puts it back: if no code was
+                 * translated from addr meanwhile, every translation still has the callback, and
+                 * nothing needs retranslating (a flush would end the vCPU's turn on QEMU's one
+                 * icount thread at its next block, and under load give another vCPU's turn to
+                 * the guest code it interrupts, which an RDTSC-timed block sees). */
+                int instrumented = b->addr == addr && !b->live && b->instrumented;
                 clear_conds(b);
                 b->addr = addr;
                 b->cr3_mask = strtoull(m, NULL, 16);
@@ -680,7 +699,7 @@ static void command(char *line)
                 }
                 b->live = 1;
                 if (added) count_bp_page(addr, 1);
-                if (added && held >= 0) retranslate = 1;
+                if (added && held >= 0 && !instrumented) retranslate = 1;
             }
         }
     } else if (!strcmp(verb, "watch") || !strcmp(verb, "unwatch")) {
@@ -716,6 +735,7 @@ static void command(char *line)
         if (b && b->live) {
             clear_conds(b);
             b->live = 0;
+            b->instrumented = 1; /* until on_translate translates addr without the callback */
             count_bp_page(b->addr, -1);
         }
     } else if (!strcmp(verb, "go")) {
