@@ -8,8 +8,11 @@ One boot of the demo guest with 2 vCPUs, running `clockprobe` (short idle and bu
 - vmigdb runs icount as asked; `monitor info` counts 2 vCPUs, both brought up
   (paging on in both), and neither it nor `monitor stealth` warns;
 - 20 breakpoint hits on antidebug's RDTSC-timed blocks and 20 stepi through them (scoped to its
-  process) leave every battery round clean: 0 detections, 0 RDTSC outliers.
-About a minute (QEMU 10 boots the 2-vCPU guest under icount in ~20 s here).
+  process) leave every battery round clean: 0 detections, 0 RDTSC outliers, with the other vCPU
+  busy (the `loop` program, parked until then, runs its rounds). Under icount the vCPUs take
+  turns on one QEMU thread: anything vmigdb did that ended the stopped vCPU's turn early would
+  hand the other vCPU's whole turn to the timed block it interrupts.
+About a minute (QEMU 10 boots the 2-vCPU guest under icount in ~15 s here).
 
 With VMIGDB_SLOW=1 (90 s more): a 2-vCPU guest booted with `maxcpus=1`, whose CPU#1 the kernel
 never starts, is noted in `monitor info` at once (paging off: not brought up yet), and after 60 s
@@ -45,7 +48,7 @@ if not icount_boots_smp(qemu_version(shutil.which("qemu-system-x86_64") or "")):
 def machine(tmp_path_factory, guest_image):
     tmp = tmp_path_factory.mktemp("smp-time")
     tail = ConsoleTail(tmp / "console.log")  # stamps lines from the first one on
-    programs = f"clockprobe:{probe_spec(IDLE_S, BUSY_S)},antidebug"
+    programs = f"clockprobe:{probe_spec(IDLE_S, BUSY_S)},antidebug,loop:park"
     vm = Vm(
         tmp,
         guest_image.kernel,
@@ -97,6 +100,9 @@ def test_breakpoints_and_steps_leave_antidebug_clean(machine, guest_image) -> No
     pid = int(vm.wait_console(START.pattern, 60).group(1))
     vm.wait_console(r"antidebug calibrated ", 60)
     blocks = block_addresses(guest_image.programs / "antidebug")
+    unpark = (f"add-symbol-file {guest_image.programs / 'loop'}", "break vmigdb_loop_parked")
+    vm.gdb(*unpark, "continue", "delete", "set var vmigdb_loop_go = 1", "detach")
+    vm.wait_console(r"loop pid=\d+ round=1 ", 60)
     out, seen = clean_session(vm, *rdtsc_session_commands(pid, blocks, HITS, STEPS, STEPS))
     assert len(re.findall(r"Breakpoint \d+, 0x[0-9a-f]+ in ", out)) == HITS + 1, out[-3000:]
     assert len(seen) >= 6, summary(seen)

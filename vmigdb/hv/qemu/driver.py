@@ -44,6 +44,7 @@ from vmigdb.hv.qemu.runctl import (
     PluginStop,
     parse_info_registers,
 )
+from vmigdb.hv.qemu.turns import TurnView, give_turn_back
 from vmigdb.hv.qemu.version import known_defects, version_text
 from vmigdb.wire.awake import AwakeSelector
 from vmigdb.wire.codec import decode_hex, encode_hex
@@ -76,6 +77,7 @@ PATCHED_INT3 = "kvm-patched-int3"
 ICOUNT_SMP_SSTEP = 0x3
 QEMU_DEFAULT_SSTEP = 0x7
 _HLT = b"\xf4"
+SIGINT = 2  # GDB's signal for a stop a ^C asked for
 
 # Whether every vCPU came up is told from what the guest did, not assumed from the vCPU count: a
 # vCPU the kernel never started runs with paging off (CR0.PG clear) while the one that booted has
@@ -352,6 +354,7 @@ class QemuDriver(Driver):
         self._plugin_held: PluginStop | None = None  # the stop the plugin holds, if any
         self._others: dict[int, RegisterFile] | None = None  # other vCPUs at that stop
         self._deferred: list[tuple[int, int, int]] = []  # gdbstub removals owed (plugin-held)
+        self._owed_markers: dict[int, int] = {}  # page -> its marker, among those removals
         self._selector: selectors.DefaultSelector | None = None
         self._one_insn = False  # QEMU's one-insn-per-tb, on while the plugin steps
         self.plugin_note = ""  # `monitor info`: what serves run control, and why
@@ -565,7 +568,23 @@ class QemuDriver(Driver):
         if new and self._plugin_held is None:
             self._retranslate(addr, scope_cr3, whole_page=self._markers.needs(addr))
             self._mark_page(addr, scope_cr3)
-        elif new:  # QEMU's gdbstub is unreachable: the marker waits for its next stop
+        elif new:
+            self._mark_page_while_held(addr, scope_cr3)
+
+    def _mark_page_while_held(self, addr: int, scope_cr3: int | None) -> None:
+        """QEMU's gdbstub is unreachable: a page without a marker gets one on the way (`_release`
+        stops the machine for it). GDB takes its breakpoints out to step over one and puts them
+        back, so most often the page still has its marker, or its removal is still owed: it
+        stays, and the guest runs on with no stop on the way (a stop would end the vCPU's turn
+        on QEMU's one icount thread, and under load give another vCPU's turn to the guest code
+        it interrupts, which an RDTSC-timed block sees)."""
+        owed = self._owed_markers.pop(addr & ~(PAGE - 1), None)
+        if owed is not None:
+            self._deferred.remove((int(BreakpointType.SOFTWARE), owed, 1))
+            self._markers.add(addr, owed)
+        elif not self._markers.needs(addr):
+            self._markers.add(addr, None)
+        else:
             self._unmarked[addr] = scope_cr3
 
     def _mark_page(self, addr: int, scope_cr3: int | None) -> None:
@@ -600,6 +619,7 @@ class QemuDriver(Driver):
             return
         if self._plugin_held is not None:
             self._deferred.append((int(BreakpointType.SOFTWARE), marker, 1))
+            self._owed_markers[marker & ~(PAGE - 1)] = marker
         else:
             self._z(b"z", BreakpointType.SOFTWARE, marker, 1)
 
@@ -797,29 +817,72 @@ class QemuDriver(Driver):
         guest cannot time this stop. A breakpoint QEMU's gdbstub serves that was hit instead
         is hit again at once; a plugin hit in the rest of that block must be let go (QEMU is
         waiting for that vCPU), which the log says."""
-        assert self._plugin is not None and self._selector is not None
-        deadline = time.monotonic() + 10.0
-        while (packet := self._channel.poll_stop()) is None:
-            late = self._plugin.poll()
-            if late is not None:
-                log.warning(
-                    "CPU#%d reached %#x while QEMU stopped the machine to mark breakpoint "
-                    "pages; that hit is let go",
-                    late.cpu - 1,
-                    late.pc,
-                )
-                self._plugin.go(late.cpu, CONTINUE)
-                continue
-            if time.monotonic() > deadline:
-                packet = self._channel.wait_stop(1.0)  # resynchronises QEMU's gdbstub
-                break
-            self._selector.select(0.05)
+        packet = self._gdbstub_stop(10.0, "QEMU stopped the machine to mark breakpoint pages")
+        if packet is None:
+            packet = self._channel.wait_stop(1.0)  # resynchronises QEMU's gdbstub
         stop = parse_stop(packet)
         if stop is not None and stop.cpu is not None:
             self._g_cpu = stop.cpu
             self._armed.discard(stop.cpu)  # QEMU disarms the vCPU it reports
         self._after_gdbstub_stop()
+        if stop is not None and stop.signal == SIGINT:
+            self._give_turn_back()
         self.resume(actions)
+
+    def _gdbstub_stop(self, timeout: float, why: str) -> bytes | None:
+        """QEMU's stop reply to a resume or a ^C, within `timeout` (None: none came). A vCPU
+        that runs into the plugin meanwhile is let go (QEMU's gdbstub waits for it), which the
+        log says."""
+        deadline = time.monotonic() + timeout
+        while (packet := self._channel.poll_stop()) is None:
+            late = self._plugin.poll() if self._plugin is not None else None
+            if late is not None:
+                log.warning("CPU#%d reached %#x while %s; that hit is let go", late.cpu - 1, late.pc, why)
+                assert self._plugin is not None
+                self._plugin.go(late.cpu, CONTINUE)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if self._selector is not None:
+                self._selector.select(min(left, 0.05))
+            else:
+                time.sleep(min(left, 0.001))
+        return packet
+
+    def _give_turn_back(self) -> None:
+        """After a ^C stop on QEMU's one icount thread: the interrupted vCPU runs first again
+        (turns.py says why and how)."""
+        if not self._icount_smp or self._armed:
+            return
+        view = TurnView(
+            cpus=lambda: list(self._cpus),
+            registers=self.read_registers,
+            halted=self.halted,
+            request=self._channel.request,
+            held=lambda pc: (int(BreakpointType.SOFTWARE), pc, 1) in self._held,
+            zero_stop=self._zero_stop,
+        )
+        cpu = give_turn_back(view)
+        if cpu is not None:
+            log.debug("QEMU's next turn is CPU#%d's again, which the ^C interrupted", cpu - 1)
+
+    def _zero_stop(self, packet: bytes, timeout: float) -> int | None:
+        self._channel.resume(packet)
+        why = "vmigdb gave a vCPU its turn back"
+        reply = self._gdbstub_stop(timeout, why)
+        if reply is not None:
+            return self._stop_cpu(reply)
+        self._channel.interrupt()
+        self._stop_cpu(self._gdbstub_stop(5.0, why) or self._channel.wait_stop(1.0))
+        return None
+
+    def _stop_cpu(self, reply: bytes) -> int | None:
+        stop = parse_stop(reply)
+        if stop is None or stop.cpu is None:
+            return None
+        self._g_cpu = stop.cpu  # QEMU's Hg follows the vCPU it reports
+        return stop.cpu
 
     def _one_insn_per_tb(self, on: bool) -> None:
         if self._monitor is not None and on != self._one_insn:
@@ -872,6 +935,7 @@ class QemuDriver(Driver):
         if self._plugin is not None:
             self._plugin.stopped()
         deferred, self._deferred = self._deferred, []
+        self._owed_markers.clear()
         for type, addr, length in deferred:
             self._z(b"z", BreakpointType(type), addr, length)
         unmarked, self._unmarked = self._unmarked, {}
@@ -945,7 +1009,9 @@ class QemuDriver(Driver):
             self._send_resume(self._driven, self._resume_packet)
             return None
         if stale:  # it came before the ^C did: this is the stop the ^C asked for
-            stop = DriverStop(stop.cpu, 2)
+            stop = DriverStop(stop.cpu, SIGINT)
+        if stop.signal == SIGINT and stop.exited is None:
+            self._give_turn_back()
         return self._note(stop)
 
     def _note(self, stop: DriverStop) -> DriverStop:
