@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vmigdb.hv.qemu.process import TIME_MODES
@@ -244,3 +245,22 @@ def load_average() -> float:
         return os.getloadavg()[0]
     except OSError:
         return 0.0
+
+
+def unpark_loop(gdb, loop_binary: Path, console: Callable[[], str]) -> None:
+    """Let the guest's loop program start its rounds (it waits until a debugger says go): the
+    load a workload wants on a vCPU, from the moment it wants it."""
+    body = f"""
+def main():
+    quiet("add-symbol-file {loop_binary}")
+    run("break vmigdb_loop_parked")
+    run("continue")
+    run("delete")
+    run("set var vmigdb_loop_go = 1")
+"""
+    gdb.run("unpark", body, 60)
+    deadline = time.monotonic() + 60
+    while not re.search(r"loop pid=\d+ round=1 ", console()):
+        if time.monotonic() > deadline:
+            raise BenchError("the loop program did not start its rounds after unparking")
+        time.sleep(0.1)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmigdb.bench.gdbrun import Gdb
-from vmigdb.bench.guest import BenchError, child_setup, free_port, load_average
+from vmigdb.bench.guest import BenchError, child_setup, free_port, load_average, unpark_loop
 
 NS = 1_000_000_000
 PERIOD_MS = 1000  # one line a second: more console output would make the guest less idle
@@ -382,8 +382,18 @@ def measure(
 ) -> dict:
     """Everything this module measures, for one mode; see the module docstring."""
     probe = probe_spec(idle, busy)
+    # With several vCPUs the RDTSC session runs beside a busy one (loop, parked until then): on
+    # QEMU's one icount thread the vCPUs take turns, and a busy vCPU's turn is what a debugger
+    # that cost the timed vCPU its turn would show the guest.
     guest = ProbeGuest(
-        workdir, image, probe, time_mode=time_mode, qemu_args=qemu_args, smp=smp, accel=accel
+        workdir,
+        image,
+        probe,
+        time_mode=time_mode,
+        qemu_args=qemu_args,
+        smp=smp,
+        accel=accel,
+        extra_programs="loop:park" if smp > 1 else "",
     )
     result: dict = {"argv_tail": guest.argv[guest.argv.index("--append") + 2 :]}
     try:
@@ -408,6 +418,9 @@ def measure(
         log("10 s stop: " + ", ".join(f"{k} {v:+.1f} ms" for k, v in result["stop"].items()))
 
         guest.wait_phase("rdtsc", 1, limit(HOLD_S))
+        if smp > 1:
+            unpark_loop(guest.gdb, image.programs / "loop", guest.tail.text)
+            log("rdtsc: the loop program runs its rounds beside the session (the other vCPU busy)")
         wait_lines(guest, 2)
         a = last_sample(guest)
         session = rdtsc_session(guest)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import inspect
 import random
-import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmigdb.bench.gdbrun import Gdb
-from vmigdb.bench.guest import BenchError, Server
+from vmigdb.bench.guest import BenchError, Server, unpark_loop
 from vmigdb.bench.idle import NEVER_CALLED, measure_idle, measure_scoped_hot
 from vmigdb.bench.observe import FootprintSampler, nice_floor
 from vmigdb.bench.stats import Cell, best_of, rate
@@ -158,21 +156,7 @@ def main():
         self.monitor_help = run.one("help")["text"]
 
     def unpark_loop(self) -> None:
-        """Let the guest's loop program start its rounds (it waits until a debugger says go)."""
-        body = f"""
-def main():
-    quiet("add-symbol-file {self.loop_binary}")
-    run("break vmigdb_loop_parked")
-    run("continue")
-    run("delete")
-    run("set var vmigdb_loop_go = 1")
-"""
-        self.gdb.run("unpark", body, 60)
-        deadline = time.monotonic() + 60
-        while not re.search(r"loop pid=\d+ round=1 ", self.server.console()):
-            if time.monotonic() > deadline:
-                raise BenchError("the loop program did not start its rounds after unparking")
-            time.sleep(0.1)
+        unpark_loop(self.gdb, self.loop_binary, self.server.console)
 
     # ---- memory ------------------------------------------------------------------------------------
     def bulk_read(self, footprint: Cell | None) -> Cell:
