@@ -13,7 +13,7 @@ and may resume it again. What must hold, on a 2-vCPU guest:
   detaches, within FRESH_TIMEOUT; the guest then runs on;
 - vmigdb never loses step with QEMU's gdbstub (no "out of step" resync) and logs no internal
   error; at the end GDB still debugs the guest.
-The default run sends ~2,200 packets; VMIGDB_SLOW=1 sends 20,000 (VMIGDB_FUZZ_PACKETS=N sets any
+The default run sends ~1,650 packets; VMIGDB_SLOW=1 sends 20,000 (VMIGDB_FUZZ_PACKETS=N sets any
 count, VMIGDB_FUZZ_SEED the seed).
 """
 
@@ -38,7 +38,7 @@ from vmigdb.wire import codec
 pytestmark = pytest.mark.e2e
 
 SLOW = bool(os.environ.get("VMIGDB_SLOW"))
-PACKETS = int(os.environ.get("VMIGDB_FUZZ_PACKETS", 20_000 if SLOW else 2_200))
+PACKETS = int(os.environ.get("VMIGDB_FUZZ_PACKETS", 20_000 if SLOW else 1_650))
 SEED = int(os.environ.get("VMIGDB_FUZZ_SEED", "20261204"))
 PROBE_EVERY = 110
 SESSION_PACKETS = 550

@@ -12,7 +12,7 @@ from tests.e2e.conftest import Vm, boot
 
 pytestmark = pytest.mark.e2e
 
-CRASH_AFTER = 30  # seconds after the guest starts its programs: time for GDB to attach and continue
+CRASH_AFTER = 20  # seconds after the guest starts its programs: time for GDB to attach and continue
 
 
 @pytest.fixture(scope="module")

@@ -50,8 +50,8 @@ def spin_count(vm: Vm, pid: int) -> int:
 
 
 def test_scoped_process_exit_is_a_stop_with_a_message(vm: Vm) -> None:
-    """Runs first: spin 3333 lives 30 s after it starts."""
-    pid = started(vm, "spin:3333:30")
+    """Runs first: spin 3333 lives 15 s after it starts."""
+    pid = started(vm, "spin:3333:15")
     out = vm.gdb(f"monitor process {pid}", "continue", "monitor ps", "detach", timeout=120)
     assert f"scope: process {pid} (spin)" in out, out
     assert f"vmigdb: process {pid} (spin) is exiting; the scope is the whole machine again" in out

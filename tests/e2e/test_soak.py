@@ -1,8 +1,8 @@
 """The soak (scripts/soak, python -m vmigdb.soak) inside the suite: issue 12's proving run.
 
 It boots its own guest (2 vCPUs under host-paced guest time, see TIME below; antidebug, probe,
-loop, ticker and two spins running) and drives every GDB workload through real GDB 13 for 2
-minutes: bulk and scattered reads, register reads, stepi, plain, conditional and process-scoped
+loop, ticker and two spins running) and drives every GDB workload through real GDB 13 for 1
+minute: bulk and scattered reads, register reads, stepi, plain, conditional and process-scoped
 breakpoints, range steps, watchpoints, ^C, detach and reconnect. It fails on any guest fault, any
 stuck program, any vmigdb error, any GDB check (see vmigdb/soak/report.py CHECKS) and any
 antidebug detection; under host-paced time, all but the timing ones: a guest that times itself
@@ -35,7 +35,7 @@ from vmigdb.soak.report import format_text
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-MINUTES = float(os.environ.get("VMIGDB_SOAK_MINUTES", 30 if os.environ.get("VMIGDB_SLOW") else 2))
+MINUTES = float(os.environ.get("VMIGDB_SOAK_MINUTES", 30 if os.environ.get("VMIGDB_SLOW") else 1))
 # Host time by default, not auto's icount: under icount a `next` over loop.c's loop waited for
 # minutes once (in ~15 minutes of soak), its process having moved to the other vCPU for good (a
 # range step ends on the stepping vCPU only: README, range stepping). VMIGDB_SOAK_TIME=auto|icount.
