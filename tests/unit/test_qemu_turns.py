@@ -20,6 +20,7 @@ class RoundRobin:
         self.pointer = self.cpus[0]
         self.packets: list[bytes] = []
         self.runs_away: set[int] = set()  # vCPUs that take an interrupt and leave their pc
+        self.lands_on: dict[int, int] = {}  # ...and stop at a breakpoint of the user's there
 
     def interrupt(self, running: int) -> None:
         """A ^C while `running` runs: the loop moves on to the next vCPU."""
@@ -52,6 +53,10 @@ class RoundRobin:
         for cpu in self.cpus[start:] + self.cpus[:start]:
             if cpu not in allowed or cpu in self.halted:
                 continue
+            if cpu in self.lands_on:
+                self.pcs[cpu] = self.lands_on.pop(cpu)
+                self.pointer = cpu
+                return cpu
             if cpu in self.runs_away:
                 self.pcs[cpu] += 0x100  # its turn, spent elsewhere
                 continue
@@ -117,3 +122,12 @@ def test_a_refused_breakpoint_ends_it_with_nothing_left_behind() -> None:
     view = TurnView(**{**{f: getattr(view, f) for f in view.__slots__}, "request": request})
     assert give_turn_back(view) is None
     assert qemu.breakpoints == set() and not any(p.startswith(b"vCont") for p in qemu.packets)
+
+
+def test_a_vcpu_that_ran_into_another_breakpoint_ends_it_there() -> None:
+    qemu = RoundRobin({1: 0x1000, 2: 0x2000}, held={0x2400})
+    qemu.interrupt(1)
+    qemu.lands_on = {2: 0x2400}  # an interrupt, then a breakpoint of the user's in its handler
+    assert give_turn_back(qemu.view()) is None
+    assert qemu.packets.count(b"vCont;c") == 1 and not any(b"vCont;c:" in p for p in qemu.packets)
+    assert qemu.breakpoints == {0x2400}

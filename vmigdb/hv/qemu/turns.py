@@ -16,7 +16,9 @@ that execute no instruction, before anyone sees the stop:
    in QEMU's order (a vCPU resting in HLT returns at once and is passed over).
 2. the interrupted vCPU, resumed alone, stops at once too, and the loop stays at it.
 A vCPU may take a pending interrupt before its breakpoint; if one leaves its pc for good, it has
-had its turn, the vCPU that stopped is the next in line, and the loop is already right.
+had its turn, the vCPU that stopped is the next in line, and the loop is left there. (A
+breakpoint of the user's it runs into meanwhile is not reported as a hit: GDB sees the ^C's stop,
+with that vCPU at the breakpoint. It takes an interrupt pending at that very resume.)
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def give_turn_back(view: TurnView) -> int | None:
         first = view.zero_stop(b"vCont;c", ZERO_STOP_TIMEOUT_S)
         if first not in pcs:
             return None
-        if any(view.registers(cpu)["rip"] != pcs[cpu] for cpu in running if cpu != first):
+        if any(view.registers(cpu)["rip"] != pcs[cpu] for cpu in running):
             return None  # one ran on (an interrupt): its turn is spent, the loop is at `first`
         interrupted = running[running.index(first) - 1]  # the one before it, cyclically
         if view.zero_stop(b"vCont;c:%x" % interrupted, ZERO_STOP_TIMEOUT_S) != interrupted:
