@@ -190,6 +190,19 @@ def boot(tmp_path_factory, guest_image, **kwargs) -> Iterator[Vm]:
             print(vm.stderr())
 
 
+def unpark_loop(vm: Vm, programs: Path) -> None:
+    """Let the guest's `loop:park` program start its rounds: a busy process from now on."""
+    vm.gdb(
+        f"add-symbol-file {programs / 'loop'}",
+        "break vmigdb_loop_parked",
+        "continue",
+        "delete",
+        "set var vmigdb_loop_go = 1",
+        "detach",
+    )
+    vm.wait_console(r"loop pid=\d+ round=1 ", 60)
+
+
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory, guest_image) -> Iterator[Vm]:
     yield from boot(tmp_path_factory, guest_image, smp=2)

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import Vm, boot
+from tests.e2e.conftest import Vm, boot, unpark_loop
 from tests.e2e.test_antidebug import START, clean_session, summary
 from tests.e2e.test_time_hiding import RATE_BAND, block_addresses, rdtsc_session_commands
 from vmigdb.bench.timemodes import ConsoleTail, phase_runs, probe_spec, rates
@@ -100,9 +100,7 @@ def test_breakpoints_and_steps_leave_antidebug_clean(machine, guest_image) -> No
     pid = int(vm.wait_console(START.pattern, 60).group(1))
     vm.wait_console(r"antidebug calibrated ", 60)
     blocks = block_addresses(guest_image.programs / "antidebug")
-    unpark = (f"add-symbol-file {guest_image.programs / 'loop'}", "break vmigdb_loop_parked")
-    vm.gdb(*unpark, "continue", "delete", "set var vmigdb_loop_go = 1", "detach")
-    vm.wait_console(r"loop pid=\d+ round=1 ", 60)
+    unpark_loop(vm, guest_image.programs)
     out, seen = clean_session(vm, *rdtsc_session_commands(pid, blocks, HITS, STEPS, STEPS))
     assert len(re.findall(r"Breakpoint \d+, 0x[0-9a-f]+ in ", out)) == HITS + 1, out[-3000:]
     assert len(seen) >= 6, summary(seen)
