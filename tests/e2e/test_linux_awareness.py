@@ -17,7 +17,7 @@ from tests.e2e.conftest import Vm, boot
 
 pytestmark = pytest.mark.e2e
 
-PROGRAMS = "ticker,spin:1111,spin:2222,spin:3333:30"
+PROGRAMS = "ticker,spin:1111,spin:2222,spin:3333:15"
 
 
 SECOND_KERNEL = "linux-image-6.12-cloud-amd64"  # a different kernel line than the demo guest's
