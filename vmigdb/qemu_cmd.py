@@ -130,9 +130,10 @@ async def _open_qemu(args: argparse.Namespace) -> Target:
 
 
 async def _open_demo(args: argparse.Namespace) -> Target:
-    from vmigdb.images.build import build_guest
+    from vmigdb.images.build import build_guest, demo_append
 
     image = build_guest()
+    args.append = demo_append(args.append)
     return await _boot(args, image.kernel, image.initrd, (), demo=True)
 
 

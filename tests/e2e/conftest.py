@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from vmigdb.images.build import demo_append
+
 ROOT = Path(__file__).resolve().parents[2]
 
 if shutil.which("qemu-system-x86_64") is None or shutil.which("gdb") is None:
@@ -77,8 +79,7 @@ class Vm:
             "--memory",
             "512",
         ]
-        if append:
-            argv += ["--append", append]
+        argv += ["--append", demo_append(append)]
         argv += list(extra)
         self.proc = subprocess.Popen(
             argv,

@@ -57,7 +57,7 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    from vmigdb.images.build import build_guest
+    from vmigdb.images.build import build_guest, demo_append
 
     image = build_guest()
     console = tmp_path_factory.mktemp("kernel") / "console.log"
@@ -67,7 +67,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
             initrd=image.initrd,
             memory_mib=512,
             serial=console,
-            append="vmigdb.ksyms=" + ",".join(EXTRA_KSYMS),
+            append=demo_append("vmigdb.ksyms=" + ",".join(EXTRA_KSYMS)),
         )
     )
     try:

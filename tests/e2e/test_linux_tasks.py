@@ -86,7 +86,7 @@ class Paused:
 
 @pytest.fixture(scope="module")
 def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QemuProcess, Truth]]:
-    from vmigdb.images.build import build_guest
+    from vmigdb.images.build import build_guest, demo_append
 
     image = build_guest()
     console = tmp_path_factory.mktemp("tasks") / "console.log"
@@ -97,7 +97,7 @@ def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[QemuProce
             memory_mib=512,
             smp=2,
             serial=console,
-            append="vmigdb.programs=" + PROGRAMS,
+            append=demo_append("vmigdb.programs=" + PROGRAMS),
         )
     )
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ROOT
+from vmigdb.images.build import demo_append
 from vmigdb.script import GdbError, Session
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -33,7 +34,7 @@ def server(guest_image):
         initrd=guest_image.initrd,
         smp=2,
         memory=256,
-        append="vmigdb.programs=ticker,probe,spin:1111,spin:2222",
+        append=demo_append("vmigdb.programs=ticker,probe,spin:1111,spin:2222"),
         wait_for="vmigdb-guest: ready",
     )
     server = session.server

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmigdb.hv.qemu.process import TIME_MODES
+from vmigdb.images.build import demo_append
 
 PR_SET_PDEATHSIG = 1
 BOOT_TIMEOUT = 180.0
@@ -80,7 +81,7 @@ class Server:
         if time_mode not in TIME_MODES:
             raise ValueError(f"unknown time mode {time_mode!r}")
         self.workdir = workdir
-        self.kernel, self.initrd, self.append = kernel, initrd, append
+        self.kernel, self.initrd, self.append = kernel, initrd, demo_append(append)
         self.memory_mib, self.smp, self.time_mode = memory_mib, smp, time_mode
         self.port = free_port()
         self.console_path = workdir / "console.log"

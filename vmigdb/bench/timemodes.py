@@ -42,6 +42,7 @@ from pathlib import Path
 
 from vmigdb.bench.gdbrun import Gdb
 from vmigdb.bench.guest import BenchError, child_setup, free_port, load_average, unpark_loop
+from vmigdb.images.build import demo_append
 
 NS = 1_000_000_000
 PERIOD_MS = 1000  # one line a second: more console output would make the guest less idle
@@ -243,7 +244,7 @@ class ProbeGuest:
             sys.executable, "-m", "vmigdb", "qemu", "--kernel", str(image.kernel),
             "--initrd", str(image.initrd), "--listen", self.address,
             "--serial", str(self.console_path), "--smp", str(smp), "--memory", "512",
-            "--accel", accel, "--append", f"vmigdb.programs={programs}",
+            "--accel", accel, "--append", demo_append(f"vmigdb.programs={programs}"),
         ]  # fmt: skip
         if time_mode is not None:
             argv += ["--time", time_mode]
