@@ -26,7 +26,7 @@ guest held at a breakpoint for 10 s sees under 1 ms pass. They differ while the 
   devices, e.g. console output, is not guest time: an idle guest falls a little behind and
   catches up when next busy). Costs: a busy guest runs at most 10**9 / 2**ICOUNT_SHIFT
   instructions per host second (a loop plain TCG runs 2600 times a second runs 310 times; the
-  demo guest boots to its `ready` line in ~14 s instead of ~3 s), and all vCPUs share one host thread.
+  demo guest boots to its `ready` line in ~7 s instead of ~3 s), and all vCPUs share one host thread.
 - "auto" (the default): the stealthiest mode that works for the machine asked for
   (`resolve_time_mode`): icount under TCG, host under KVM (which cannot count instructions). With
   several vCPUs on QEMU before 10, icount is on trial (trial.py): QEMU 7.2 with icount hangs
