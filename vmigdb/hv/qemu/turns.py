@@ -5,8 +5,9 @@ stop asked for with ^C (vm_stop) ends the running vCPU's turn at its next transl
 and the loop moves on: when the machine runs again, the *next* vCPU runs first, for a whole
 turn (up to the next timer deadline: hundreds of microseconds of guest time), while the
 interrupted one waits wherever it was. Guest code timing itself with RDTSC on the interrupted
-vCPU sees that turn when the other vCPU is busy: measured, an outlier of 300-1,500x the
-block's median whenever an attach landed in a timed block. A breakpoint's or a step's stop
+vCPU sees that turn when the other vCPU is busy: a trace of QEMU's vCPU switches caught it once,
+an attach landing in antidebug's timed block and a 367x outlier after it (an attach rarely lands
+in one: 0 in 40 attaches without this module). A breakpoint's or a step's stop
 (EXCP_DEBUG) leaves the loop at the vCPU that stopped, so it costs nothing of the kind.
 
 So after a ^C stop the driver points QEMU's loop back at the interrupted vCPU with two stops
