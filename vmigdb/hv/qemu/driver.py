@@ -835,10 +835,8 @@ class QemuDriver(Driver):
         log says."""
         deadline = time.monotonic() + timeout
         while (packet := self._channel.poll_stop()) is None:
-            late = self._plugin.poll() if self._plugin is not None else None
-            if late is not None:
+            if self._plugin is not None and (late := self._plugin.poll()) is not None:
                 log.warning("CPU#%d reached %#x while %s; that hit is let go", late.cpu - 1, late.pc, why)
-                assert self._plugin is not None
                 self._plugin.go(late.cpu, CONTINUE)
                 continue
             left = deadline - time.monotonic()
