@@ -58,33 +58,41 @@ def test_a_server_refuses_an_unknown_mode(tmp_path: Path) -> None:
 
 
 # ---- the clocks table -----------------------------------------------------------------------------
-def figures(outliers: int, loop: float) -> dict:
+def figures(outliers: int, loop: float, busy: int | None = None) -> dict:
     """What timemodes.measure returns, trimmed to what the table reads."""
+    session = lambda n: {  # noqa: E731
+        "hits_s": 3.0,
+        "steps_s": 4.0,
+        "outliers": n,
+        "samples": 450,
+        "undisturbed_outliers": 1,
+        "undisturbed_samples": 460,
+    }  # fmt: skip
     return {
         "idle": {"mono": 0.9712, "real": 0.9712, "loop": 0.0},
         "busy": {"mono": 1.0004, "real": 1.0004, "loop": loop},
         "hold": {"mono": 0.99, "real": 0.99, "rtc": 0.9901, "loop": 0.0},
         "stop": {"host_gap": 10012.0, "mono": 0.2, "tsc": -0.61, "rtc": 0.3},
-        "rdtsc": {
-            "hits_s": 3.0,
-            "steps_s": 4.0,
-            "outliers": outliers,
-            "samples": 450,
-            "undisturbed_outliers": 0,
-            "undisturbed_samples": 460,
-        },  # fmt: skip
+        "rdtsc": session(outliers),
+        **({} if busy is None else {"rdtsc_busy": session(busy)}),
     }
 
 
 def test_clock_rows_one_per_mode_then_the_goals() -> None:
     table = clock_rows(
-        {"host": figures(61, 2634.4), "icount": figures(0, 310.2), "x": {"error": "boot failed"}}
+        {
+            "host": figures(61, 2634.4),
+            "icount": figures(0, 310.2, busy=2),
+            "x": {"error": "boot failed"},
+        }
     )
     assert table[0] == HEADER and table[-1] == GOALS
     assert table[1] == [
-        "host", "0.971", "1.000", "0.990", "0.6 ms", "61 of 450", "0 of 460", "2,634",
+        "host", "0.971", "1.000", "0.990", "0.6 ms", "61 of 450", "1 of 460", "n/a (1 vCPU)", "",
+        "2,634",
     ]  # fmt: skip
-    assert table[2][0] == "icount" and table[2][5] == "0 of 450" and table[2][7] == "310"
+    assert table[2][0] == "icount" and table[2][5] == "0 of 450"
+    assert table[2][7:] == ["2 of 450", "1 of 460", "310"]
     assert table[3][:2] == ["x", "error: boot failed"] and len(table[3]) == len(HEADER)
 
 

@@ -21,7 +21,8 @@ INSIDE_TITLE = "Inside one process, under vmigdb (the inside step: vmigdb.bench.
 CLOCKS_LEGEND = (
     "rates are guest seconds per host second (the RTC's while idle); the jump is the largest of "
     "the guest clocks' across a 10 s stop; RDTSC outliers (over 100x the median) are counted in "
-    "50 breakpoint hits + 200 stepi, then with no debugger over the same time"
+    "50 breakpoint hits + 200 stepi, then with no debugger over the same time; first with the other "
+    "vCPU idle, then again beside a busy process (loop) on it"
 )
 
 

@@ -14,7 +14,8 @@ every line with the host's CLOCK_MONOTONIC as it reaches the console file. Then,
   step (goal: under 50 ms);
 - rdtsc: 50 breakpoint hits on the probe's RDTSC-timed block, then 200 `stepi` through it (10 x 20),
   in real GDB through vmigdb; how many of the probe's samples took over 100x their median (goal 0),
-  and how many did with no debugger attached, over the same time, for comparison;
+  and how many did with no debugger attached, over the same time, for comparison; with several
+  vCPUs, once with the others idle and once beside a busy process (the loop program) on another;
 - cost: the busy loop's rate (chunks of 100k iterations per host second).
 `--variant NAME=ARGS` measures extra QEMU arguments instead of a `--time` mode (exploration), e.g.
 `--variant 'auto=-icount shift=auto,sleep=on'`. `scripts/bench` runs `measure` as its `clocks`
@@ -350,6 +351,32 @@ def main():
     return {"hits_s": run.one("hits")["seconds"], "steps_s": run.one("steps")["seconds"]}
 
 
+def rdtsc_figures(guest: ProbeGuest, log, beside: str) -> dict:
+    """Outliers the probe counts during `rdtsc_session`, then over the same host time with no
+    debugger: the probe's own false-positive rate under the same load."""
+    wait_lines(guest, 2)
+    a = last_sample(guest)
+    session = rdtsc_session(guest)
+    wait_lines(guest, 2)
+    b = last_sample(guest)
+    time.sleep(b.host - a.host)
+    c = last_sample(guest)
+    figures = {
+        **session,
+        "outliers": b.outliers - a.outliers,
+        "samples": b.samples - a.samples,
+        "undisturbed_outliers": c.outliers - b.outliers,
+        "undisturbed_samples": c.samples - b.samples,
+    }
+    log(
+        f"rdtsc{', ' + beside if beside else ''}: {figures['outliers']} outliers in "
+        f"{figures['samples']} samples during 50 hits + 200 steps ({session['hits_s']:.1f} s + "
+        f"{session['steps_s']:.1f} s); undisturbed {figures['undisturbed_outliers']} in "
+        f"{figures['undisturbed_samples']}"
+    )
+    return figures
+
+
 def last_sample(guest: ProbeGuest) -> Sample:
     samples = guest.tail.snapshot()
     if not samples:
@@ -383,9 +410,9 @@ def measure(
 ) -> dict:
     """Everything this module measures, for one mode; see the module docstring."""
     probe = probe_spec(idle, busy)
-    # With several vCPUs the RDTSC session runs beside a busy one (loop, parked until then): on
-    # QEMU's one icount thread the vCPUs take turns, and a busy vCPU's turn is what a debugger
-    # that cost the timed vCPU its turn would show the guest.
+    # With several vCPUs the RDTSC session runs twice: with the other vCPUs idle, then beside a
+    # busy one (loop, parked until then): on QEMU's one icount thread the vCPUs take turns, and a
+    # busy vCPU's turn is what a debugger that cost the timed vCPU its turn would show the guest.
     guest = ProbeGuest(
         workdir,
         image,
@@ -419,30 +446,10 @@ def measure(
         log("10 s stop: " + ", ".join(f"{k} {v:+.1f} ms" for k, v in result["stop"].items()))
 
         guest.wait_phase("rdtsc", 1, limit(HOLD_S))
+        result["rdtsc"] = rdtsc_figures(guest, log, "the other vCPUs idle" if smp > 1 else "")
         if smp > 1:
             unpark_loop(guest.gdb, image.programs / "loop", guest.tail.text)
-            log("rdtsc: the loop program runs its rounds beside the session (the other vCPU busy)")
-        wait_lines(guest, 2)
-        a = last_sample(guest)
-        session = rdtsc_session(guest)
-        wait_lines(guest, 2)
-        b = last_sample(guest)
-        # The same host time again, no debugger: the probe's own false-positive rate.
-        time.sleep(b.host - a.host)
-        c = last_sample(guest)
-        result["rdtsc"] = {
-            **session,
-            "outliers": b.outliers - a.outliers,
-            "samples": b.samples - a.samples,
-            "undisturbed_outliers": c.outliers - b.outliers,
-            "undisturbed_samples": c.samples - b.samples,
-        }
-        log(
-            f"rdtsc: {result['rdtsc']['outliers']} outliers in {result['rdtsc']['samples']} "
-            f"samples during 50 hits + 200 steps ({session['hits_s']:.1f} s + "
-            f"{session['steps_s']:.1f} s); undisturbed {result['rdtsc']['undisturbed_outliers']} "
-            f"in {result['rdtsc']['undisturbed_samples']}"
-        )
+            result["rdtsc_busy"] = rdtsc_figures(guest, log, "the loop program busy beside it")
         result["clocksource"] = guest.console_clocksources()
         m = re.search(r"clockprobe calibrated rdtsc_median=(\d+)", guest.tail.text())
         result["rdtsc_median"] = int(m.group(1)) if m else None
@@ -458,10 +465,12 @@ def fmt_rates(r: dict[str, float]) -> str:
 
 def table(results: dict[str, dict]) -> str:
     """mode -> rates (guest seconds per host second), the largest clock jump over the 10 s stop,
-    RDTSC outliers in the session (and undisturbed), busy-loop chunks per host second."""
+    RDTSC outliers in the session (and undisturbed), the same beside a busy vCPU (several vCPUs),
+    busy-loop chunks per host second."""
     head = (
         f"{'mode':<16} {'idle':>6} {'busy':>6} {'rtc':>6} {'stop jump':>10} "
-        f"{'rdtsc outliers':>15} {'undisturbed':>12} {'loop/s':>7}"
+        f"{'rdtsc outliers':>15} {'undisturbed':>12} {'beside busy':>12} {'undisturbed':>12} "
+        f"{'loop/s':>7}"
     )
     rows = [head]
     for name, r in results.items():
@@ -469,12 +478,14 @@ def table(results: dict[str, dict]) -> str:
             rows.append(f"{name:<16} error: {r['error']}")
             continue
         jump = largest_jump(r.get("stop", {}))
-        rd = r.get("rdtsc", {})
+        rd, rb = r.get("rdtsc", {}), r.get("rdtsc_busy", {})
         rtc = r.get("hold", {}).get("rtc", float("nan"))
         rows.append(
             f"{name:<16} {r['idle']['mono']:>6.3f} {r['busy']['mono']:>6.3f} {rtc:>6.3f} "
             f"{jump:>7.1f} ms {rd.get('outliers', '?'):>7}/{rd.get('samples', '?'):<7} "
             f"{rd.get('undisturbed_outliers', '?'):>5}/{rd.get('undisturbed_samples', '?'):<6} "
+            f"{rb.get('outliers', '-'):>5}/{rb.get('samples', '-'):<6} "
+            f"{rb.get('undisturbed_outliers', '-'):>5}/{rb.get('undisturbed_samples', '-'):<6} "
             f"{r['busy']['loop']:>7.0f}"
         )
     return "\n".join(rows)
