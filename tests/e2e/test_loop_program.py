@@ -203,9 +203,9 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
     icount_vm: Vm, guest_image
 ) -> None:
     """QEMU's gdbstub cannot be reached while the plugin holds a stop: a memory write goes to the
-    guest's RAM file (the plugin flushes QEMU's code at release); a register write is refused
-    with what to do (`monitor plugin-breakpoints off`: QEMU's gdbstub serves plain breakpoints
-    set from then on)."""
+    guest's RAM file (the plugin flushes QEMU's code at release); a write of rip (which only
+    QEMU's gdbstub could make) is refused with what to do (`monitor plugin-breakpoints off`:
+    QEMU's gdbstub serves plain breakpoints set from then on)."""
     vm = icount_vm
     started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
     target = int(started.group(2), 16)
@@ -219,7 +219,7 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
         "print vmigdb_loop_sink",
         "set var vmigdb_loop_sink = $old",
         "print vmigdb_loop_sink == $old",
-        "set var $rax = $rax + 1",
+        "set var $rip = $rip + 1",
         "monitor snapshot list",
         "monitor dump /nonexistent-dir/guest.elf",
         "delete",
@@ -267,3 +267,42 @@ def test_watchpoints_are_the_plugins_and_stop_right_after_the_access(icount_vm: 
     assert len(olds) == len(news) == 3, out[-3000:]
     assert all(new == old + 1 for old, new in zip(olds, news, strict=True)), out[-3000:]
     assert re.search(r"tick_do_update_jiffies64 \+ \d+ in section", out), out[-3000:]
+
+
+def test_at_a_plugin_stop_general_registers_are_written_and_the_instruction_uses_them(
+    icount_vm: Vm,
+) -> None:
+    """A conditional breakpoint's stop is the plugin's: there vmigdb writes the stopped vCPU's
+    general registers into QEMU's own state of it (checked against what QEMU reports first), and
+    the held instruction runs with them: loop's target is `lea 0x1(%rdi),%rax; ret`, so after
+    `set $rdi = 41` one stepi leaves rax at 42. A value written at a step's stop stays through
+    the next instruction. rip and eflags are refused there, with what to do; writing a value a
+    register already has is accepted (GDB's `G` writes every register)."""
+    vm = icount_vm
+    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
+    target = int(started.group(2), 16)
+    out = vm.gdb(
+        f"break *{target:#x} if $rdi == 123456",
+        "continue",
+        "print $rdi",
+        "set $rdi = 41",
+        "set $rip = $rip",
+        "print $rdi",
+        "stepi",
+        "print $rax",
+        "set $rax = 0x5eed",
+        "set $r15 = $r15",
+        "set $eflags = $eflags ^ 1",
+        "set $rip = $rip + 1",
+        "print/x $rax",
+        "stepi",
+        "print/x $rax",
+        "delete",
+        "detach",
+        timeout=180,
+    )
+    values = re.findall(r"^\$\d+ = (\S+)", out, re.M)
+    assert values == ["123456", "41", "42", "0x5eed", "0x5eed"], out[-3000:]
+    refused = re.findall(r"writing (\w+) is not possible at this stop", out)
+    assert refused == ["eflags", "rip"], out[-3000:]
+    assert "general registers" in out, out[-3000:]

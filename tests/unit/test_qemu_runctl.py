@@ -28,6 +28,14 @@ def test_inside_a_block_the_lagging_flags_are_unavailable_not_wrong() -> None:
     assert stop.registers.unavailable == {REGISTER_INDEX["eflags"]}
 
 
+def test_a_stop_says_whether_the_plugin_can_write_its_general_registers() -> None:
+    assert not parse_stop(_stop_line(1)).writable
+    writable = parse_stop(_stop_line(3))
+    assert writable.writable and writable.registers.unavailable == frozenset()
+    inside = parse_stop(_stop_line(2))
+    assert inside.writable and inside.registers.unavailable == {REGISTER_INDEX["eflags"]}
+
+
 def test_a_watchpoint_stop_names_its_type_and_watched_address() -> None:
     stop = parse_stop(_stop_line(0, kind="watch:3:ffffffff82e079c0"))
     assert stop.kind == "watch" and stop.pc == 0xFFFFFFFF810B0F45

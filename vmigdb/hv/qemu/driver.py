@@ -21,7 +21,7 @@ from vmigdb.arch.x86_64.paging import (
     paging_mode,
     translate,
 )
-from vmigdb.arch.x86_64.registers import RegisterFile
+from vmigdb.arch.x86_64.registers import REGISTERS, RegisterFile
 from vmigdb.hv.base import (
     BreakpointType,
     Capabilities,
@@ -38,6 +38,7 @@ from vmigdb.hv.qemu.memory import PhysicalMemory
 from vmigdb.hv.qemu.process import TIME_MODES
 from vmigdb.hv.qemu.runctl import (
     CONTINUE,
+    GENERAL_REGISTERS,
     STEP,
     MonitorClient,
     PluginLink,
@@ -178,7 +179,8 @@ PLUGIN_MECHANISM = _m(
     "tcg-plugin-run-control",
     "vmigdb's TCG plugin: breakpoint scope and conditions decided in QEMU at guest speed; a true "
     "hit or a step's end holds the vCPU (icount's one thread: the whole machine) before the "
-    "instruction; watchpoints too; other breakpoints, writes and ^C stay QEMU's gdbstub's",
+    "instruction; watchpoints too; at its stops it writes the held vCPU's general registers "
+    "into QEMU's state of it; other breakpoints, other writes and ^C stay QEMU's gdbstub's",
     False,
     "runs inside QEMU's translated code, never in the guest; a false hit costs a callback, not a "
     "VM stop; under icount no guest instruction retires while it holds the machine",
@@ -516,18 +518,35 @@ class QemuDriver(Driver):
         if self._plugin_held is not None:
             raise NotNow(
                 f"{what} is not possible at this stop: vmigdb's QEMU plugin holds the machine "
-                "inside QEMU (plugin API 4 cannot write registers); step or continue first, stop "
+                "inside QEMU (plugin API 4 cannot write registers; vmigdb writes only the "
+                "stopped vCPU's general registers there); step or continue first, stop "
                 "with ^C, or `monitor plugin-breakpoints off` to have QEMU's gdbstub serve "
                 "breakpoints without conditions or scope"
             )
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
-        self._refuse_while_held("writing a register")
+        if self._plugin_held is not None:
+            self._write_held_register(self._plugin_held, cpu, regnum, value)
+            return
         current = self.read_registers(cpu)
         qemu_regnum, raw = current.qemu_write(regnum, value)
         reply = self._channel.request(b"P%x=" % qemu_regnum + encode_hex(raw))
         if reply != b"OK":
             raise DriverError(f"QEMU refused a register write: {reply!r}")
+
+    def _write_held_register(self, held: PluginStop, cpu: int, regnum: int, value: bytes) -> None:
+        """At a stop the plugin holds: a general register of the held vCPU, through the plugin
+        (runctl.c says how); a value a register already has, for any (GDB's `G` writes them
+        all). Anything else is refused, saying what to do instead."""
+        current = self._held_registers(cpu)
+        name = REGISTERS[regnum].name
+        if current.raw(regnum) == value and regnum not in current.unavailable:
+            return
+        if cpu != held.cpu or not held.writable or name not in GENERAL_REGISTERS:
+            self._refuse_while_held(f"writing {name}")
+        assert self._plugin is not None
+        self._plugin.set_register(name, int.from_bytes(value, "little"))
+        self._plugin_held = dataclasses.replace(held, registers=current.with_value(regnum, value))
 
     def insert_breakpoint(
         self,

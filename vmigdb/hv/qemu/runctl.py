@@ -26,6 +26,10 @@ log = logging.getLogger("vmigdb.hv.qemu.runctl")
 
 STEP, CONTINUE, RANGE = 1, 0, 2  # `go` modes
 _FLAGS_UNKNOWN = frozenset({REGISTER_INDEX["eflags"]})
+# What the plugin can write at a stop it holds, when that stop says so (runctl.c, GPR_NAMES).
+GENERAL_REGISTERS = frozenset(
+    ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", *(f"r{n}" for n in range(8, 16)))
+)
 CR3_BASE_MASK = 0x000F_FFFF_FFFF_E000  # the page-table base, as the debugger compares scopes
 
 
@@ -36,18 +40,21 @@ class PluginStop:
     pc: int
     registers: RegisterFile
     watch: tuple[BreakpointType, int] | None = None  # a watchpoint's type and address
+    writable: bool = False  # the plugin can write this vCPU's GENERAL_REGISTERS at this stop
 
 
 def parse_stop(line: str) -> PluginStop:
     """`stop VCPU KIND PC EXACT HEX` (vCPU 0-based; KIND `watch:TYPE:ADDR` for a watchpoint, PC
     then the instruction after the access; HEX: the registers PluginLink asked for, in QEMU's
     gdbstub order, as QEMU's `g` packet would carry them).
-    EXACT 0: the instruction is inside a translation block, where QEMU 10.0 has not written
-    the lazily kept flags yet: eflags is reported unavailable rather than wrong."""
+    EXACT bit 0 clear: the instruction is inside a translation block, where QEMU 10.0 has not
+    written the lazily kept flags yet: eflags is reported unavailable rather than wrong. Bit 1
+    set: the plugin can write the vCPU's general registers at this stop."""
     try:
         _, vcpu, kind, pc, exact, regs = line.split(" ", 5)
         registers = RegisterFile.from_qemu_g(bytes.fromhex(regs))
-        if exact != "1":
+        bits = int(exact, 16)
+        if not bits & 1:
             registers = RegisterFile(registers.data, registers.long_mode, _FLAGS_UNKNOWN)
         watch = None
         if kind.startswith("watch:"):
@@ -55,7 +62,7 @@ def parse_stop(line: str) -> PluginStop:
             watch = (BreakpointType(int(type, 16)), int(addr, 16))
             if not watch[0].is_watchpoint:
                 raise ValueError(f"not a watchpoint type: {type}")
-        return PluginStop(int(vcpu, 16) + 1, kind, int(pc, 16), registers, watch)
+        return PluginStop(int(vcpu, 16) + 1, kind, int(pc, 16), registers, watch, bool(bits & 2))
     except ValueError as exc:
         raise DriverError(f"malformed stop from vmigdb's QEMU plugin: {line[:120]!r}") from exc
 
@@ -102,6 +109,10 @@ class PluginLink:
     def stopped(self) -> None:
         """QEMU's gdbstub stopped the machine: a step the plugin was taking ends there."""
         self.send("stopped")
+
+    def set_register(self, name: str, value: int) -> None:
+        """Write one of the held vCPU's GENERAL_REGISTERS (at a stop that said it can)."""
+        self.send(f"setreg {name} {value:x}")
 
     def flush(self) -> None:
         """Guest memory changed under the held stop: QEMU drops its translated code at release."""

@@ -57,21 +57,26 @@
  *                                               3 read, 4 access); unwatch TYPE ADDR LEN
  *                     flush                     guest memory was written: flush at release
  *                     stopped                   QEMU's gdbstub stopped the machine: steps end
+ *                     setreg NAME VALUE         write a general register of the held vCPU
+ *                                               (only after a stop that said it can, below)
  *                     go VCPU MODE LO HI        release the held vCPU: MODE 0 continue,
  *                                               1 step, 2 step while LO <= pc < HI (range)
  *   plugin -> vmigdb: hello VERSION NVCPUS
  *                     stop VCPU KIND PC EXACT REGS  KIND bp|step|error|watch:TYPE:ADDR;
- *                                               EXACT 0: inside a block;
+ *                                               EXACT bit 0 clear: inside a block; bit 1
+ *                                               set: its general registers are writable;
  *                                               REGS: the wanted registers' bytes as QEMU
  *                                               gives them (little-endian), one hex string
  *                     flushed                   the flush a watchpoint asked for is done
  */
+#define _GNU_SOURCE /* process_vm_readv */
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <sched.h>
 #include <time.h>
@@ -113,6 +118,8 @@ struct bp {
 };
 
 struct vcpu {
+    uint64_t *env;            /* while held and checked: QEMU's state of it (see env_checked) */
+    uint64_t *env_seen;       /* that state, once checked */
     uint64_t lo, hi;          /* range step: keep going while lo <= pc < hi */
     uint64_t skip_follow_at;  /* the held address: its own follow callback is not a step */
     uint64_t pc;              /* the instruction being decided (QEMU's rip may lag, see hold) */
@@ -160,6 +167,22 @@ static struct qemu_plugin_register *by_regnum[MAX_REGNUM]; /* GDB regnum -> hand
 static char *regnum_name[MAX_REGNUM];
 static struct qemu_plugin_register *cr3_handle;
 static struct qemu_plugin_register *rip_handle;
+
+/* -- general registers written at a held stop ---------------------------------------------------
+ * Plugin API 4 reads registers but cannot write them (API 5, QEMU 10.1, can). On an x86 host TCG
+ * keeps the running vCPU's CPUArchState in rbp (TCG_AREG0) throughout translated code, and the
+ * callbacks are called from that code: the entry stubs below hand rbp on as a third argument. It
+ * is trusted only once checked, at every hold: the 16 general registers read through the API must
+ * equal the first 16 words there (CPUX86State.regs, in QEMU's order). Otherwise nothing is
+ * written and vmigdb refuses register writes at that stop, as without this. The callbacks are
+ * registered with QEMU_PLUGIN_CB_RW_REGS, so the translated code reloads the registers after
+ * them: the held instruction and all after it see what was written. Only the general registers:
+ * rip is a constant in the translated block, and the flags are kept lazily. */
+static const char *const GPR_NAMES[16] = {
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+}; /* in QEMU's order: R_EAX 0, R_ECX 1, R_EDX 2, R_EBX 3, R_ESP 4, R_EBP 5, R_ESI 6, R_EDI 7 */
+static struct qemu_plugin_register *gpr_handle[16];
 #define MAX_WANT 128
 static struct qemu_plugin_register *want[MAX_WANT]; /* what a stop reports, in vmigdb's order */
 static int nwant;
@@ -283,14 +306,33 @@ static void spin_while_held(unsigned long gen)
     }
 }
 
+/* `env` if it is this vCPU's state: its 16 general registers as the API reads them (see GPR_NAMES).
+ * Read through process_vm_readv, which fails on memory that is not there instead of faulting:
+ * a stray rbp (another QEMU, another host) must cost the write, never QEMU. */
+static uint64_t *env_checked(struct vcpu *v, uint64_t *env)
+{
+    uint64_t words[16];
+    struct iovec local = {words, sizeof words}, remote = {env, sizeof words};
+    if (env && env == v->env_seen) return env; /* checked before: a vCPU's state does not move */
+    if (!env || ((uintptr_t)env & 7)) return NULL;
+    if (process_vm_readv(getpid(), &local, 1, &remote, 1, 0) != (ssize_t)sizeof words) return NULL;
+    for (int i = 0; i < 16; i++) {
+        uint64_t value;
+        if (read_reg(v, gpr_handle[i], &value) || value != words[i]) return NULL;
+    }
+    return v->env_seen = env;
+}
+
 /* Report a stop and hold this vCPU (and so, under icount, the machine) until vmigdb says go. */
-static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
+static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact, uint64_t *env)
 {
     struct vcpu *v = &vcpus[vcpu_index];
     size_t cap = 256 + (size_t)nregs * 96, len;
     char *line = malloc(cap);
     if (!line) return;
-    len = (size_t)snprintf(line, cap, "stop %x %s %llx %d ", vcpu_index, kind, (unsigned long long)pc, exact);
+    uint64_t *checked = env_checked(v, env);
+    len = (size_t)snprintf(line, cap, "stop %x %s %llx %d ", vcpu_index, kind, (unsigned long long)pc,
+                           (exact ? 1 : 0) | (checked ? 2 : 0));
     for (int w = 0; w < nwant; w++) { /* the registers vmigdb asked for, in its order */
         g_byte_array_set_size(v->buf, 0);
         int n = want[w] ? qemu_plugin_read_register(want[w], v->buf) : 0;
@@ -316,6 +358,7 @@ static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
         return;
     }
     held = (int)vcpu_index;
+    v->env = checked;
     cancel_steps(); /* a step another vCPU was taking ends with this stop (all-stop) */
     unsigned long gen = release_gen;
     send_line(line, len);
@@ -336,6 +379,7 @@ static void hold(unsigned vcpu_index, const char *kind, uint64_t pc, int exact)
     retranslate = 0;
     flush_on_translate = 0;
     held = -1;
+    v->env = NULL;
     pthread_cond_broadcast(&released);
     pthread_mutex_unlock(&lock);
     if (flush) vmigdb_reset();
@@ -495,16 +539,16 @@ static int counts(struct vcpu *v, const struct bp *b, uint64_t pc)
     return 0;
 }
 
-static void on_breakpoint(unsigned int vcpu_index, void *udata)
+__attribute__((used)) static void on_breakpoint_env(unsigned int vcpu_index, void *udata, uint64_t *env)
 {
     uint64_t pc = unpack_pc(udata);
     struct bp *b = find_bp(pc);
     if (!b) return;
     int verdict = counts(&vcpus[vcpu_index], b, pc);
-    if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata));
+    if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata), env);
 }
 
-static void on_follow(unsigned int vcpu_index, void *udata)
+__attribute__((used)) static void on_follow_env(unsigned int vcpu_index, void *udata, uint64_t *env)
 {
     uint64_t pc = unpack_pc(udata);
     if (vcpu_index >= (unsigned)nvcpus) return;
@@ -515,7 +559,7 @@ static void on_follow(unsigned int vcpu_index, void *udata)
         char kind[48];
         snprintf(kind, sizeof kind, "watch:%x:%llx", v->watch_type, (unsigned long long)v->watch_addr);
         v->watch_type = 0;
-        hold(vcpu_index, kind, pc, unpack_first(udata)); /* sets this vCPU's follow state anew */
+        hold(vcpu_index, kind, pc, unpack_first(udata), env); /* sets this vCPU's follow state anew */
         return;
     }
     if (*f == FOLLOW_WATCH) { /* a watchpoint removed since its access */
@@ -537,15 +581,29 @@ static void on_follow(unsigned int vcpu_index, void *udata)
         struct bp *b = find_bp(pc);
         if (b) {
             int verdict = counts(v, b, pc);
-            if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata));
+            if (verdict) hold(vcpu_index, verdict > 0 ? "bp" : "error", pc, unpack_first(udata), env);
         }
         return;
     }
     if (*f == FOLLOW_STEP && !(v->lo <= pc && pc < v->hi)) {
         *f = FOLLOW_NONE;
-        hold(vcpu_index, "step", pc, unpack_first(udata));
+        hold(vcpu_index, "step", pc, unpack_first(udata), env);
     }
 }
+
+/* The callbacks' entry stubs: rbp, the vCPU's state in translated code, as the third argument. */
+#if defined(__x86_64__)
+#define ENV_STUB(stub, target)                                                                      \
+    __asm__(".text\n.p2align 4\n.globl " #stub "\n.hidden " #stub "\n.type " #stub ",@function\n" \
+            #stub ":\n\tmovq %rbp, %rdx\n\tjmp " #target "\n.size " #stub ", .-" #stub "\n");
+ENV_STUB(on_breakpoint, on_breakpoint_env)
+ENV_STUB(on_follow, on_follow_env)
+void on_breakpoint(unsigned int vcpu_index, void *udata);
+void on_follow(unsigned int vcpu_index, void *udata);
+#else
+static void on_breakpoint(unsigned int vcpu_index, void *udata) { on_breakpoint_env(vcpu_index, udata, NULL); }
+static void on_follow(unsigned int vcpu_index, void *udata) { on_follow_env(vcpu_index, udata, NULL); }
+#endif
 
 /* A guest access: does a watchpoint match it? The hold comes at the next instruction. */
 static void on_mem(unsigned int vcpu_index, qemu_plugin_meminfo_t info, uint64_t vaddr, void *udata)
@@ -582,18 +640,18 @@ static void on_translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
         struct bp *b = find_slot(pc);
         if (b && !b->live) b->instrumented = 0; /* a deleted breakpoint's code, without it */
         if (b && b->live) {
-            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_R_REGS, udata);
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_breakpoint, QEMU_PLUGIN_CB_RW_REGS, udata);
             seen_bp = 1;
         }
         if (watching)
             qemu_plugin_register_vcpu_mem_cb(insn, on_mem, QEMU_PLUGIN_CB_NO_REGS, QEMU_PLUGIN_MEM_RW, NULL);
         if (!step_mode && !seen_bp && !watching && !on_bp_page(pc)) continue;
         if (cond_cbs_safe)
-            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS,
+            qemu_plugin_register_vcpu_insn_exec_cond_cb(insn, on_follow, QEMU_PLUGIN_CB_RW_REGS,
                                                         QEMU_PLUGIN_COND_NE, follow, FOLLOW_NONE,
                                                         udata);
         else
-            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_follow, QEMU_PLUGIN_CB_R_REGS, udata);
+            qemu_plugin_register_vcpu_insn_exec_cb(insn, on_follow, QEMU_PLUGIN_CB_RW_REGS, udata);
     }
 }
 
@@ -608,6 +666,9 @@ static void on_vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index)
     for (unsigned r = 0; r < nregs; r++)
         if (!strcmp(regs[r].name, "cr3")) cr3_handle = regs[r].handle;
         else if (!strcmp(regs[r].name, "rip")) rip_handle = regs[r].handle;
+    for (unsigned r = 0; r < nregs; r++)
+        for (int i = 0; i < 16; i++)
+            if (!strcmp(regs[r].name, GPR_NAMES[i])) gpr_handle[i] = regs[r].handle;
     for (unsigned n = 0; n < MAX_REGNUM; n++)
         for (unsigned r = 0; regnum_name[n] && r < nregs; r++)
             if (!strcmp(regs[r].name, regnum_name[n])) by_regnum[n] = regs[r].handle;
@@ -725,6 +786,11 @@ static void command(char *line)
                 }
             }
         }
+    } else if (!strcmp(verb, "setreg")) { /* the held vCPU waits in hold(): its state is still */
+        char *name = strtok_r(NULL, " ", &save), *value = strtok_r(NULL, " ", &save);
+        struct vcpu *v = held >= 0 ? &vcpus[held] : NULL;
+        for (int i = 0; name && value && v && v->env && i < 16; i++)
+            if (!strcmp(name, GPR_NAMES[i])) v->env[i] = strtoull(value, NULL, 16);
     } else if (!strcmp(verb, "stopped")) { /* QEMU's gdbstub stopped the machine */
         cancel_steps();
     } else if (!strcmp(verb, "flush")) { /* vmigdb wrote guest memory while held */
