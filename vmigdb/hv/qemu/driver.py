@@ -518,10 +518,11 @@ class QemuDriver(Driver):
         if self._plugin_held is not None:
             raise NotNow(
                 f"{what} is not possible at this stop: vmigdb's QEMU plugin holds the machine "
-                "inside QEMU (plugin API 4 cannot write registers; vmigdb writes only the "
-                "stopped vCPU's general registers there); step or continue first, stop "
-                "with ^C, or `monitor plugin-breakpoints off` to have QEMU's gdbstub serve "
-                "breakpoints without conditions or scope"
+                "inside QEMU, where plugin API 4 cannot write registers (vmigdb writes only the "
+                "stopped vCPU's general registers there, and guest memory); QEMU's gdbstub can, "
+                "at a stop it holds: after ^C, or at a plain breakpoint under `monitor "
+                "plugin-breakpoints off` (the default; conditional and scoped breakpoints stay "
+                "the plugin's)"
             )
 
     def write_register(self, cpu: int, regnum: int, value: bytes) -> None:
