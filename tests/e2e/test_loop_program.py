@@ -21,13 +21,21 @@ from tests.e2e.test_gdb_session import wait_ticker_advances
 pytestmark = pytest.mark.e2e
 
 
+LOOP_STARTED = r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)"  # the loop program's first line
+
+
+def loop_target(vm: Vm, timeout: float = 30) -> int:
+    """The address of vmigdb_loop_target, as the loop program printed it when it started."""
+    return int(vm.wait_console(LOOP_STARTED, timeout).group(2), 16)
+
+
 @pytest.fixture(scope="module")
 def vm(tmp_path_factory, guest_image):
     yield from boot(tmp_path_factory, guest_image, smp=2, append="vmigdb.programs=ticker,loop")
 
 
 def test_next_over_a_long_loop_is_one_range_step(vm: Vm, guest_image) -> None:
-    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)")
+    started = vm.wait_console(LOOP_STARTED)
     line = int(started.group(3))
     binary = guest_image.programs / "loop"
     out = vm.gdb(
@@ -61,8 +69,7 @@ def test_next_over_a_long_loop_is_one_range_step(vm: Vm, guest_image) -> None:
 
 def test_conditional_breakpoint_stops_at_the_nth_call_only(vm: Vm, guest_image) -> None:
     """Stop once to learn the call counter, then `if $rdi == now + N`: exactly the Nth call."""
-    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)")
-    target = int(started.group(2), 16)
+    target = loop_target(vm)
     n = 300
     out = vm.gdb(
         f"add-symbol-file {guest_image.programs / 'loop'}",
@@ -108,8 +115,7 @@ def test_conditions_are_decided_in_qemu_and_a_step_from_there_is_one_instruction
     exactly that one instruction (loop's target is `lea 0x1(%rdi),%rax; ret`), with every
     register known after it, flags included."""
     vm = icount_vm
-    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
-    target = int(started.group(2), 16)
+    target = loop_target(vm, 90)
     out = vm.gdb(
         "monitor info",
         f"break *{target:#x}",
@@ -207,8 +213,7 @@ def test_at_a_plugin_stop_memory_writes_land_and_register_writes_say_what_to_do(
     QEMU's gdbstub could make) is refused with what to do (`monitor plugin-breakpoints off`:
     QEMU's gdbstub serves plain breakpoints set from then on)."""
     vm = icount_vm
-    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
-    target = int(started.group(2), 16)
+    target = loop_target(vm, 90)
     out = vm.gdb(
         f"add-symbol-file {guest_image.programs / 'loop'}",
         "monitor plugin-breakpoints on",
@@ -279,8 +284,7 @@ def test_at_a_plugin_stop_general_registers_are_written_and_the_instruction_uses
     the next instruction. rip and eflags are refused there, with what to do; writing a value a
     register already has is accepted (GDB's `G` writes every register)."""
     vm = icount_vm
-    started = vm.wait_console(r"loop pid=(\d+) target=0x([0-9a-f]+) line=(\d+)", 90)
-    target = int(started.group(2), 16)
+    target = loop_target(vm, 90)
     out = vm.gdb(
         f"break *{target:#x} if $rdi == 123456",
         "continue",
